@@ -1,0 +1,36 @@
+# The two commands of the README: `make test` and `make demo`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lies on the development machines' disk; on a CUDA machine the same pin takes
+# PyPI's CUDA build. Override to use another: make test TORCH_SPEC='torch==2.9.1'
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m ruff check pipeline deployments tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/llava-features demo
+
+lint: setup
+	$(PY) -m ruff check pipeline deployments tests
+	$(PY) -m ruff format --check pipeline deployments tests
+
+bench: setup
+	$(VENV)/bin/llava-features bench all --json bench.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

@@ -1,0 +1,191 @@
+"""Tiny random-weight checkpoints in every supported layout, for tests and the demo.
+
+They are written through the same ``save_pretrained`` / shard layout as the real ones, so the
+real loading code is what runs. The same ``seed`` gives the same tower and projector weights in
+every format, so features from the formats can be compared with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from .projector import build_vision_projector
+
+logger = logging.getLogger(__name__)
+
+TINY_FORMATS = ("llava", "llava-hf", "clip")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 56,
+    "patch_size": 14,
+    "projection_dim": 32,
+    "hidden_act": "quick_gelu",
+}
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 256,
+    "max_position_embeddings": 128,
+}
+TINY_SETTINGS = {
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "mm_projector_type": "mlp2x_gelu",
+    "image_aspect_ratio": "pad",
+}
+
+
+def _image_processor(size: int) -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module, CLIPImageProcessor]:
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).eval()
+    projector = build_vision_projector(
+        {
+            "mm_projector_type": TINY_SETTINGS["mm_projector_type"],
+            "mm_hidden_size": TINY_VISION["hidden_size"],
+            "hidden_size": TINY_TEXT["hidden_size"],
+        }
+    )
+    return tower, projector, _image_processor(TINY_VISION["image_size"])
+
+
+def _to_bin_shards(directory: Path) -> None:
+    """Rewrite a safetensors checkpoint (sharded or not) as ``pytorch_model*.bin`` with the same split."""
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        renames = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            new = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+            torch.save(load_file(directory / shard), directory / new)
+            (directory / shard).unlink()
+            renames[shard] = new
+        index["weight_map"] = {k: renames[v] for k, v in index["weight_map"].items()}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+        index_path.unlink()
+    else:
+        torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+        (directory / "model.safetensors").unlink()
+
+
+def make_tiny_model(
+    directory: str | Path,
+    fmt: str = "llava",
+    *,
+    seed: int = 0,
+    weights: str = "safetensors",
+    max_shard_size: str = "40KB",
+) -> Path:
+    """Write a tiny random-weight checkpoint of layout ``fmt`` into ``directory``.
+
+    - ``llava``: a language model (tiny Llama) saved in shards with ``model.mm_projector.*``
+      among its weights and the mm_* keys in config.json; the CLIP tower in ``vision_tower/``.
+    - ``llava-hf``: ``LlavaForConditionalGeneration.save_pretrained`` plus the image processor.
+    - ``clip``: a bare CLIP vision model, ``mm_projector.bin`` and ``llava-features.yaml``
+      holding the projector settings.
+
+    ``weights='bin'`` rewrites the shards as ``pytorch_model*.bin`` (same split, same index).
+    Returns the path to pass as ``--model`` (for ``clip``: the YAML config to pass as ``--config``).
+    """
+    if fmt not in TINY_FORMATS:
+        raise ValueError(f"Unknown tiny model format {fmt!r}; valid formats are {TINY_FORMATS}")
+    if weights not in ("safetensors", "bin"):
+        raise ValueError(f"Unknown weights format {weights!r}; valid formats are ('safetensors', 'bin')")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tower, projector, processor = _tiny_parts(seed)
+
+    if fmt == "llava":
+        tower_dir = out / "vision_tower"
+        tower.save_pretrained(tower_dir)
+        processor.save_pretrained(tower_dir)
+        if weights == "bin":
+            _to_bin_shards(tower_dir)
+        torch.manual_seed(seed + 1)
+        lm = LlamaForCausalLM(LlamaConfig(**TINY_TEXT))
+        lm.model.mm_projector = projector
+        lm.save_pretrained(out, max_shard_size=max_shard_size)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.update(TINY_SETTINGS)
+        cfg.update(
+            {
+                "architectures": ["LlavaLlamaForCausalLM"],
+                "model_type": "llava_llama",
+                "mm_vision_tower": "vision_tower",
+                "mm_hidden_size": TINY_VISION["hidden_size"],
+            }
+        )
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        if weights == "bin":
+            _to_bin_shards(out)
+        return out
+
+    if fmt == "llava-hf":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        config = LlavaConfig(
+            vision_config={"model_type": "clip_vision_model", **TINY_VISION},
+            text_config={"model_type": "llama", **TINY_TEXT},
+            vision_feature_layer=TINY_SETTINGS["mm_vision_select_layer"],
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            image_token_index=TINY_TEXT["vocab_size"] - 1,
+        )
+        torch.manual_seed(seed + 1)
+        model = LlavaForConditionalGeneration(config).eval()
+        inner = model.model
+        inner.vision_tower.load_state_dict(tower.state_dict())
+        inner.multi_modal_projector.linear_1.load_state_dict(projector[0].state_dict())
+        inner.multi_modal_projector.linear_2.load_state_dict(projector[2].state_dict())
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        processor.save_pretrained(out)
+        if weights == "bin":
+            _to_bin_shards(out)
+        return out
+
+    tower.save_pretrained(out)
+    processor.save_pretrained(out)
+    if weights == "bin":
+        _to_bin_shards(out)
+    torch.save({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, out / "mm_projector.bin")
+    settings: dict[str, Any] = {
+        "model": {
+            "vision_tower": ".",
+            "projector_weights": "mm_projector.bin",
+            "projector_type": TINY_SETTINGS["mm_projector_type"],
+            "select_layer": TINY_SETTINGS["mm_vision_select_layer"],
+            "select_feature": TINY_SETTINGS["mm_vision_select_feature"],
+            "image_aspect_ratio": TINY_SETTINGS["image_aspect_ratio"],
+            "hidden_size": TINY_TEXT["hidden_size"],
+        }
+    }
+    import yaml
+
+    config_path = out / "llava-features.yaml"
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return config_path

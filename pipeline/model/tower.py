@@ -1,0 +1,256 @@
+"""``CLIPVisionTower``: LLaVA's CLIP vision encoder, computing only what the selected layer needs.
+
+Same outputs as LLaVA's original tower (full model with ``output_hidden_states=True``, select a
+layer, drop or keep CLS), with less work: the embeddings and only the encoder layers up to the
+selected one run, SDPA attention by default, and a list of images is encoded in batches of equal
+shapes instead of one call per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from .config import SELECT_FEATURES
+
+logger = logging.getLogger(__name__)
+
+LIST_BATCH_SIZE = 64
+"""Largest batch formed from a list input (equal shapes are stacked up to this many)."""
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None → cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None → bfloat16 on a GPU, float32 on a CPU; else the named dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; valid values are {sorted(DTYPE_NAMES)} or 'auto'") from None
+
+
+def _arg(args: Any, key: str, default: Any = None) -> Any:
+    if isinstance(args, dict):
+        return args.get(key, default)
+    return getattr(args, key, default)
+
+
+class CLIPVisionTower(nn.Module):
+    """LLaVA's CLIP vision tower.
+
+    Args:
+        vision_tower: a local directory or a model id (served from the local HF cache) holding a
+            ``CLIPVisionModel`` and its ``CLIPImageProcessor``.
+        args: any object (or dict) with ``mm_vision_select_layer`` and optionally
+            ``mm_vision_select_feature`` (``patch`` drops CLS, ``cls_patch`` keeps it) and
+            ``unfreeze_mm_vision_tower``.
+        delay_load: keep only the config (``cfg_only``) until :meth:`load_model`, unless
+            ``args.unfreeze_mm_vision_tower`` is set.
+        dtype, device: where and in what precision the tower computes (default: bfloat16 on a
+            GPU, float32 on a CPU).
+        attn_implementation: ``sdpa`` (default) or ``eager``.
+        local_files_only: never reach a model hub for ids (the default).
+    """
+
+    def __init__(
+        self,
+        vision_tower: str,
+        args: Any,
+        delay_load: bool = False,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        attn_implementation: str = "sdpa",
+        local_files_only: bool = True,
+    ) -> None:
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = vision_tower
+        self.select_layer: int = int(_arg(args, "mm_vision_select_layer"))
+        self.select_feature: str = _arg(args, "mm_vision_select_feature", "patch") or "patch"
+        if self.select_feature not in SELECT_FEATURES:
+            raise ValueError(
+                f"Unexpected select feature: {self.select_feature!r}; valid values are {SELECT_FEATURES}"
+            )
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._attn_implementation = attn_implementation
+        self._local_files_only = local_files_only
+        if not delay_load or _arg(args, "unfreeze_mm_vision_tower", False):
+            self.load_model()
+        else:
+            self.cfg_only = CLIPVisionConfig.from_pretrained(
+                self.vision_tower_name, local_files_only=local_files_only
+            )
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_model(self, device_map: Any = None) -> None:
+        """Load the image processor and the vision model, and freeze the tower. Idempotent."""
+        if self.is_loaded:
+            logger.warning(
+                "%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name
+            )
+            return
+        self.image_processor = CLIPImageProcessor.from_pretrained(
+            self.vision_tower_name, local_files_only=self._local_files_only
+        )
+        model = CLIPVisionModel.from_pretrained(
+            self.vision_tower_name,
+            device_map=device_map,
+            dtype=self._dtype,
+            attn_implementation=self._attn_implementation,
+            local_files_only=self._local_files_only,
+        )
+        if device_map is None:
+            model = model.to(self._device)
+        self._attach(model)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: CLIPVisionModel,
+        args: Any,
+        image_processor: CLIPImageProcessor | None = None,
+        *,
+        name: str = "<in-memory>",
+    ) -> CLIPVisionTower:
+        """Wrap an already built ``CLIPVisionModel`` (e.g. read out of a llava-hf checkpoint)."""
+        tower = cls.__new__(cls)
+        nn.Module.__init__(tower)
+        tower.is_loaded = False
+        tower.vision_tower_name = name
+        tower.select_layer = int(_arg(args, "mm_vision_select_layer"))
+        tower.select_feature = _arg(args, "mm_vision_select_feature", "patch") or "patch"
+        if tower.select_feature not in SELECT_FEATURES:
+            raise ValueError(
+                f"Unexpected select feature: {tower.select_feature!r}; valid values are {SELECT_FEATURES}"
+            )
+        first = next(model.parameters())
+        tower._device, tower._dtype = first.device, first.dtype
+        tower._attn_implementation = model.config._attn_implementation
+        tower._local_files_only = True
+        tower.image_processor = image_processor
+        tower._attach(model)
+        return tower
+
+    def _attach(self, model: CLIPVisionModel) -> None:
+        model.requires_grad_(False)
+        model.eval()
+        self.vision_tower = model
+        core = getattr(model, "vision_model", model)  # transformers < 5 nests the modules
+        num_layers = len(core.encoder.layers)
+        index = self.select_layer if self.select_layer >= 0 else num_layers + 1 + self.select_layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(
+                f"mm_vision_select_layer={self.select_layer} is out of range for a tower with "
+                f"{num_layers} layers (valid: {-(num_layers + 1)}..{num_layers})"
+            )
+        self._core = core
+        self._layers_needed = index  # hidden_states[index] is the output of layer index-1
+        self.is_loaded = True
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def feature_select(self, image_forward_outs: Any) -> torch.Tensor:
+        """Seed-compatible selection: from model outputs with ``hidden_states``, or from the
+        already selected hidden state (a tensor)."""
+        if isinstance(image_forward_outs, torch.Tensor):
+            image_features = image_forward_outs
+        else:
+            image_features = image_forward_outs.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            return image_features[:, 1:]
+        if self.select_feature == "cls_patch":
+            return image_features
+        raise ValueError(f"Unexpected select feature: {self.select_feature}")
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Selected features of a normalized ``(B,3,H,W)`` batch already on the tower's device and
+        dtype, in the tower's dtype. Runs only the layers the selected one depends on."""
+        core = self._core
+        hidden = core.pre_layrnorm(core.embeddings(pixel_values))
+        for layer in core.encoder.layers[: self._layers_needed]:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.feature_select(hidden)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Features of a ``(B,3,H,W)`` batch (→ ``(B,N,D)``) or of a list of ``(3,H,W)`` images
+        (→ a list of ``(1,N,D)``), each in its input's dtype."""
+        if not self.is_loaded:
+            raise RuntimeError(f"{self.vision_tower_name} is not loaded; call load_model() first")
+        if isinstance(images, list):
+            return self._forward_list(images)
+        features = self.encode(images.to(device=self.device, dtype=self.dtype))
+        return features.to(images.dtype)
+
+    def _forward_list(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[(tuple(image.shape), image.dtype)].append(i)
+        results: list[torch.Tensor | None] = [None] * len(images)
+        for (_, in_dtype), indices in groups.items():
+            for start in range(0, len(indices), LIST_BATCH_SIZE):
+                chunk = indices[start : start + LIST_BATCH_SIZE]
+                batch = torch.stack([images[i] for i in chunk]).to(device=self.device, dtype=self.dtype)
+                features = self.encode(batch).to(in_dtype)
+                for row, i in enumerate(chunk):
+                    results[i] = features[row : row + 1]
+        return results  # type: ignore[return-value]
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype if self.is_loaded else self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device if self.is_loaded else self._device
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image in the output: patches, plus one when CLS is kept."""
+        return self.num_patches + (1 if self.select_feature == "cls_patch" else 0)
