@@ -2,25 +2,39 @@
 
 ``CLIPVisionTower`` and ``build_vision_projector`` follow LLaVA's own names and semantics;
 ``resolve_model``/``load_model_modules`` read the supported checkpoint layouts.
+
+Names are resolved lazily so that ``pipeline.model.errors`` and ``pipeline.model.config`` (pure
+Python) can be imported by CPU-only workers without loading torch or transformers.
 """
 
-from .checkpoint import FORMATS, ResolvedModel, load_model_modules, resolve_model
-from .config import ModelConfig
-from .errors import ErrorCode, LlavaFeaturesError
-from .projector import IdentityMap, build_vision_projector
-from .tower import CLIPVisionTower, resolve_device, resolve_dtype
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS",
-    "CLIPVisionTower",
-    "ErrorCode",
-    "IdentityMap",
-    "LlavaFeaturesError",
-    "ModelConfig",
-    "ResolvedModel",
-    "build_vision_projector",
-    "load_model_modules",
-    "resolve_device",
-    "resolve_dtype",
-    "resolve_model",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FORMATS": "checkpoint",
+    "ResolvedModel": "checkpoint",
+    "load_model_modules": "checkpoint",
+    "resolve_model": "checkpoint",
+    "ModelConfig": "config",
+    "ErrorCode": "errors",
+    "LlavaFeaturesError": "errors",
+    "IdentityMap": "projector",
+    "build_vision_projector": "projector",
+    "CLIPVisionTower": "tower",
+    "resolve_device": "tower",
+    "resolve_dtype": "tower",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
