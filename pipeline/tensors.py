@@ -1,0 +1,536 @@
+"""Arrow columns of fixed-shape tensors: the storage format of every feature column.
+
+Two encodings are supported, selected by ``JobConfig.tensor_format``:
+
+``binary`` (default, fast)
+    Our extension type ``llava_features.tensor`` (:class:`TensorType`). Its storage is a
+    ``fixed_size_binary(itemsize * prod(shape))`` column holding each row's tensor as raw
+    little-endian C-order bytes; the extension metadata is the JSON
+    ``{"dtype": "float16", "shape": [576, 4096]}``. Parquet writes and reads such a column at
+    memcpy-like speed (no per-element work). Readers without this package (DuckDB, Spark,
+    plain pyarrow) see an ordinary ``fixed_size_binary`` column; the dtype and shape remain
+    readable from the Arrow field metadata (``ARROW:extension:metadata``).
+
+``fixed_shape_tensor`` (canonical, slow)
+    Arrow's canonical ``arrow.fixed_shape_tensor`` extension over
+    ``fixed_size_list<float16|float32>[prod(shape)]``. Understood natively by other Arrow
+    implementations, but Parquet writes it element by element (~8x slower).
+
+Conventions shared by every function here:
+
+- Arrays are little-endian and C-contiguous; row ``i`` of an ``(N, *shape)`` array is one
+  Arrow value.
+- ``mask`` follows pyarrow's convention: ``True`` marks a **null** row.
+- Null rows keep their fixed stride: their bytes are present in the data buffer, and the
+  arrays built here (and so the shards written by :mod:`pipeline.sink`) hold zeros there.
+  Parquet does not store the bytes of null values, and pyarrow's reader leaves *other rows'
+  bytes* in those slots, so zero-copy views (:meth:`TensorArray.to_numpy_ndarray`) of data read
+  back show unspecified values at null rows; :func:`to_numpy` zeroes them by default (copying
+  only when the column has nulls). Use :func:`valid_mask` to tell null rows apart.
+- ``bfloat16``: numpy has no bfloat16, so numpy access returns the raw bits as ``uint16``
+  (lossless and zero-copy); pass ``bfloat16_as="float32"`` to :func:`to_numpy` for an exact
+  float32 copy, or use :func:`to_torch` for a real ``torch.bfloat16`` tensor. Arrow has no
+  bfloat16 either, so ``fixed_shape_tensor`` does not support it.
+
+The extension type must be registered in every process that should see it as a tensor
+column; :func:`ensure_registered` does that idempotently and every function of the storage
+layer calls it. Nothing is registered at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from .model.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EXTENSION_NAME",
+    "SUPPORTED_DTYPES",
+    "TENSOR_FORMATS",
+    "TensorArray",
+    "TensorScalar",
+    "TensorSpec",
+    "TensorType",
+    "as_numpy_tensor",
+    "ensure_registered",
+    "fixed_shape_tensor_array",
+    "is_tensor_type",
+    "make_tensor_array",
+    "numpy_to_torch",
+    "pooled_array",
+    "tensor_array",
+    "tensor_spec",
+    "to_numpy",
+    "to_torch",
+    "valid_mask",
+]
+
+EXTENSION_NAME = "llava_features.tensor"
+"""Arrow extension name of :class:`TensorType` (stored in ``ARROW:extension:name``)."""
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "float32", "bfloat16")
+"""dtypes a tensor column may hold."""
+
+TENSOR_FORMATS: tuple[str, ...] = ("binary", "fixed_shape_tensor")
+"""Values of ``JobConfig.tensor_format``."""
+
+# Little-endian numpy dtype of the stored elements (bfloat16: its raw bits).
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "bfloat16": np.dtype("<u2"),
+}
+_ARROW_VALUE_TYPES: dict[str, pa.DataType] = {"float16": pa.float16(), "float32": pa.float32()}
+
+BFloat16As = Literal["uint16", "float32"]
+
+
+# --------------------------------------------------------------------------------------------
+# The extension type
+# --------------------------------------------------------------------------------------------
+
+
+def _check_spec(dtype: str, shape: Sequence[int]) -> tuple[str, tuple[int, ...]]:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"Unsupported tensor dtype {dtype!r}; supported: {list(SUPPORTED_DTYPES)}")
+    dims = tuple(int(d) for d in shape)
+    if not dims or any(d <= 0 for d in dims):
+        raise ConfigError(f"Tensor shape must be non-empty with positive dimensions, got {list(shape)}")
+    return dtype, dims
+
+
+class TensorSpec:
+    """dtype and shape of one tensor value (immutable, hashable)."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype: str, shape: Sequence[int]) -> None:
+        self.dtype, self.shape = _check_spec(dtype, shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """Stored element dtype in numpy (``uint16`` bits for bfloat16)."""
+        return _NUMPY_DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.numpy_dtype.itemsize
+
+    @property
+    def size(self) -> int:
+        """Elements per value."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per value (the ``fixed_size_binary`` width)."""
+        return self.itemsize * self.size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorSpec) and (self.dtype, self.shape) == (other.dtype, other.shape)
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.shape))
+
+    def __repr__(self) -> str:
+        return f"TensorSpec(dtype={self.dtype!r}, shape={list(self.shape)})"
+
+
+class TensorType(pa.ExtensionType):
+    """``llava_features.tensor``: fixed-shape tensors stored as ``fixed_size_binary`` rows."""
+
+    def __init__(self, dtype: str, shape: Sequence[int]) -> None:
+        self._spec = TensorSpec(dtype, shape)
+        super().__init__(pa.binary(self._spec.nbytes), EXTENSION_NAME)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self._spec
+
+    @property
+    def dtype(self) -> str:
+        """``float16``, ``float32`` or ``bfloat16``."""
+        return self._spec.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one value, e.g. ``(576, 4096)``."""
+        return self._spec.shape
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return json.dumps(
+            {"dtype": self.dtype, "shape": list(self.shape)}, sort_keys=True, separators=(",", ":")
+        ).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> TensorType:
+        meta = json.loads(serialized.decode())
+        out = cls(meta["dtype"], meta["shape"])
+        if storage_type != out.storage_type:
+            raise TypeError(
+                f"{EXTENSION_NAME} metadata {meta} needs storage {out.storage_type}, got {storage_type}"
+            )
+        return out
+
+    def __hash__(self) -> int:
+        return hash((EXTENSION_NAME, self._spec))
+
+    def __arrow_ext_class__(self) -> type[pa.ExtensionArray]:
+        return TensorArray
+
+    def __arrow_ext_scalar_class__(self) -> type[pa.ExtensionScalar]:
+        return TensorScalar
+
+
+class TensorArray(pa.ExtensionArray):
+    """Array of :class:`TensorType`; :meth:`to_numpy_ndarray` is a zero-copy view."""
+
+    def to_numpy_ndarray(self, *, bfloat16_as: BFloat16As = "uint16") -> np.ndarray:
+        """``(len, *shape)`` view of the stored bytes, without copying.
+
+        The view is read-only (it aliases the Arrow buffer). Null rows hold whatever bytes the
+        buffer has at their place: zeros in arrays built by this package, unspecified bytes
+        after a Parquet round trip (see :func:`valid_mask`, or :func:`to_numpy` which zeroes
+        them). bfloat16 comes back as ``uint16`` bits unless ``bfloat16_as="float32"`` (then it
+        is a converted copy).
+        """
+        return to_numpy(self, bfloat16_as=bfloat16_as, zero_nulls=False)
+
+    def to_torch(self) -> torch.Tensor:
+        """``(len, *shape)`` torch tensor sharing memory with the Arrow buffer (see :func:`to_torch`)."""
+        return to_torch(self)
+
+    @classmethod
+    def from_numpy(cls, arr: Any, mask: np.ndarray | None = None, *, dtype: str | None = None) -> pa.Array:
+        """Same as :func:`tensor_array`."""
+        return tensor_array(arr, mask, dtype=dtype)
+
+
+class TensorScalar(pa.ExtensionScalar):
+    """One value of :class:`TensorType`."""
+
+    def to_numpy(self, *, bfloat16_as: BFloat16As = "uint16") -> np.ndarray | None:
+        """The value as a ``shape`` array (zero-copy, read-only), or ``None`` when null."""
+        if not self.is_valid:
+            return None
+        spec: TensorSpec = self.type.spec
+        out = np.frombuffer(self.value.as_buffer(), dtype=spec.numpy_dtype).reshape(spec.shape)
+        return _bf16_out(out, spec, bfloat16_as)
+
+
+def ensure_registered() -> None:
+    """Register :class:`TensorType` with pyarrow in this process; idempotent and cheap.
+
+    Needed before reading Parquet/IPC data so that the column comes back as a
+    :class:`TensorArray` (otherwise it is plain ``fixed_size_binary``). Safe when another copy
+    of this module (e.g. in a Ray worker) registered it first.
+    """
+    with contextlib.suppress(pa.ArrowKeyError):  # already registered
+        pa.register_extension_type(TensorType("float16", (1,)))
+
+
+# --------------------------------------------------------------------------------------------
+# Building arrays
+# --------------------------------------------------------------------------------------------
+
+
+def as_numpy_tensor(arr: Any, dtype: str | None = None) -> tuple[np.ndarray, str]:
+    """C-contiguous little-endian numpy array of ``arr`` and its stored dtype name.
+
+    Accepts numpy arrays (float16/float32, or uint16 bits with ``dtype="bfloat16"``) and torch
+    tensors on any device (bfloat16 becomes uint16 bits). No copy when ``arr`` already fits.
+    """
+    if type(arr).__module__.startswith("torch"):
+        import torch
+
+        t = arr.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            if dtype not in (None, "bfloat16"):
+                raise ConfigError(f"A bfloat16 tensor cannot be stored as {dtype!r}; convert it first")
+            return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+        arr = t.numpy()
+    arr = np.asarray(arr)
+    if dtype is None:
+        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4):
+            raise ConfigError(
+                f"Cannot store numpy dtype {arr.dtype} as a tensor: use float16 or float32 "
+                "(or uint16 bits with dtype='bfloat16')"
+            )
+        dtype = "float16" if arr.dtype.itemsize == 2 else "float32"
+    elif dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"Unsupported tensor dtype {dtype!r}; supported: {list(SUPPORTED_DTYPES)}")
+    want = _NUMPY_DTYPES[dtype]
+    if arr.dtype != want:
+        kinds = "ui" if dtype == "bfloat16" else "f"
+        if arr.dtype.kind not in kinds or arr.dtype.itemsize != want.itemsize:
+            hint = (
+                " (bfloat16 expects its raw bits as uint16, or a torch tensor)" if dtype == "bfloat16" else ""
+            )
+            raise ConfigError(f"Array of dtype {arr.dtype} cannot be stored as {dtype!r}{hint}")
+        arr = arr.astype(want)  # byte swap, or int16 -> uint16 (same bits)
+    return np.ascontiguousarray(arr), dtype
+
+
+def _validity_buffer(mask: np.ndarray | None, n: int) -> tuple[pa.Buffer | None, int]:
+    if mask is None:
+        return None, 0
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"mask must have shape ({n},), got {mask.shape}")
+    nulls = int(mask.sum())
+    if nulls == 0:
+        return None, 0
+    return pa.py_buffer(np.packbits(~mask, bitorder="little")), nulls
+
+
+def tensor_array(arr: Any, mask: np.ndarray | None = None, *, dtype: str | None = None) -> pa.ExtensionArray:
+    """:class:`TensorArray` of ``arr`` (``(N, *shape)``), zero-copy when it is C-contiguous.
+
+    ``arr`` is a numpy array of float16/float32, a uint16 array of bfloat16 bits with
+    ``dtype="bfloat16"``, or a torch tensor (any device; bfloat16 kept as bfloat16). ``mask``
+    (``True`` = null) marks null rows; their bytes are stored as they are in ``arr`` (pass
+    zeros there to keep files deterministic, as :func:`pipeline.sink.build_table` does). The
+    returned array keeps ``arr`` alive and aliases its memory: do not modify ``arr`` afterwards.
+    """
+    ensure_registered()
+    data, dtype = as_numpy_tensor(arr, dtype)
+    if data.ndim < 2:
+        raise ValueError(f"tensor_array needs an (N, *shape) array, got shape {data.shape}")
+    typ = TensorType(dtype, data.shape[1:])
+    n = data.shape[0]
+    validity, nulls = _validity_buffer(mask, n)
+    storage = pa.Array.from_buffers(typ.storage_type, n, [validity, pa.py_buffer(data)], null_count=nulls)
+    return pa.ExtensionArray.from_storage(typ, storage)
+
+
+def fixed_shape_tensor_array(
+    arr: Any, mask: np.ndarray | None = None, *, dtype: str | None = None
+) -> pa.ExtensionArray:
+    """Canonical ``arrow.fixed_shape_tensor`` array of ``arr`` (``(N, *shape)`` float16/float32).
+
+    Zero-copy like :func:`tensor_array`; ``mask`` (``True`` = null) marks null rows. bfloat16 is
+    not supported: Arrow has no bfloat16 value type.
+    """
+    data, dtype = as_numpy_tensor(arr, dtype)
+    if dtype not in _ARROW_VALUE_TYPES:
+        raise ConfigError("tensor_format 'fixed_shape_tensor' does not support bfloat16; use 'binary'")
+    if data.ndim < 2:
+        raise ValueError(f"fixed_shape_tensor_array needs an (N, *shape) array, got shape {data.shape}")
+    n, shape = data.shape[0], data.shape[1:]
+    value_type = _ARROW_VALUE_TYPES[dtype]
+    size = math.prod(shape)
+    values = pa.Array.from_buffers(value_type, n * size, [None, pa.py_buffer(data)])
+    validity, nulls = _validity_buffer(mask, n)
+    storage = pa.Array.from_buffers(
+        pa.list_(value_type, size), n, [validity], null_count=nulls, children=[values]
+    )
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(value_type, list(shape)), storage)
+
+
+def make_tensor_array(
+    arr: Any, mask: np.ndarray | None = None, *, tensor_format: str = "binary", dtype: str | None = None
+) -> pa.Array:
+    """:func:`tensor_array` or :func:`fixed_shape_tensor_array` according to ``tensor_format``."""
+    if tensor_format == "binary":
+        return tensor_array(arr, mask, dtype=dtype)
+    if tensor_format == "fixed_shape_tensor":
+        return fixed_shape_tensor_array(arr, mask, dtype=dtype)
+    raise ConfigError(f"Unknown tensor_format {tensor_format!r}; expected one of {list(TENSOR_FORMATS)}")
+
+
+def pooled_array(arr: Any, mask: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """``fixed_size_list<float32>[D]`` array of ``arr`` (``(N, D)``), readable as arrays by DuckDB/Polars.
+
+    ``arr`` is converted to float32 (zero-copy when it already is and C-contiguous); ``mask``
+    (``True`` = null) marks null rows.
+    """
+    data = np.ascontiguousarray(np.asarray(arr), dtype="<f4")
+    if data.ndim != 2:
+        raise ValueError(f"pooled_array needs an (N, D) array, got shape {data.shape}")
+    n, d = data.shape
+    values = pa.Array.from_buffers(pa.float32(), n * d, [None, pa.py_buffer(data)])
+    validity, nulls = _validity_buffer(mask, n)
+    return pa.Array.from_buffers(
+        pa.list_(pa.float32(), d), n, [validity], null_count=nulls, children=[values]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading arrays
+# --------------------------------------------------------------------------------------------
+
+
+def is_tensor_type(typ: pa.DataType) -> bool:
+    """Whether ``typ`` is a tensor column type (ours, registered or not, or fixed_shape_tensor)."""
+    return isinstance(typ, pa.BaseExtensionType) and typ.extension_name in (
+        EXTENSION_NAME,
+        "arrow.fixed_shape_tensor",
+    )
+
+
+def tensor_spec(
+    typ: pa.DataType | pa.Field, *, dtype: str | None = None, shape: Sequence[int] | None = None
+) -> TensorSpec:
+    """:class:`TensorSpec` of a tensor column type, or of a field/type with explicit or recorded metadata.
+
+    Works for :class:`TensorType` (also when another copy of the class was registered),
+    ``arrow.fixed_shape_tensor``, and a plain ``fixed_size_binary`` field read without our type
+    registered (its ``ARROW:extension:metadata`` field metadata is used), or explicit
+    ``dtype``/``shape``.
+    """
+    if dtype is not None and shape is not None:
+        return TensorSpec(dtype, shape)
+    field = typ if isinstance(typ, pa.Field) else None
+    t = field.type if field is not None else typ
+    if isinstance(t, pa.BaseExtensionType):
+        if t.extension_name == EXTENSION_NAME:
+            meta = json.loads(t.__arrow_ext_serialize__().decode())
+            return TensorSpec(meta["dtype"], meta["shape"])
+        if t.extension_name == "arrow.fixed_shape_tensor":
+            vt = t.value_type
+            for name, at in _ARROW_VALUE_TYPES.items():
+                if vt == at:
+                    return TensorSpec(name, t.shape)
+            raise ConfigError(f"Unsupported fixed_shape_tensor value type {vt}")
+    md = (field.metadata or {}) if field is not None else {}
+    if md.get(b"ARROW:extension:name") == EXTENSION_NAME.encode():
+        meta = json.loads(md[b"ARROW:extension:metadata"].decode())
+        return TensorSpec(dtype or meta["dtype"], shape or meta["shape"])
+    raise ConfigError(
+        f"Column of type {t} is not a tensor column; pass dtype= and shape= to read raw fixed_size_binary"
+    )
+
+
+def _bf16_out(out: np.ndarray, spec: TensorSpec, bfloat16_as: BFloat16As) -> np.ndarray:
+    if spec.dtype != "bfloat16" or bfloat16_as == "uint16":
+        return out
+    if bfloat16_as == "float32":
+        return (out.astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"bfloat16_as must be 'uint16' or 'float32', got {bfloat16_as!r}")
+
+
+def _chunk_view(chunk: pa.Array, spec: TensorSpec) -> np.ndarray:
+    """Zero-copy ``(len, *shape)`` view of one chunk's data buffer."""
+    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    n = len(storage)
+    if pa.types.is_fixed_size_binary(storage.type):
+        if storage.type.byte_width != spec.nbytes:
+            raise ConfigError(f"fixed_size_binary[{storage.type.byte_width}] does not hold {spec}")
+        buf = storage.buffers()[1]
+        if n == 0 or buf is None:  # empty, or all-null without a data buffer
+            return np.zeros((n, *spec.shape), dtype=spec.numpy_dtype)
+        flat = np.frombuffer(
+            buf, dtype=spec.numpy_dtype, count=n * spec.size, offset=storage.offset * spec.nbytes
+        )
+        out = flat.reshape((n, *spec.shape))
+        out.flags.writeable = False  # Arrow arrays are immutable, even over mutable buffers
+        return out
+    if pa.types.is_fixed_size_list(storage.type):
+        if storage.type.list_size != spec.size:
+            raise ConfigError(f"{storage.type} does not hold {spec}")
+        values = storage.values.slice(storage.offset * spec.size, n * spec.size)
+        if values.null_count:
+            return values.fill_null(0).to_numpy(zero_copy_only=False).reshape((n, *spec.shape))
+        out = values.to_numpy(zero_copy_only=True).reshape((n, *spec.shape))
+        out.flags.writeable = False
+        return out
+    raise ConfigError(f"Column of type {chunk.type} is not a tensor column")
+
+
+def _chunks(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    if isinstance(column, pa.ChunkedArray):
+        return [c for c in column.chunks if len(c)]
+    return [column]
+
+
+def to_numpy(
+    column: pa.Array | pa.ChunkedArray,
+    *,
+    dtype: str | None = None,
+    shape: Sequence[int] | None = None,
+    bfloat16_as: BFloat16As = "uint16",
+    zero_nulls: bool = True,
+) -> np.ndarray:
+    """``(rows, *shape)`` numpy array of a tensor column (either format, or raw fixed_size_binary).
+
+    - One chunk (a :class:`pa.Array` or a single-chunk :class:`pa.ChunkedArray`) without null
+      rows: a read-only, zero-copy view of the Arrow buffer.
+    - Several chunks: one copy into a new contiguous, writable array.
+    - Null rows are zeroed (``zero_nulls=True``, the default; a single-chunk column with nulls
+      is then copied). ``zero_nulls=False`` keeps the view zero-copy, with unspecified values
+      at null rows. See :func:`valid_mask`.
+    - A plain ``fixed_size_binary`` column (read where the type was not registered, or by
+      another tool) needs ``dtype`` and ``shape`` unless its field metadata is passed through
+      :func:`tensor_spec`.
+    - bfloat16 is returned as ``uint16`` bits, or as float32 (a copy) with
+      ``bfloat16_as="float32"``.
+    """
+    ensure_registered()
+    spec = tensor_spec(column.type, dtype=dtype, shape=shape)
+    chunks = _chunks(column)
+    if not chunks:
+        out = np.zeros((0, *spec.shape), dtype=spec.numpy_dtype)
+    elif len(chunks) == 1:
+        out = _chunk_view(chunks[0], spec)
+    else:
+        total = sum(len(c) for c in chunks)
+        out = np.empty((total, *spec.shape), dtype=spec.numpy_dtype)
+        pos = 0
+        for chunk in chunks:
+            out[pos : pos + len(chunk)] = _chunk_view(chunk, spec)
+            pos += len(chunk)
+    if zero_nulls and column.null_count:
+        if not out.flags.writeable:
+            out = out.copy()
+        out[~valid_mask(column)] = 0
+    return _bf16_out(out, spec, bfloat16_as)
+
+
+def valid_mask(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Boolean numpy array: ``True`` where the row holds a value, ``False`` where it is null."""
+    return np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def numpy_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """Torch view of an array as returned by :func:`to_numpy` (bfloat16 bits become ``torch.bfloat16``).
+
+    Shares memory with ``arr``; when ``arr`` is read-only (a zero-copy view of an Arrow buffer)
+    the tensor must not be written to.
+    """
+    import torch
+
+    if dtype == "bfloat16" and arr.dtype == np.uint16:
+        arr = arr.view(np.int16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" and t.dtype == torch.int16 else t
+
+
+def to_torch(
+    column: pa.Array | pa.ChunkedArray, *, dtype: str | None = None, shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``(rows, *shape)`` torch tensor of a tensor column (bfloat16 as ``torch.bfloat16``).
+
+    Same copy rules as :func:`to_numpy`: a single chunk gives a tensor that shares (read-only)
+    memory with the Arrow buffer, so ``.clone()`` it before writing in place.
+    """
+    spec = tensor_spec(column.type, dtype=dtype, shape=shape)
+    return numpy_to_torch(to_numpy(column, dtype=spec.dtype, shape=spec.shape), spec.dtype)
