@@ -1,0 +1,210 @@
+"""Preprocessing benchmark: our decode guard + :class:`Preprocessor` + :func:`normalize` against
+what LLaVA runs (PIL decode + ``transformers.CLIPImageProcessor``), on one CPU core.
+
+Also home of the *reference* implementation of LLaVA's ``process_images`` used by the parity
+tests (:func:`reference_processor`, :func:`llava_reference`), so that the tests and the benchmark
+compare against exactly the same thing. Needs ``scikit-image`` (a test dependency) for the photos.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..decode import decode_image
+from ..preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Preprocessor,
+    PreprocessSpec,
+    expand2square,
+    normalize,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["bench_preprocess", "benchmark_photos", "llava_reference", "reference_processor"]
+
+
+def reference_processor(size: int = 336, crop_size: int | None = None) -> Any:
+    """The CLIP image processor LLaVA uses, built in code (no download).
+
+    ``CLIPImageProcessor(...)``; when torchvision is installed transformers 5 returns its
+    torchvision backend, whose bicubic resize differs from PIL's, so we then build the PIL
+    backend (``CLIPImageProcessorPil``), which is what ``CLIPImageProcessor`` is without
+    torchvision and what LLaVA was trained with.
+    """
+    from transformers import CLIPImageProcessor
+
+    crop = size if crop_size is None else crop_size
+    kwargs = {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": crop, "width": crop},
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }
+    processor = CLIPImageProcessor(**kwargs)
+    if getattr(processor, "backend", "pil") != "pil":
+        from transformers import CLIPImageProcessorPil
+
+        processor = CLIPImageProcessorPil(**kwargs)
+    return processor
+
+
+def llava_reference(images: Sequence[Image.Image], processor: Any, aspect_ratio: str) -> torch.Tensor:
+    """LLaVA's ``process_images`` (llava/mm_utils.py) for ``pad`` and the default (non-pad) path."""
+    if aspect_ratio == "pad":
+        background = tuple(int(x * 255) for x in processor.image_mean)
+        out = [
+            processor.preprocess(expand2square(img, background), return_tensors="pt")["pixel_values"][0]
+            for img in images
+        ]
+        return torch.stack(out)
+    return processor(list(images), return_tensors="pt").pixel_values
+
+
+def benchmark_photos(image_size: tuple[int, int] = (640, 480)) -> list[Image.Image]:
+    """scikit-image's bundled colour photos, resized (bicubic) to ``image_size`` (width, height)."""
+    try:
+        from skimage import data as skdata
+    except ImportError as exc:  # pragma: no cover - scikit-image is a test dependency
+        raise RuntimeError(
+            "the preprocessing benchmark needs scikit-image (pip install scikit-image)"
+        ) from exc
+    arrays = [
+        skdata.astronaut(),
+        skdata.chelsea(),
+        skdata.coffee(),
+        skdata.rocket(),
+        skdata.stereo_motorcycle()[0],
+        skdata.hubble_deep_field(),
+        skdata.immunohistochemistry(),
+        skdata.retina(),
+    ]
+    return [Image.fromarray(a).convert("RGB").resize(image_size, Image.Resampling.BICUBIC) for a in arrays]
+
+
+def _encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _rate(fn: Callable[[int], int], seconds: float) -> float:
+    """Items per CPU-second of ``fn(i)`` (which returns how many items it handled), run for ``seconds``.
+
+    Measured with the calling thread's CPU time (user + system), not wall-clock time: everything
+    runs in this one thread (PIL, numpy, torch with 1 thread), so this is the throughput of one
+    core, and it does not change when other processes compete for the machine.
+    """
+    fn(0)  # warm-up
+    done, i = 0, 0
+    start, wall = time.thread_time(), time.perf_counter()
+    while True:
+        done += fn(i)
+        i += 1
+        elapsed = time.thread_time() - start
+        if elapsed >= seconds or time.perf_counter() - wall >= 10 * seconds:
+            return done / max(elapsed, 1e-9)
+
+
+def bench_preprocess(
+    size: int = 336,
+    aspect_ratio: str = "pad",
+    seconds: float = 3.0,
+    image_size: tuple[int, int] = (640, 480),
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Images/s on one core: ours (decode guard + ``Preprocessor.pixels`` + ``normalize``) against
+    PIL decode + ``CLIPImageProcessor`` as LLaVA calls it, on JPEGs (quality 90) of real photos.
+
+    Both sides produce float32 ``(B, 3, size, size)`` batches of ``batch_size`` images. The HF
+    side decodes with ``Image.open(..., formats=["JPEG"]).convert("RGB")`` (the fastest way to
+    call PIL, so the comparison does not flatter us). Rates are images per CPU-second of the one
+    thread doing the work (see :func:`_rate`); ``seconds`` of CPU time go to each of the two main
+    paths, in alternating rounds, and the median round is reported.
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench(size, aspect_ratio, seconds, image_size, batch_size)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench(
+    size: int, aspect_ratio: str, seconds: float, image_size: tuple[int, int], batch_size: int
+) -> dict[str, Any]:
+    processor = reference_processor(size)
+    spec = PreprocessSpec.from_image_processor(processor, aspect_ratio=aspect_ratio)
+    pre = Preprocessor(spec)
+    photos = benchmark_photos(image_size)
+    datas = [_encode_jpeg(p) for p in photos]
+    n = len(datas)
+    batches = [[datas[(b * batch_size + j) % n] for j in range(batch_size)] for b in range(n)]
+
+    def pil_decode(data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data), formats=["JPEG"]).convert("RGB")
+
+    def ours_batch(i: int) -> int:
+        pixels = np.stack([pre(data).pixels for data in batches[i % n]])
+        normalize(torch.from_numpy(pixels), spec)
+        return batch_size
+
+    def hf_batch(i: int) -> int:
+        llava_reference([pil_decode(data) for data in batches[i % n]], processor, aspect_ratio)
+        return batch_size
+
+    decoded = [decode_image(d).image for d in datas]
+
+    def decode_only(i: int) -> int:
+        decode_image(datas[i % n])
+        return 1
+
+    def pil_decode_only(i: int) -> int:
+        pil_decode(datas[i % n])
+        return 1
+
+    def pixels_only(i: int) -> int:
+        pre.pixels(decoded[i % n])
+        return 1
+
+    # Parity on the same inputs.
+    ours = normalize(torch.from_numpy(np.stack([pre(d).pixels for d in datas])), spec)
+    ref = llava_reference([pil_decode(d) for d in datas], processor, aspect_ratio)
+    max_abs_diff = float((ours - ref).abs().max()) if ours.shape == ref.shape else float("inf")
+
+    # Alternate short rounds of both so that drifting machine load hits both alike.
+    rounds = max(1, int(seconds / 0.5))
+    ours_rates, hf_rates = [], []
+    for _ in range(rounds):
+        ours_rates.append(_rate(ours_batch, seconds / rounds))
+        hf_rates.append(_rate(hf_batch, seconds / rounds))
+    ours_rate = float(np.median(ours_rates))
+    hf_rate = float(np.median(hf_rates))
+    result = {
+        "size": size,
+        "aspect_ratio": aspect_ratio,
+        "image_size": list(image_size),
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "ours_images_per_s": ours_rate,
+        "hf_images_per_s": hf_rate,
+        "speedup": ours_rate / hf_rate,
+        "max_abs_diff": max_abs_diff,
+        "decode_only_images_per_s": _rate(decode_only, seconds / 3),
+        "pil_decode_only_images_per_s": _rate(pil_decode_only, seconds / 3),
+        "pixels_only_images_per_s": _rate(pixels_only, seconds / 3),
+        "hf_backend": str(getattr(processor, "backend", "pil")),
+        "clock": "thread_cpu_time",
+    }
+    logger.info("preprocess benchmark: %s", result)
+    return result

@@ -1,0 +1,383 @@
+"""The decode guard: untrusted bytes in, an RGB image or a typed :class:`DecodeError` out.
+
+Used by both the offline job and the online endpoint, so a bad input never takes either down:
+:func:`decode_image` raises :class:`~pipeline.model.errors.DecodeError` and nothing else (only
+``KeyboardInterrupt``/``SystemExit``-style ``BaseException`` s are left alone).
+
+Checks, in order (each is cheap and happens before the next, costlier step):
+
+1. ``empty``: zero bytes. ``too_large``: more than ``DecodeConfig.max_bytes``.
+2. Identification from the header only (``PIL.Image.open``, restricted to the allow-list).
+   Not identified: ``unsupported_format`` when another PIL plugin recognises the bytes (ICO, PCX,
+   TGA, PSD, ...), ``truncated``/``corrupt`` when they carry the signature of an allowed format,
+   else ``not_an_image``.
+3. ``too_large`` when the size *declared by the header* exceeds ``max_image_pixels`` and
+   ``too_small`` when a side is shorter than ``min_side``: refused before any pixel is decoded,
+   so a decompression bomb costs a header parse. PIL's own bomb check
+   (``Image.MAX_IMAGE_PIXELS``) is set from the same config value so the two never disagree;
+   ours is authoritative (PIL only raises at twice its limit).
+4. Full decode (``img.load()``) inside the guard, with ``ImageFile.LOAD_TRUNCATED_IMAGES`` left
+   untouched (False): a file cut short is ``truncated``; any other decoder failure is ``corrupt``.
+5. EXIF orientation (``ImageOps.exif_transpose``; a broken EXIF block is ignored, not fatal).
+6. Conversion to RGB, LLaVA's way (``img.convert("RGB")``), see :func:`to_rgb`.
+
+Error mapping of decoder failures (:func:`_failure_code`): messages from PIL that say so
+("image file is truncated", "Truncated File Read"), ``EOFError``, and any other failure of a
+file whose own structure shows it ends early (JPEG without its EOI marker, PNG without IEND, GIF
+without its trailer, a RIFF/WebP, BMP or TIFF header pointing past the end of the data) are
+``truncated``. So PIL's "broken data stream" is ``truncated`` for a file cut short and
+``corrupt`` for a complete file with garbage inside. Everything else is ``corrupt``;
+``MemoryError`` and ``DecompressionBombError`` are ``too_large``.
+
+Reported ``width``/``height`` are those of the image *as displayed*, i.e. after the EXIF
+orientation was applied (a portrait photo stored as 4000x3000 with orientation 6 is 3000x4000).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .config import DecodeConfig
+from .model.errors import DecodeError, ErrorCode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DecodedImage", "decode_image", "to_rgb"]
+
+_DEFAULT_CONFIG = DecodeConfig()
+
+# Formats that are read as another one: an MPO (multi-picture JPEG, from phones and cameras)
+# is a baseline JPEG followed by more JPEGs, and its first frame is what every viewer shows.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded input: an RGB image and its size as displayed (after EXIF orientation)."""
+
+    image: Image.Image
+    """The decoded image, mode ``RGB``, fully loaded."""
+    width: int
+    """Width in pixels, after EXIF orientation."""
+    height: int
+    """Height in pixels, after EXIF orientation."""
+    format: str
+    """PIL format name of the input (``JPEG``, ``PNG``, ``WEBP``, ``GIF``, ``BMP``, ``TIFF``; MPO is ``JPEG``)."""
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    name: str | None = None,
+    config: DecodeConfig | None = None,
+) -> DecodedImage:
+    """Decode untrusted ``data`` into an RGB image, or raise :class:`DecodeError`.
+
+    ``name`` (a file name or URI) is only used in error messages. ``config`` defaults to
+    ``DecodeConfig()``. Never raises anything but ``DecodeError`` (for ``Exception`` s).
+    """
+    cfg = config if config is not None else _DEFAULT_CONFIG
+    try:
+        return _decode(data, name, cfg)
+    except DecodeError:
+        raise
+    except MemoryError as exc:
+        logger.debug("decode of %s ran out of memory", name, exc_info=True)
+        raise DecodeError(
+            f"out of memory while decoding ({exc})", code=ErrorCode.TOO_LARGE, name=name
+        ) from None
+    except Exception as exc:  # the guard's contract: nothing else escapes
+        logger.debug("unexpected failure decoding %s", name, exc_info=True)
+        raise DecodeError(
+            f"could not decode image ({type(exc).__name__}: {exc})", code=ErrorCode.CORRUPT, name=name
+        ) from None
+
+
+def _decode(data: bytes | bytearray | memoryview, name: str | None, cfg: DecodeConfig) -> DecodedImage:
+    if data is None:
+        raise DecodeError("no data (None)", code=ErrorCode.EMPTY, name=name)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(
+            f"expected bytes, got {type(data).__name__}", code=ErrorCode.NOT_AN_IMAGE, name=name
+        )
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    size = len(data)
+    if size == 0:
+        raise DecodeError("empty input (0 bytes)", code=ErrorCode.EMPTY, name=name)
+    if size > cfg.max_bytes:
+        raise DecodeError(
+            f"input is {size} bytes, more than the limit of {cfg.max_bytes} bytes",
+            code=ErrorCode.TOO_LARGE,
+            name=name,
+        )
+
+    # Keep PIL's own decompression-bomb check consistent with ours (PIL warns above the limit
+    # and raises above twice it; ours below refuses anything above it, before decoding).
+    # Written per call, not at import: the limit comes from the config of this call.
+    if cfg.max_image_pixels != Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+
+    allowed = _allowed_formats(tuple(cfg.allowed_formats))
+    img = _open(data, name, allowed, cfg.max_image_pixels)
+
+    fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
+    if fmt not in allowed.names:
+        raise DecodeError(
+            f"format {img.format} is not accepted (accepted: {', '.join(sorted(allowed.names))})",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
+            name=name,
+        )
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"invalid declared size {width}x{height}", code=ErrorCode.CORRUPT, name=name)
+    if width * height > cfg.max_image_pixels:
+        raise DecodeError(
+            f"declared size {width}x{height} ({width * height} pixels) exceeds the limit of "
+            f"{cfg.max_image_pixels} pixels",
+            code=ErrorCode.TOO_LARGE,
+            name=name,
+        )
+    if min(width, height) < cfg.min_side:
+        raise DecodeError(
+            f"image is {width}x{height}; both sides must be at least {cfg.min_side} pixels",
+            code=ErrorCode.TOO_SMALL,
+            name=name,
+        )
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        _warn_load_truncated()
+    try:
+        img.load()
+    except Exception as exc:
+        code = _failure_code(exc, data, fmt)
+        logger.debug("load failed for %s: %r -> %s", name, exc, code)
+        raise DecodeError(_describe(exc, code), code=code, name=name) from None
+
+    img = _exif_transpose(img, name)
+    rgb = to_rgb(img, name=name)
+    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
+
+
+@lru_cache(maxsize=1)
+def _warn_load_truncated() -> None:
+    logger.warning(
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere in this process: truncated "
+        "images now decode partially instead of failing as 'truncated'"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Identification
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    names: frozenset[str]
+    """Allowed format names as reported (aliases resolved)."""
+    pil_formats: tuple[str, ...]
+    """Names passed to ``Image.open(formats=...)``: the allowed formats PIL can open, common first."""
+
+
+@lru_cache(maxsize=32)
+def _allowed_formats(formats: tuple[str, ...]) -> _Allowed:
+    names = {_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in formats}
+    if not names <= set(Image.OPEN):
+        Image.init()  # registers every plugin (WEBP and TIFF are not pre-registered)
+    unknown = sorted(names - set(Image.OPEN))
+    if unknown:
+        logger.warning("allowed_formats lists formats PIL cannot read, ignored: %s", unknown)
+    # Most common first: Image.open tries them in order. (MPO files are opened by the JPEG
+    # plugin, which returns an MpoImageFile; MPO is not a separate opener.)
+    order = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+    readable = names - set(unknown)
+    pil_formats = tuple(sorted(readable, key=lambda f: (order.index(f) if f in order else 99, f)))
+    return _Allowed(names=frozenset(readable), pil_formats=pil_formats)
+
+
+def _open(data: bytes | bytearray, name: str | None, allowed: _Allowed, max_pixels: int) -> Image.Image:
+    """``Image.open`` restricted to the allowed formats: parses the header, decodes nothing."""
+    try:
+        return Image.open(io.BytesIO(data), formats=list(allowed.pil_formats))
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(
+            f"declared image size exceeds the limit of {max_pixels} pixels ({exc})",
+            code=ErrorCode.TOO_LARGE,
+            name=name,
+        ) from None
+    except UnidentifiedImageError:
+        pass
+    except Exception as exc:  # a plugin accepted the signature, then failed on the header
+        code = _failure_code(exc, data, _sniff(data, allowed.names))
+        logger.debug("open failed for %s: %r -> %s", name, exc, code)
+        raise DecodeError(_describe(exc, code), code=code, name=name) from None
+
+    sniffed = _sniff(data, allowed.names)
+    if sniffed is not None:
+        # It starts like an accepted format, but PIL could not even parse the header.
+        code = ErrorCode.TRUNCATED if _looks_truncated(data, sniffed) else ErrorCode.CORRUPT
+        msg = "file ends inside its header" if code == ErrorCode.TRUNCATED else "unreadable header"
+        raise DecodeError(f"{sniffed} {msg}", code=code, name=name)
+
+    other = _identify_any(data)
+    if other is not None:
+        raise DecodeError(
+            f"format {other} is not accepted (accepted: {', '.join(sorted(allowed.names))})",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
+            name=name,
+        )
+    raise DecodeError(
+        "not an image (no known image format recognised)", code=ErrorCode.NOT_AN_IMAGE, name=name
+    )
+
+
+def _identify_any(data: bytes | bytearray) -> str | None:
+    """Name of the format any PIL plugin recognises in ``data`` (header only), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            return str(other.format)
+    except Image.DecompressionBombError:
+        return "an image format"  # a recognised (huge) image of some format
+    except Exception:
+        return None
+
+
+_SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("JPEG", (b"\xff\xd8\xff",)),
+    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    ("GIF", (b"GIF87a", b"GIF89a")),
+    ("BMP", (b"BM",)),
+    ("TIFF", (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
+)
+
+
+def _sniff(data: bytes | bytearray, names: Iterable[str]) -> str | None:
+    """The allowed format whose magic number starts ``data``, if any."""
+    names = set(names)
+    head = bytes(data[:16])
+    if "WEBP" in names and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for fmt, magics in _SIGNATURES:
+        if fmt in names and head.startswith(magics):
+            return fmt
+    return None
+
+
+def _looks_truncated(data: bytes | bytearray, fmt: str | None) -> bool:
+    """Whether the structure of a file of format ``fmt`` shows that ``data`` ends early."""
+    n = len(data)
+    try:
+        if fmt == "JPEG":
+            return not bytes(data[-64:]).rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+        if fmt == "PNG":
+            return b"IEND" not in bytes(data[-64:])
+        if fmt == "GIF":
+            return not bytes(data[-16:]).rstrip(b"\x00").endswith(b";")
+        if fmt == "WEBP":
+            return n < 12 or struct.unpack_from("<I", data, 4)[0] + 8 > n
+        if fmt == "BMP":
+            return n < 14 or struct.unpack_from("<I", data, 2)[0] > n
+        if fmt == "TIFF":
+            if n < 8:
+                return True
+            order = "<" if data[:2] == b"II" else ">"
+            if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte offset at 8
+                return n < 16 or struct.unpack_from(order + "Q", data, 8)[0] + 8 > n
+            return struct.unpack_from(order + "I", data, 4)[0] + 2 > n
+    except (struct.error, ValueError, IndexError):
+        return True
+    return False
+
+
+def _failure_code(exc: BaseException, data: bytes | bytearray, fmt: str | None) -> ErrorCode:
+    """Error code of a failure of PIL to open or load ``data`` (format ``fmt``)."""
+    if isinstance(exc, Image.DecompressionBombError | MemoryError):
+        return ErrorCode.TOO_LARGE
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        return ErrorCode.TRUNCATED
+    if _looks_truncated(data, fmt):
+        return ErrorCode.TRUNCATED
+    return ErrorCode.CORRUPT
+
+
+def _describe(exc: BaseException, code: ErrorCode) -> str:
+    what = {
+        ErrorCode.TRUNCATED: "image data is truncated",
+        ErrorCode.TOO_LARGE: "image is too large to decode",
+    }.get(code, "image data is corrupt")
+    detail = str(exc) or type(exc).__name__
+    return f"{what} ({detail})"
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation and colour
+
+
+def _exif_transpose(img: Image.Image, name: str | None) -> Image.Image:
+    """Apply the EXIF orientation tag in place; a broken EXIF block leaves the image as stored."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:
+        logger.debug("ignoring unreadable EXIF orientation of %s", name, exc_info=True)
+    return img
+
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(img: Image.Image, name: str | None = None) -> Image.Image:
+    """Convert a loaded PIL image of any mode to RGB, the way LLaVA does (``convert("RGB")``).
+
+    Semantics per mode (chosen so that features match LLaVA's ``Image.open(f).convert("RGB")``):
+
+    - ``RGB``: returned as is (no copy).
+    - ``L``, ``1`` (0/255), ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``: PIL's
+      ``convert("RGB")``. CMYK uses PIL's plain formula (``R = (255 - C) * (255 - K) / 255``,
+      no ICC colour management), exactly as LLaVA sees it.
+    - Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index, ``RGBa``): the
+      alpha channel is **dropped**, not composited: fully transparent pixels show whatever colour
+      they store (often black), as in LLaVA. (``transformers``' own ``convert_to_rgb``
+      composites on white instead; LLaVA converts before calling it, so it never sees alpha.)
+    - 16-bit greyscale (``I;16*``) and 32-bit integer ``I``: PIL's ``convert("RGB")`` clips every
+      value above 255 to white, which destroys 16-bit images, so we deviate here: values are
+      clipped to 0..65535 and scaled to 8 bits by keeping the high byte (``v >> 8``), the same
+      mapping PIL itself applies when it reads 16-bit RGB/RGBA/LA PNGs as 8-bit images, so a
+      16-bit grey and a 16-bit colour encoding of one picture give the same pixels.
+    - ``F`` (32-bit float): PIL's ``convert("RGB")`` (values rounded and clipped to 0..255).
+    - Modes PIL cannot convert directly (e.g. premultiplied ``La``) go through ``RGBA`` or ``LA``
+      (alpha dropped); a mode that still cannot be converted raises
+      ``DecodeError(unsupported_format)``.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    try:
+        if mode in _SIXTEEN_BIT_MODES:
+            arr = np.asarray(img)
+            if arr.dtype != np.uint16:
+                arr = np.clip(arr, 0, 65535)
+            eight = (arr.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
+            return Image.fromarray(eight).convert("RGB")
+        try:
+            return img.convert("RGB")
+        except ValueError:
+            for via in ("RGBA", "LA"):  # e.g. premultiplied "La" only converts to "LA"
+                try:
+                    return img.convert(via).convert("RGB")
+                except ValueError:
+                    pass
+            raise
+    except ValueError as exc:
+        raise DecodeError(
+            f"image mode {mode} cannot be converted to RGB ({exc})",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
+            name=name,
+        ) from None
