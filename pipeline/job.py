@@ -1,0 +1,539 @@
+"""The offline job: object storage → CPU decode → GPU encoder actor pool → Parquet feature tables.
+
+Plan (driver, metadata only): list the inputs in a deterministic order, cut them into shards of
+``job.shard_size`` (the unit of output files and of resume), fingerprint the encoder, and check
+the output location (``_job.json`` records the plan and the fingerprint).
+
+Run (Ray Data, streaming): one row per pending shard →
+``decode_shard`` CPU tasks (read bytes, decode guard, preprocess to uint8; bad inputs become error
+records, never exceptions) → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
+holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the shard's ok images in
+batches and commits the shard's Parquet file itself (temporary name + rename locally, final-name
+PUT on object stores). Feature tensors therefore never travel back through the object store or
+the driver; only a small per-shard summary does. A shard that is retried (actor killed, node lost)
+is rewritten under the same name, so every input appears exactly once.
+
+Finish: counts are read back from the committed files' ``status`` column, ``_SUCCESS`` is written
+last (unless more than ``max_error_fraction`` of the inputs failed: then the job exits non-zero
+after writing everything it has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from .config import Config, config_to_dict
+from .encoder import FeatureEncoder, describe_encoder, preprocess_spec
+from .model import ResolvedModel, resolve_model
+from .model.errors import (
+    ConfigError,
+    DecodeError,
+    ErrorCode,
+    InputReadError,
+    LlavaFeaturesError,
+    OutputError,
+)
+
+logger = logging.getLogger(__name__)
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+CONFIG_KEY = "llava_features.config"
+FINGERPRINT_KEY = "llava_features.fingerprint"
+EXIT_ERROR_BUDGET = 3
+
+
+@dataclass
+class JobSummary:
+    """What a run did (also written, with the fingerprint, into ``_SUCCESS``)."""
+
+    output: str
+    """Where the Parquet dataset is."""
+    fingerprint: str
+    """Encoder fingerprint of every row in the output."""
+    inputs: int = 0
+    """Inputs in the plan (the whole job, including shards committed by earlier runs)."""
+    read: int = 0
+    """Inputs processed by this run."""
+    ok: int = 0
+    """Rows with status ok in the whole output."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Error rows by error code in the whole output."""
+    shards_total: int = 0
+    """Shards in the plan."""
+    shards_written: int = 0
+    """Shards written by this run."""
+    shards_skipped: int = 0
+    """Shards already committed (``--resume``)."""
+    seconds: float = 0.0
+    """Wall time of this run's pipeline."""
+    images_per_s: float = 0.0
+    """Inputs processed by this run per second of its pipeline."""
+    error_fraction: float = 0.0
+    """Error rows / rows in the whole output."""
+    error_budget_exceeded: bool = False
+    """True when error_fraction > max_error_fraction (no _SUCCESS is written then)."""
+
+    def format(self) -> str:
+        errs = ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())) or "none"
+        return "\n".join(
+            [
+                f"images read:   {self.read} this run ({self.inputs} in the job)",
+                f"ok:            {self.ok}",
+                f"errors:        {sum(self.errors.values())} ({errs})",
+                f"shards:        {self.shards_written} written, {self.shards_skipped} already committed, "
+                f"{self.shards_total} in total",
+                f"throughput:    {self.images_per_s:.1f} images/s ({self.seconds:.1f} s)",
+                f"output:        {self.output}",
+                f"fingerprint:   {self.fingerprint[:16]}",
+            ]
+            + (
+                [f"ERROR BUDGET EXCEEDED: {self.error_fraction:.2%} of inputs failed"]
+                if self.error_budget_exceeded
+                else []
+            )
+        )
+
+
+# -- stage 1: decode (CPU tasks) --------------------------------------------------------------
+
+
+def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """Read, decode and preprocess every input of the shard rows in ``batch``. Never raises for an input."""
+    from .preprocess import Preprocessor
+    from .storage import read_bytes
+
+    preprocessor = Preprocessor(preprocess_spec(resolved), config.decode)
+    out: dict[str, list[Any]] = {"shard": [], "meta": [], "pixels": []}
+    for shard, items_json in zip(batch["shard"], batch["items"], strict=True):
+        items = json.loads(items_json)
+        datas = read_bytes(
+            [uri for _, uri in items],
+            s3_endpoint=config.job.s3_endpoint,
+            threads=config.job.decode_threads,
+            max_bytes=config.decode.max_bytes,
+        )
+        meta, ok_pixels = [], []
+        for (image_id, uri), data in zip(items, datas, strict=True):
+            row: dict[str, Any] = {"image_id": image_id, "uri": uri}
+            try:
+                if isinstance(data, InputReadError):
+                    raise data
+                prepared = preprocessor(data, uri)
+                ok_pixels.append(prepared.pixels)
+                row.update(ok=True, width=prepared.width, height=prepared.height)
+            except (DecodeError, InputReadError) as exc:
+                row.update(ok=False, code=str(exc.code), message=exc.message)
+            except Exception as exc:  # a bug must not take the job down: record it on the row
+                logger.exception("Unexpected failure on %s", uri)
+                row.update(ok=False, code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")
+            meta.append(row)
+        pixels = np.stack(ok_pixels) if ok_pixels else np.zeros((0, 0, 0, 0), np.uint8)
+        out["shard"].append(int(shard))
+        out["meta"].append(json.dumps({"rows": meta, "shape": list(pixels.shape)}))
+        out["pixels"].append(pixels.tobytes())
+    return {k: np.array(v, dtype=object) if k != "shard" else np.array(v) for k, v in out.items()}
+
+
+# -- stage 2: encode + commit (actor pool) ----------------------------------------------------
+
+
+class EncodeShardActor:
+    """Ray Data actor: one FeatureEncoder replica; encodes shards and commits their Parquet files.
+
+    Two calls may run at once on an actor: the device work is serialised by a lock, so one shard's
+    Parquet write overlaps the next shard's encode.
+    """
+
+    def __init__(
+        self, config: Config, resolved: ResolvedModel, output: str, metadata: dict[str, str]
+    ) -> None:
+        from .sink import ensure_registered
+        from .storage import resolve_filesystem
+
+        ensure_registered()
+        self.config = config
+        self.encoder = FeatureEncoder(config, resolved)
+        self.encoder.warmup(min(config.job.batch_size, 8))
+        self.fs, self.out_path = resolve_filesystem(output, s3_endpoint=config.job.s3_endpoint)
+        self.metadata = metadata
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .sink import ShardRows, build_table, write_shard
+
+        summaries: dict[str, list[Any]] = {"shard": [], "rows": [], "ok": [], "errors": []}
+        job = self.config.job
+        for shard, meta_json, blob in zip(batch["shard"], batch["meta"], batch["pixels"], strict=True):
+            meta = json.loads(meta_json)
+            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(meta["shape"])
+            if len(pixels) == 0:
+                pixels = np.zeros((0, *self.encoder.input_shape), np.uint8)
+            with self.lock:
+                encoded = self.encoder.encode_pixels(pixels)
+            rows = ShardRows()
+            errors: Counter[str] = Counter()
+            for r in meta["rows"]:
+                if r["ok"]:
+                    rows.add_ok(r["image_id"], r["uri"], width=r["width"], height=r["height"])
+                else:
+                    rows.add_error(r["image_id"], r["uri"], r["code"], r["message"])
+                    errors[r["code"]] += 1
+            table = build_table(
+                rows,
+                features=self._or_empty(encoded.projected, self.encoder.feature_dim)
+                if job.features != "tower"
+                else None,
+                tower_features=self._or_empty(encoded.tower, self.encoder.tower_dim)
+                if job.features != "projected"
+                else None,
+                pooled=self._pooled_or_empty(encoded.pooled) if job.pooled else None,
+                tensor_format=job.tensor_format,
+                metadata=self.metadata,
+            )
+            write_shard(table, self.out_path, int(shard), filesystem=self.fs, compression=job.compression)
+            summaries["shard"].append(int(shard))
+            summaries["rows"].append(len(rows))
+            summaries["ok"].append(rows.num_ok)
+            summaries["errors"].append(json.dumps(errors))
+        return {k: np.array(v, dtype=object if k == "errors" else None) for k, v in summaries.items()}
+
+    def _or_empty(self, values: Any, dim: int) -> Any:
+        if values is not None:
+            return values
+        import torch
+
+        dtype = self.encoder.output_dtype
+        empty = torch.zeros((0, self.encoder.num_tokens, dim), dtype=dtype)
+        return empty if dtype == torch.bfloat16 else empty.numpy()
+
+    def _pooled_or_empty(self, values: np.ndarray | None) -> np.ndarray:
+        if values is not None:
+            return values
+        return np.zeros(
+            (0, self.encoder.feature_dim if self.config.job.features != "tower" else self.encoder.tower_dim),
+            np.float32,
+        )
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _write_json(fs: Any, path: str, value: dict[str, Any]) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+
+def _check_output(
+    fs: Any, out_path: str, output: str, job_record: dict[str, Any], resume: bool, s3_endpoint: str | None
+) -> None:
+    from .storage import output_is_empty
+
+    if output_is_empty(output, s3_endpoint=s3_endpoint):
+        return
+    existing = _read_json(fs, f"{out_path}/{JOB_FILE}")
+    if not resume:
+        raise OutputError(
+            f"Output {output} is not empty. Pass --resume to continue the job that wrote it, or choose "
+            "another output location (nothing is ever deleted for you)."
+        )
+    if existing is None:
+        raise OutputError(
+            f"Output {output} is not empty and holds no {JOB_FILE}: it was not written by this tool"
+        )
+    if existing.get("fingerprint") != job_record["fingerprint"]:
+        raise OutputError(
+            f"Output {output} was written with encoder fingerprint {existing.get('fingerprint', '?')[:16]}, this run's "
+            f"is {job_record['fingerprint'][:16]}: refusing to mix features of different encoders. "
+            "Use another output location, or the original settings.",
+            code=ErrorCode.FINGERPRINT_MISMATCH,
+        )
+    if existing.get("plan_fingerprint") != job_record["plan_fingerprint"]:
+        raise OutputError(
+            f"Output {output} was written for a different input plan (inputs, order, --limit or shard size changed): "
+            "resuming would mix shards. Use the original input and options, or another output location.",
+            code=ErrorCode.FINGERPRINT_MISMATCH,
+        )
+
+
+def _count_output(fs: Any, out_path: str) -> tuple[int, Counter[str]]:
+    import pyarrow.dataset as pads
+
+    from .sink import ensure_registered
+
+    ensure_registered()
+    ds = pads.dataset(
+        out_path, filesystem=fs, format="parquet", exclude_invalid_files=False, ignore_prefixes=[".", "_"]
+    )
+    table = ds.to_table(columns=["status", "error_code"])
+    ok = int(np.sum(np.asarray(table.column("status").to_pylist()) == "ok")) if table.num_rows else 0
+    errors = Counter(c for c in table.column("error_code").to_pylist() if c is not None)
+    return ok, errors
+
+
+def _init_ray() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`, or by the user) connects to a cluster; otherwise a
+        # local Ray starts for this process.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
+    return ray
+
+
+def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = False) -> JobSummary:
+    """Encode every input under ``input_uri`` into a Parquet dataset at ``output_uri``."""
+    from .storage import ensure_output_dir, list_inputs, plan_fingerprint, plan_shards, resolve_filesystem
+
+    job = config.job
+    if job.features not in ("projected", "tower", "both"):
+        raise ConfigError(f"Unknown --features {job.features!r}; valid values are projected, tower, both")
+    if not 0.0 <= job.max_error_fraction <= 1.0:
+        raise ConfigError(f"max_error_fraction must be within [0, 1], got {job.max_error_fraction}")
+    lo, hi = job.actors
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"--actors MIN,MAX needs 1 <= MIN <= MAX, got {lo},{hi}")
+
+    resolved = resolve_model(config.model)
+    description = describe_encoder(config, resolved)
+    items = list_inputs(input_uri, s3_endpoint=job.s3_endpoint, limit=job.limit)
+    shards = plan_shards(items, job.shard_size)
+    job_record = {
+        "fingerprint": description.fingerprint,
+        "plan_fingerprint": plan_fingerprint(items, job.shard_size),
+        "input": input_uri,
+        "inputs": len(items),
+        "shards": len(shards),
+        "shard_size": job.shard_size,
+        "encoder": description.fields,
+        "config": config_to_dict(config),
+        "created": datetime.now(UTC).isoformat(),
+    }
+    fs, out_path = resolve_filesystem(output_uri, s3_endpoint=job.s3_endpoint)
+    _check_output(fs, out_path, output_uri, job_record, resume, job.s3_endpoint)
+    ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
+    if _read_json(fs, f"{out_path}/{JOB_FILE}") is None:
+        _write_json(fs, f"{out_path}/{JOB_FILE}", job_record)
+
+    from .sink import committed_shards, remove_stale_temp_files
+
+    remove_stale_temp_files(out_path, fs)
+    done = committed_shards(out_path, fs)
+    pending = [s for s in shards if s.index not in done]
+    summary = JobSummary(
+        output=output_uri,
+        fingerprint=description.fingerprint,
+        inputs=len(items),
+        shards_total=len(shards),
+        shards_skipped=len(shards) - len(pending),
+    )
+    logger.info(
+        "%d inputs in %d shards; %d already committed, %d to write",
+        len(items),
+        len(shards),
+        len(done),
+        len(pending),
+    )
+    started = time.perf_counter()
+    if pending:
+        _run_pipeline(config, resolved, pending, output_uri, job_record, summary)
+    summary.seconds = time.perf_counter() - started
+    summary.images_per_s = summary.read / summary.seconds if summary.seconds > 0 else 0.0
+
+    ok, errors = _count_output(fs, out_path)
+    summary.ok, summary.errors = ok, dict(errors)
+    total = ok + sum(errors.values())
+    summary.error_fraction = (total - ok) / total if total else 0.0
+    summary.error_budget_exceeded = summary.error_fraction > job.max_error_fraction
+    if total != len(items):
+        raise OutputError(f"Output {output_uri} holds {total} rows for {len(items)} inputs: it is incomplete")
+    if not summary.error_budget_exceeded:
+        _write_json(
+            fs, f"{out_path}/{SUCCESS_FILE}", {**asdict(summary), "finished": datetime.now(UTC).isoformat()}
+        )
+    return summary
+
+
+_DECODE_WORKER_BASE_BYTES = 512 * 1024 * 1024  # a Python worker with PIL, numpy and the decode guard loaded
+
+
+# Storage settings of the submitting environment that the job's workers need too: on a local Ray
+# (or one started before these were set) worker processes would not see them otherwise.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+)
+
+
+def _worker_runtime_env() -> dict[str, Any] | None:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
+def _decode_task_memory(config: Config, resolved: ResolvedModel) -> int:
+    spec = preprocess_spec(resolved)
+    per_image = 3 * spec.crop_height * spec.crop_width + 4 * 1024 * 1024  # pixels + an encoded photo
+    return _DECODE_WORKER_BASE_BYTES + config.job.shard_size * per_image
+
+
+def _run_pipeline(
+    config: Config,
+    resolved: ResolvedModel,
+    pending: list[Any],
+    output_uri: str,
+    job_record: dict[str, Any],
+    summary: JobSummary,
+) -> None:
+    ray = _init_ray()
+    job = config.job
+    gpus = job.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if gpus == 0 and config.model.device == "auto":
+        config = replace(config, model=replace(config.model, device="cpu"))
+    metadata = {
+        FINGERPRINT_KEY: job_record["fingerprint"],
+        CONFIG_KEY: json.dumps(
+            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
+        ),
+    }
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(
+        [{"shard": s.index, "items": json.dumps([[i.image_id, i.uri] for i in s.items])} for s in pending],
+        override_num_blocks=len(pending),
+    )
+    ds = ds.map_batches(
+        decode_shard,
+        fn_kwargs={"config": config, "resolved": resolved},
+        batch_size=1,
+        num_cpus=1,
+        # What a decode task holds: the shard's encoded bytes and its uint8 pixels. Reserving it
+        # also keeps the decode tasks a separate pool (Ray Data fuses stages with equal resource
+        # requests, which would move decoding into the encoder actors on CPU-only clusters).
+        memory=_decode_task_memory(config, resolved),
+        runtime_env=_worker_runtime_env(),
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        EncodeShardActor,
+        fn_constructor_kwargs={
+            "config": config,
+            "resolved": resolved,
+            "output": output_uri,
+            "metadata": metadata,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(
+            min_size=job.actors[0], max_size=job.actors[1], max_concurrent_calls_per_actor=2
+        ),
+        num_gpus=gpus,
+        num_cpus=job.num_cpus_per_actor,
+        runtime_env=_worker_runtime_env(),
+    )
+    seen: set[int] = set()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
+            if int(shard) in seen:  # a retried task reports again; the file was replaced, not duplicated
+                continue
+            seen.add(int(shard))
+            summary.read += int(rows)
+            summary.shards_written += 1
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def _actors(value: str) -> tuple[int, int]:
+    parts = value.split(",")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (or N), got {value!r}") from None
+    return lo, hi
+
+
+def add_encode_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``encode`` subcommand's job options (model options are added by the CLI)."""
+    p.add_argument(
+        "--input", required=True, help="local dir/glob, s3:// or gs:// prefix, or a .parquet/.csv manifest"
+    )
+    p.add_argument(
+        "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
+    )
+    p.add_argument(
+        "--features",
+        choices=["projected", "tower", "both"],
+        help="which features to write (default projected)",
+    )
+    p.add_argument("--pooled", action="store_true", default=None, help="also write the mean over tokens")
+    p.add_argument("--batch-size", type=int, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, help="inputs per output file (the unit of resume)")
+    p.add_argument(
+        "--num-gpus-per-actor", type=float, help="GPUs per encoder actor (default 1 when GPUs exist)"
+    )
+    p.add_argument("--actors", type=_actors, help="MIN,MAX encoder actors (autoscaling pool)")
+    p.add_argument(
+        "--max-error-fraction", type=float, help="fail the job above this fraction of bad inputs (0.01)"
+    )
+    p.add_argument("--tensor-format", choices=["binary", "fixed_shape_tensor"], help="tensor column encoding")
+    p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
+    p.add_argument("--limit", type=int, help="encode only the first N inputs")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``llava-features encode``."""
+    from .cli import load_cli_config
+
+    config = load_cli_config(
+        args,
+        job={
+            "features": args.features,
+            "pooled": args.pooled,
+            "batch_size": args.batch_size,
+            "shard_size": args.shard_size,
+            "num_gpus_per_actor": args.num_gpus_per_actor,
+            "actors": args.actors,
+            "max_error_fraction": args.max_error_fraction,
+            "tensor_format": args.tensor_format,
+            "limit": args.limit,
+            "s3_endpoint": args.s3_endpoint,
+        },
+    )
+    try:
+        summary = run_job(config, args.input, args.output, resume=args.resume)
+    except LlavaFeaturesError:
+        raise
+    print(summary.format())  # noqa: T201 - the job's CLI summary
+    return EXIT_ERROR_BUDGET if summary.error_budget_exceeded else 0

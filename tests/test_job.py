@@ -1,0 +1,289 @@
+"""The offline job end to end on a local Ray: rows, error codes, parity, read-back, failures, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.config import load_config
+from pipeline.encoder import FeatureEncoder
+from pipeline.job import JOB_FILE, SUCCESS_FILE, run_job
+from pipeline.model.errors import ErrorCode, OutputError
+from pipeline.reader import read_features
+from tests.corpus import write_bad_corpus, write_real_photos
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """Real photos plus the bad-image corpus in one folder, and a CSV manifest naming every file
+    (folder listings only pick image extensions; the manifest also feeds the .ico, .html, ...).
+    Returns (manifest, {file name: expected error code or None})."""
+    folder = tmp_path_factory.mktemp("corpus")
+    expected = {p.name: None for p in write_real_photos(folder)}
+    expected.update(write_bad_corpus(folder))
+    manifest = folder.parent / f"{folder.name}-manifest.csv"
+    lines = ["image_id,uri", *(f"{name},{folder / name}" for name in sorted(expected))]
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, expected
+
+
+def _config(model: Path, **job):
+    return load_config(None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "job": {"shard_size": 4, **job}})
+
+
+def _encode_args(model: Path, inp: Path | str, out: Path | str, *extra: str) -> list[str]:
+    return ["encode", "--model", str(model), "--input", str(inp), "--output", str(out), "--dtype", "float32", *extra]
+
+
+def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_llava, corpus, tmp_path):
+    folder, expected = corpus
+    out = tmp_path / "out"
+    rc = cli_main(_encode_args(tiny_llava, folder, out, "--pooled", "--features", "both", "--max-error-fraction", "0.9", "--shard-size", "5"))
+    assert rc == 0
+    res = read_features(str(out), status=None)
+    ids = res.table.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)
+    status = dict(zip(ids, res.table.column("status").to_pylist(), strict=True))
+    codes = dict(zip(ids, res.table.column("error_code").to_pylist(), strict=True))
+    for name, code in expected.items():
+        assert codes[name] == code, name
+        assert status[name] == ("ok" if code is None else "error"), name
+    assert (out / SUCCESS_FILE).exists() and (out / JOB_FILE).exists()
+
+    # ok rows equal the in-process encoder's features (float32)
+    encoder = FeatureEncoder(_config(tiny_llava, features="both", pooled=True))
+    ok = read_features(str(out))
+    tower = read_features(str(out), column="tower_features")
+    pooled = np.stack(ok.table.column("pooled").to_numpy(zero_copy_only=False))
+    assert ok.features.dtype == np.float32 and ok.features.shape[1:] == (16, 64)
+    assert tower.features.shape[1:] == (16, 32)
+    for row, image_id in enumerate(ok.image_ids):
+        prepared = encoder.encode_pre(Path(ok.table.column("uri")[row].as_py()).read_bytes(), image_id)
+        ref = encoder.encode_pixels(prepared.pixels[None])
+        assert np.abs(ok.features[row] - ref.projected[0]).max() <= 1e-5
+        assert np.abs(tower.features[row] - ref.tower[0]).max() <= 1e-5
+        assert np.abs(pooled[row] - ref.pooled[0]).max() <= 1e-5
+        width, height = ok.table.column("width")[row].as_py(), ok.table.column("height")[row].as_py()
+        assert (width, height) == (prepared.width, prepared.height)
+
+
+def test_error_budget_exceeded_exits_nonzero_after_writing(ray_local, tiny_llava, corpus, tmp_path):
+    folder, expected = corpus
+    out = tmp_path / "out"
+    rc = cli_main(_encode_args(tiny_llava, folder, out))  # default --max-error-fraction 0.01
+    assert rc == 3
+    table = pq.read_table(out, columns=["image_id", "status"])
+    assert table.num_rows == len(expected)  # everything was written
+    assert not (out / SUCCESS_FILE).exists()
+
+
+def test_read_back_with_pyarrow_pandas_duckdb(ray_local, tiny_llava, corpus, tmp_path):
+    import duckdb
+
+    folder, expected = corpus
+    out = tmp_path / "out"
+    summary = run_job(_config(tiny_llava, pooled=True, max_error_fraction=1.0), str(folder), str(out))
+    n_ok = sum(code is None for code in expected.values())
+    assert summary.ok == n_ok and sum(summary.errors.values()) == len(expected) - n_ok
+
+    # pyarrow with the extension type: tensor shape and values
+    table = pq.read_table(out)
+    col = table.column("features")
+    assert isinstance(col.type, pa.ExtensionType)
+    meta = table.schema.metadata
+    assert meta[b"llava_features.fingerprint"].decode() == summary.fingerprint
+    assert json.loads(meta[b"llava_features.config"])["encoder"]["model"]["projector_type"] == "mlp2x_gelu"
+    feats = read_features(str(out))
+    assert feats.features.shape == (n_ok, 16, 64)
+
+    # plain binary without our package: a fresh interpreter that never imports pipeline
+    code = (
+        "import pyarrow.compute as pc, pyarrow.parquet as pq, numpy as np, sys\n"
+        f"t = pq.read_table({str(out)!r}, columns=['image_id', 'status', 'features'])\n"
+        "t = t.filter(pc.equal(t['status'], 'ok')).sort_by('image_id')\n"
+        "col = t.column('features').combine_chunks()\n"
+        "assert str(col.type) == 'fixed_size_binary[%d]' % (16 * 64 * 4), col.type\n"
+        "assert 'pipeline' not in sys.modules\n"
+        "arr = np.frombuffer(col.buffers()[1], dtype='<f4')[col.offset * 16 * 64:][: len(col) * 16 * 64]\n"
+        "arr = arr.reshape(len(col), 16, 64)\n"
+        "np.save(sys.stdout.buffer, arr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, cwd="/")
+    import io
+
+    plain = np.load(io.BytesIO(proc.stdout))
+    ordered = read_features(str(out))
+    order = np.argsort(ordered.image_ids)
+    assert np.array_equal(plain, ordered.features[order])
+
+    # pandas
+    import pandas as pd
+
+    df = pd.read_parquet(out, columns=["image_id", "status", "error_code"])
+    assert len(df) == len(expected) and (df["status"] == "ok").sum() == n_ok
+
+    # DuckDB: a query on status and an array operation on pooled
+    glob = f"{out}/*.parquet"
+    assert duckdb.sql(f"select count(*) from read_parquet('{glob}') where status = 'ok'").fetchall()[0][0] == n_ok
+    rows = duckdb.sql(
+        f"select image_id, list_sum(pooled) from read_parquet('{glob}') where status = 'ok' order by image_id"
+    ).fetchall()
+    pooled_ref = read_features(str(out), column="features")
+    ref = {i: float(pooled_ref.features[k].mean(axis=0).sum()) for k, i in enumerate(pooled_ref.image_ids)}
+    assert len(rows) == n_ok
+    for image_id, total in rows:
+        assert abs(total - ref[image_id]) < 1e-3
+
+
+def test_non_empty_output_is_refused_and_fingerprint_checked(ray_local, tiny_llava, corpus, tmp_path):
+    folder, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputError, match="not empty"):
+        run_job(_config(tiny_llava, max_error_fraction=1.0), str(folder), str(out))
+    assert (out / "keep.txt").read_text() == "user data"
+
+    out2 = tmp_path / "out2"
+    run_job(_config(tiny_llava, max_error_fraction=1.0, limit=6), str(folder), str(out2))
+    other = load_config(None, {"model": {"checkpoint": str(tiny_llava), "dtype": "float32", "select_layer": 1},
+                               "job": {"shard_size": 4, "max_error_fraction": 1.0, "limit": 6}})
+    with pytest.raises(OutputError) as info:
+        run_job(other, str(folder), str(out2), resume=True)
+    assert info.value.code == ErrorCode.FINGERPRINT_MISMATCH
+
+
+def _many_images(folder: Path, n: int) -> Path:
+    src = sorted(write_real_photos(folder / "_src"))
+    images = folder / "images"
+    images.mkdir()
+    for i in range(n):
+        shutil.copy(src[i % len(src)], images / f"img-{i:04d}{src[i % len(src)].suffix}")
+    shutil.rmtree(folder / "_src")
+    return images
+
+
+def _committed(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def _encoder_actor_pid() -> int | None:
+    """The process of an encoder actor of this test's Ray (a descendant of this process; Ray titles
+    actor processes ``ray::<class>``)."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "EncodeShardActor" in " ".join(proc.cmdline()):
+                return proc.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, tmp_path):
+    images = _many_images(tmp_path, 60)
+    out = tmp_path / "out"
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(summary=run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out)))
+    )
+    thread.start()
+    pid = None
+    deadline = time.time() + 120
+    while pid is None and time.time() < deadline and thread.is_alive():
+        pid = _encoder_actor_pid()
+        time.sleep(0.05)
+    assert pid is not None, "no encoder actor came up"
+    while not _committed(out) and thread.is_alive():
+        time.sleep(0.005)
+    killed_at = None
+    while killed_at is None and thread.is_alive():
+        try:
+            os.kill(_encoder_actor_pid() or pid, signal.SIGKILL)  # the encoder actor dies mid-job
+            killed_at = len(_committed(out))
+        except ProcessLookupError:
+            time.sleep(0.01)
+    assert killed_at is not None and 1 <= killed_at < 60, "the job was not running when the actor was killed"
+    thread.join(timeout=300)
+    assert "summary" in result
+    ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(p.name for p in images.iterdir())  # every row exactly once
+    assert len(_committed(out)) == 60 and (out / SUCCESS_FILE).exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_path):
+    images = _many_images(tmp_path, 40)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipeline.cli", *_encode_args(tiny_llava, images, out, "--shard-size", "1", "--max-error-fraction", "0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_committed(out)) < 5 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
+    assert 5 <= len(first) < 40, "the job was not interrupted part-way"
+    assert not (out / SUCCESS_FILE).exists()
+
+    summary = run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True)
+    assert summary.shards_skipped == len(first) and summary.shards_written == 40 - len(first)
+    assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
+    run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
+    resumed = read_features(str(out))
+    reference = read_features(str(clean))
+    assert sorted(resumed.image_ids) == sorted(reference.image_ids) and len(set(resumed.image_ids)) == 40
+    a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
+    assert np.array_equal(resumed.features[a], reference.features[b])
+    assert (out / SUCCESS_FILE).exists()
+    # resuming a finished job writes nothing
+    again = run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True)
+    assert again.shards_written == 0 and again.ok == 40
+
+
+def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
+    photos = write_real_photos(tmp_path / "photos")
+    s3_server.create_bucket("in-images")
+    s3_server.create_bucket("out-features")
+    for p in photos:
+        s3_server.put_object("in-images", f"photos/{p.name}", p.read_bytes())
+    s3_server.put_object("in-images", "photos/bad.jpg", b"not an image at all")
+    rc = cli_main(_encode_args(tiny_llava, "s3://in-images/photos", "s3://out-features/run1", "--s3-endpoint", s3_server.endpoint_url, "--max-error-fraction", "0.5"))
+    assert rc == 0
+    keys = s3_server.list_keys("out-features", "run1/")
+    assert "run1/_SUCCESS" in keys and any(k.endswith(".parquet") for k in keys)
+    from pipeline.storage import resolve_filesystem
+
+    fs, path = resolve_filesystem("s3://out-features/run1", s3_endpoint=s3_server.endpoint_url)
+    res = read_features(path, status=None, filesystem=fs)
+    codes = dict(zip(res.image_ids, res.table.column("error_code").to_pylist(), strict=True))
+    assert codes.pop("bad.jpg") == "not_an_image"
+    assert set(codes) == {p.name for p in photos} and all(c is None for c in codes.values())
