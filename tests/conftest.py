@@ -12,4 +12,5 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
+    "tests.fixtures.serve",
 ]

@@ -1,0 +1,11 @@
+"""The online endpoint: a Ray Serve application around :class:`pipeline.encoder.FeatureEncoder`.
+
+- ``deployments.app``: the deployments (FastAPI ingress + batching encoder replicas) and
+  ``build_app``, the application builder named by ``configs/serve.yaml``.
+- ``deployments.http``: error → HTTP status mapping, bounded body reading, response encoders,
+  data URLs, the API key check (no Ray imports).
+- ``deployments.launch``: ``llava-features serve``.
+
+This layer imports ``pipeline``; ``pipeline`` never imports it (it looks it up by import path).
+Nothing is imported here, so ``import deployments`` stays cheap.
+"""

@@ -1,0 +1,78 @@
+"""``llava-features serve``: run the Serve application from our CLI and block until interrupted.
+
+Connects to the Ray cluster named by ``RAY_ADDRESS``, or starts a local one when it is unset;
+starts Serve's HTTP proxy on ``serve.host:serve.port`` (``--host``/``--port``), deploys
+:func:`deployments.app.build_app_from_config` as the application ``llava-features`` and waits.
+Ctrl-C (or SIGTERM) shuts Serve down again (on a cluster we did not start, only our application
+is deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+logger = logging.getLogger(__name__)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Deploy and serve until interrupted. Returns the process exit code."""
+    import ray
+    from ray import serve
+
+    from pipeline.cli import load_cli_config
+
+    from .app import APP_NAME, build_app_from_config
+
+    config = load_cli_config(
+        args, serve={"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    )
+    address = os.environ.get("RAY_ADDRESS") or None
+    started_ray = not ray.is_initialized() and address is None
+    if not ray.is_initialized():
+        ray.init(address=address or "local", namespace="serve")
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = (
+        signal.signal(signal.SIGTERM, _on_signal)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+        app = build_app_from_config(config)
+        serve.run(app, name=APP_NAME, route_prefix=config.serve.route_prefix)
+        prefix = config.serve.route_prefix.rstrip("/")
+        logger.info(
+            "Serving %s on http://%s:%d%s (POST /v1/features, /v1/features:batch, /v1/embeddings; "
+            "GET /v1/models, /healthz). Ctrl-C to stop.",
+            APP_NAME,
+            config.serve.host,
+            config.serve.port,
+            prefix,
+        )
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        logger.info("Shutting down %s", APP_NAME)
+        try:
+            if started_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        except Exception:  # best effort: the cluster may already be gone
+            logger.exception("Error while stopping Serve")
+        if started_ray:
+            ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,307 @@
+"""Benchmark of the online endpoint against the encoder called in-process.
+
+:func:`bench_serve` deploys the Serve application locally (looked up by its import path,
+``deployments.app:build_app``: ``pipeline`` never imports ``deployments``), then measures over
+HTTP on 127.0.0.1:
+
+- latency of one image at concurrency 1 (p50/p99/mean),
+- throughput at ``concurrency`` parallel clients,
+
+and the same two figures for the encoder called directly in this process (``encode_pre`` +
+``encode_pixels``, same image, batches of ``serve.max_batch_size`` for the throughput), so the
+difference is the cost of HTTP, Ray Serve and the queueing for dynamic batching.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import math
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+APP_BUILDER = "deployments.app:build_app"
+"""Import path of the Serve application builder (the layer above ``pipeline``)."""
+BENCH_APP_NAME = "llava-features-bench"
+DEFAULT_ENCODER_CPUS = 1.0
+"""CPUs of an encoder replica unless ``ray_actor_options`` says otherwise (as in deployments.app)."""
+
+
+def _import_attr(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample_image(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
+    """A photo-like JPEG (smooth gradients + noise) for benchmarks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples_s)
+    if not ms:
+        return {"p50": 0.0, "p99": 0.0, "mean": 0.0}
+
+    def pct(q: float) -> float:
+        return ms[min(len(ms) - 1, max(0, round(q * (len(ms) - 1))))]
+
+    return {"p50": pct(0.50), "p99": pct(0.99), "mean": statistics.fmean(ms)}
+
+
+def _run_concurrent(call: Callable[[], None], total: int, concurrency: int) -> float:
+    """Run ``call`` ``total`` times over ``concurrency`` threads; returns wall seconds."""
+    counter = iter(range(total))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            call()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return time.perf_counter() - started
+
+
+def _running_serve_port() -> int | None:
+    """HTTP port of the Serve instance this driver is connected to, if one runs."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except Exception:
+        return None
+    if client is None:
+        return None
+    try:
+        return int(client.http_config.port)
+    except Exception:
+        return None
+
+
+def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, threads: int) -> dict[str, float]:
+    """The endpoint's work in this process: decode + preprocess + forward (+ host copy), with
+    ``threads`` torch threads (what Ray gives a replica: OMP_NUM_THREADS = floor(num_cpus))."""
+    import torch
+
+    from ..encoder import FeatureEncoder
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_direct(FeatureEncoder(config), config, image, requests, warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warmup: int) -> dict[str, float]:
+    batch = max(1, config.serve.max_batch_size)
+
+    def one() -> None:
+        encoder.encode_pixels(encoder.encode_pre(image).pixels[None], batch_size=1)
+
+    for _ in range(warmup):
+        one()
+    latencies = []
+    for _ in range(requests):
+        t = time.perf_counter()
+        one()
+        latencies.append(time.perf_counter() - t)
+    lat = _percentiles(latencies)
+    t = time.perf_counter()
+    for start in range(0, requests, batch):
+        n = min(batch, requests - start)
+        pixels = np.stack([encoder.encode_pre(image).pixels for _ in range(n)])
+        encoder.encode_pixels(pixels, batch_size=batch)
+    wall = time.perf_counter() - t
+    return {
+        "direct_p50_ms": lat["p50"],
+        "direct_p99_ms": lat["p99"],
+        "direct_mean_ms": lat["mean"],
+        "direct_throughput_ips": requests / wall,
+    }
+
+
+def _bench_http(
+    base_url: str,
+    image: bytes,
+    *,
+    requests: int,
+    concurrency: int,
+    warmup: int,
+    api_key: str | None,
+    timeout_s: float,
+) -> dict[str, float]:
+    """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one client per thread)."""
+    import httpx
+
+    headers = {"content-type": "application/octet-stream"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    failures: list[int] = []
+
+    def post() -> None:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
+            clients.append(local.client)
+        response = local.client.post("/v1/features", content=image)
+        if response.status_code != 200:
+            failures.append(response.status_code)
+            logger.warning("bench request failed: %s %s", response.status_code, response.text[:200])
+
+    try:
+        for _ in range(warmup):
+            post()
+        latencies = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            post()
+            latencies.append(time.perf_counter() - t)
+        lat = _percentiles(latencies)
+        wall = _run_concurrent(post, requests, concurrency)
+    finally:
+        for client in clients:
+            client.close()
+    return {
+        "serve_p50_ms": lat["p50"],
+        "serve_p99_ms": lat["p99"],
+        "serve_mean_ms": lat["mean"],
+        "serve_throughput_rps": requests / wall,
+        "serve_errors": float(len(failures)),
+    }
+
+
+def bench_serve(
+    config: Config,
+    *,
+    requests: int = 200,
+    concurrency: int = 32,
+    image_bytes: bytes | None = None,
+    width: int = 640,
+    height: int = 480,
+    warmup: int = 5,
+    port: int | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    direct_threads: int | None = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Deploy the endpoint for ``config`` locally and measure it against in-process encoding.
+
+    The in-process figures are taken first (``direct_*``), then the endpoint's (``serve_*``).
+    Starts a local Ray (and Serve on ``port`` or a free port) when none is running, and shuts
+    them down afterwards; on an already running Serve it deploys the application
+    ``llava-features-bench`` under ``/bench`` next to the others and deletes it at the end
+    (pass ``port`` when the running Serve's port cannot be found). ``requests`` is the number of
+    requests of each phase; without ``image_bytes`` a ``width`` x ``height`` JPEG is generated.
+    ``direct_threads`` (torch threads of the in-process run) defaults to what Ray gives the
+    encoder replica, floor(its num_cpus) and at least 1, so both sides get the same cores.
+    Returns a flat dict of figures (milliseconds, requests or images per second).
+    """
+    import gc
+
+    import ray
+    from ray import serve
+
+    from ..model.errors import ConfigError
+
+    if requests < 1 or concurrency < 1:
+        raise ConfigError("requests and concurrency must be >= 1")
+    image = image_bytes if image_bytes is not None else sample_image(width, height)
+    result: dict[str, Any] = {
+        "requests": requests,
+        "concurrency": concurrency,
+        "image_bytes": len(image),
+        "max_batch_size": config.serve.max_batch_size,
+        "batch_wait_timeout_s": config.serve.batch_wait_timeout_s,
+    }
+    if direct_threads is None:
+        encoder_cpus = ((ray_actor_options or {}).get("encoder") or {}).get("num_cpus", DEFAULT_ENCODER_CPUS)
+        direct_threads = max(1, math.floor(encoder_cpus))
+    result["direct_threads"] = direct_threads
+    result.update(_bench_direct(config, image, requests, warmup, direct_threads))
+    gc.collect()
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, namespace="serve")
+    running_port = None if started_ray else _running_serve_port()
+    started_serve = running_port is None
+    route_prefix = "/" if started_serve else "/bench"
+    if started_serve:
+        port = port or _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    else:
+        port = running_port
+    try:
+        build_app = _import_attr(APP_BUILDER)
+        args: dict[str, Any] = {
+            k: v for k, v in config_to_dict(config).items() if k in ("model", "decode", "job", "serve")
+        }
+        if ray_actor_options:
+            args["ray_actor_options"] = ray_actor_options
+        t0 = time.perf_counter()
+        serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
+        result["deploy_s"] = time.perf_counter() - t0
+        result.update(
+            _bench_http(
+                f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
+                image,
+                requests=requests,
+                concurrency=concurrency,
+                warmup=warmup,
+                api_key=config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY"),
+                timeout_s=timeout_s,
+            )
+        )
+        stats = (
+            serve.get_deployment_handle("FeaturesEncoder", app_name=BENCH_APP_NAME).stats.remote().result()
+        )
+        result["serve_mean_batch_size"] = stats["mean_batch_size"]
+        result["serve_max_batch_size"] = stats["max_batch_size"]
+    finally:
+        try:
+            if started_serve:
+                serve.shutdown()
+            else:
+                serve.delete(BENCH_APP_NAME)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    result["serve_errors"] = int(result["serve_errors"])
+    result["overhead_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
+    result["overhead_p99_ms"] = result["serve_p99_ms"] - result["direct_p99_ms"]
+    result["throughput_ratio"] = result["serve_throughput_rps"] / result["direct_throughput_ips"]
+    return result

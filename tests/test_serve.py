@@ -1,0 +1,575 @@
+"""The online endpoint over real HTTP on 127.0.0.1: a local Ray, Ray Serve and a tiny checkpoint.
+
+Two applications share one Serve instance: ``main`` (under ``/``, default limits, no API key)
+and ``strict`` (under ``/strict``: an API key, a 64 KiB body limit, one request at a time with
+one queued, and a 1.5 s request timeout) for the auth, 413, 503 and 504 paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from deployments import http as H
+from deployments.app import (
+    API_KEY_ENV,
+    ENCODER_DEPLOYMENT,
+    deployment_options,
+    resolve_app_config,
+    with_api_key_from_env,
+)
+from pipeline.config import load_config
+from pipeline.encoder import FeatureEncoder
+from pipeline.model.errors import DecodeError, ErrorCode, RequestError
+from tests.fixtures.serve import assert_same_features, free_port, tiny_app_args
+
+slow = pytest.mark.slow  # the tests that start Ray (the helpers' tests run in quick mode too)
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-123"
+STRICT_BODY_LIMIT = 64 * 1024
+STRICT_TIMEOUT_S = 1.5
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def _image(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, 90)], axis=-1)
+    arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+IMAGES = {
+    "a.png": _image(80, 64, "PNG", 1),
+    "b.jpg": _image(50, 90, "JPEG", 2),
+    "c.png": _image(56, 56, "PNG", 3),
+    "d.jpg": _image(120, 40, "JPEG", 4),
+}
+
+
+def _inline_bad_corpus(folder: Path) -> dict[str, str | None]:
+    jpeg = _image(64, 48, "JPEG", 5)
+    one_px = io.BytesIO()
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(one_px, "PNG")
+    files = {
+        "empty.jpg": (b"", "empty"),
+        "random.bin": (
+            np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+            "not_an_image",
+        ),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "page.html": (b"<!doctype html><html><body>not an image</body></html>", "not_an_image"),
+        "one_pixel.png": (one_px.getvalue(), "too_small"),
+        "good.jpg": (jpeg, None),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: code for name, (_, code) in files.items()}
+
+
+def _bad_corpus(folder: Path) -> dict[str, str | None]:
+    """tests/corpus.py's corpus when present, else a few bad inputs written here."""
+    try:
+        from tests.corpus import write_bad_corpus
+    except ImportError:
+        return _inline_bad_corpus(folder)
+    return write_bad_corpus(folder)
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_encoder(tiny_llava) -> FeatureEncoder:
+    """The in-process encoder with the config the endpoint uses."""
+    return FeatureEncoder(load_config(None, {"model": {"checkpoint": str(tiny_llava)}}))
+
+
+@pytest.fixture(scope="module")
+def expected(local_encoder) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
+    """{name: (features float16 (tokens, dim), pooled float32 (dim,), (width, height))} in-process."""
+    out = {}
+    for name, data in IMAGES.items():
+        prepared = local_encoder.encode_pre(data)
+        batch = local_encoder.encode_pixels(prepared.pixels[None], pooled=True)
+        out[name] = (batch.projected[0], batch.pooled[0], (prepared.width, prepared.height))
+    return out
+
+
+@pytest.fixture(scope="module")
+def apps(serve_cluster, tiny_llava) -> dict[str, str]:
+    main = serve_cluster.deploy(
+        "main",
+        "/",
+        tiny_app_args(tiny_llava, max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=60),
+    )
+    strict = serve_cluster.deploy(
+        "strict",
+        "/strict",
+        tiny_app_args(
+            tiny_llava,
+            api_key=API_KEY,
+            max_body_bytes=STRICT_BODY_LIMIT,
+            max_batch_size=1,
+            max_ongoing_requests=1,
+            max_queued_requests=1,
+            request_timeout_s=STRICT_TIMEOUT_S,
+        ),
+    )
+    return {"main": main, "strict": strict}
+
+
+@pytest.fixture(scope="module")
+def main(apps) -> httpx.Client:
+    with httpx.Client(base_url=apps["main"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def strict(apps) -> httpx.Client:
+    with httpx.Client(
+        base_url=apps["strict"], timeout=60, headers={"authorization": f"Bearer {API_KEY}"}
+    ) as client:
+        yield client
+
+
+def _ok(client: httpx.Client, name: str = "a.png") -> np.ndarray:
+    """A good request that must succeed (run after every error)."""
+    r = client.post("/v1/features", content=IMAGES[name], headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    return H.load_npy(r.content)
+
+
+def _assert_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return body
+
+
+# -- pure helpers (no Ray) -------------------------------------------------------------------------
+
+
+def test_status_mapping_and_helpers():
+    assert H.status_for(ErrorCode.TRUNCATED) == 400
+    assert H.status_for(ErrorCode.PAYLOAD_TOO_LARGE) == 413
+    assert H.status_for(ErrorCode.UNSUPPORTED_MEDIA_TYPE) == 415
+    assert H.status_for(ErrorCode.UNAUTHORIZED) == 401
+    assert H.status_for(ErrorCode.OVERLOADED) == 503
+    assert H.status_for(ErrorCode.TIMEOUT) == 504
+    assert H.status_for(ErrorCode.INTERNAL) == 500
+    assert H.choose_format(None) == "npy"
+    assert H.choose_format("*/*") == "npy"
+    assert H.choose_format("application/json") == "json"
+    assert H.choose_format("application/x-npy;q=0.5, application/json") == "json"
+    assert H.choose_format("application/json", "npy") == "npy"
+    with pytest.raises(RequestError):
+        H.choose_format(None, "xml")
+    arr = np.arange(12, dtype=np.float16).reshape(3, 4)
+    np.testing.assert_array_equal(H.decode_array_payload(H.array_payload(arr)), arr)
+    np.testing.assert_array_equal(H.load_npy(H.npy_bytes(arr)), arr)
+    assert H.image_from_data_url(_data_url(b"xyz")) == b"xyz"
+    for bad in ("https://example.com/cat.jpg", "hello", "data:image/png,rawtext", 42):
+        with pytest.raises(RequestError):
+            H.image_from_data_url(bad)
+
+
+def test_build_args_and_deployment_options(tmp_path, monkeypatch):
+    """configs/serve.yaml is a valid Serve config whose args build (writing the tiny demo model)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "configs/serve.yaml").read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:build_app"
+    monkeypatch.chdir(tmp_path)
+    config = resolve_app_config(app.args)
+    assert (tmp_path / ".demo/tiny-llava/config.json").is_file()
+    assert config.model.checkpoint == str(tmp_path / ".demo/tiny-llava")
+    opts = deployment_options(config)
+    assert opts["encoder"]["max_ongoing_requests"] >= config.serve.max_batch_size
+    assert opts["encoder"]["autoscaling_config"]["max_replicas"] == config.serve.max_replicas
+    assert opts["encoder"]["max_queued_requests"] == config.serve.max_queued_requests
+    with pytest.raises(ValueError, match="Unknown build_app arg"):
+        resolve_app_config({"modle": "x"})
+    assert with_api_key_from_env(config).serve.api_key is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert with_api_key_from_env(config).serve.api_key == "from-env"
+
+
+@slow
+def test_cli_serve_blocks_until_stopped(tiny_llava):
+    """`llava-features serve --model PATH --port P` with RAY_ADDRESS unset: own local Ray, serves, stops."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tiny_llava), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            if ready:
+                break
+            time.sleep(1)
+        assert ready, (
+            proc.stdout.read().decode(errors="replace")[-3000:] if proc.poll() is not None else "not ready"
+        )
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/features", content=IMAGES["a.png"], timeout=30)
+        assert r.status_code == 200 and H.load_npy(r.content).shape[0] > 0
+        proc.send_signal(signal.SIGTERM)  # Ctrl-C (SIGINT) takes the same path
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+# -- the endpoint --------------------------------------------------------------------------------
+
+
+@slow
+def test_features_equal_in_process_encoder(main, expected, local_encoder):
+    for name, data in IMAGES.items():
+        features, pooled, (width, height) = expected[name]
+        r = main.post("/v1/features", content=data, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/x-npy"
+        served = H.load_npy(r.content)
+        assert served.dtype == np.float16
+        assert_same_features(served, features)
+        assert r.headers["x-model-fingerprint"] == local_encoder.fingerprint
+        assert (int(r.headers["x-image-width"]), int(r.headers["x-image-height"])) == (width, height)
+
+        r = main.post(f"/v1/features?image_id={name}", content=data, headers={"accept": "application/json"})
+        body = r.json()
+        assert body["image_id"] == name and (body["width"], body["height"]) == (width, height)
+        assert body["fingerprint"] == local_encoder.fingerprint
+        assert body["dtype"] == "float16" and body["shape"] == list(features.shape)
+        assert_same_features(H.decode_array_payload(body), features)
+
+        r = main.post("/v1/features?pooled=true", files={"image": (name, data)})
+        assert r.status_code == 200, r.text
+        vector = H.load_npy(r.content)
+        assert vector.dtype == np.float32 and vector.shape == pooled.shape
+        np.testing.assert_allclose(vector, pooled, rtol=1e-5, atol=1e-6)
+        assert r.headers["x-image-id"] == name
+
+
+@slow
+def test_concurrent_requests_are_batched(main, expected):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name="main")
+    handle.reset_stats.remote().result()
+    names = [list(IMAGES)[i % len(IMAGES)] for i in range(32)]
+    barrier = threading.Barrier(len(names))
+
+    def one(name: str) -> tuple[str, int, bytes]:
+        with httpx.Client(base_url=str(main.base_url), timeout=60) as client:
+            barrier.wait()
+            r = client.post("/v1/features", content=IMAGES[name])
+            return name, r.status_code, r.content
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(one, names))
+    for name, status, content in results:
+        assert status == 200, content[:200]
+        # Other batch compositions may change the float32 sums' last bits before the float16 cast.
+        np.testing.assert_allclose(H.load_npy(content), expected[name][0], rtol=1e-2, atol=1e-3)
+    stats = handle.stats.remote().result()
+    assert stats["images"] == 32
+    assert stats["max_batch_size"] > 1, stats
+    r = main.get("/debug/stats")
+    assert r.status_code == 200 and r.json()["batch_sizes"] == stats["batch_sizes"]
+
+
+@slow
+def test_bad_images_get_their_decode_code(main, tmp_path):
+    corpus = _bad_corpus(tmp_path)
+    assert any(code is not None for code in corpus.values())
+    for name, code in corpus.items():
+        data = (tmp_path / name).read_bytes()
+        r = main.post("/v1/features", content=data, headers={"content-type": "application/octet-stream"})
+        if code is None:
+            assert r.status_code == 200, (name, r.text)
+        else:
+            _assert_error(r, 400, code)
+        _ok(main)
+
+
+@slow
+def test_batch_route_reports_per_item(main, expected):
+    files = [
+        ("file", ("a.png", IMAGES["a.png"], "image/png")),
+        ("file", ("junk.bin", b"definitely not an image", "application/octet-stream")),
+        ("file", ("b.jpg", IMAGES["b.jpg"], "image/jpeg")),
+        ("file", ("empty.png", b"", "image/png")),
+    ]
+    r = main.post("/v1/features:batch", files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert [i["image_id"] for i in items] == ["a.png", "junk.bin", "b.jpg", "empty.png"]
+    assert [i["ok"] for i in items] == [True, False, True, False]
+    assert items[1]["error_code"] == "not_an_image" and items[1]["error_message"]
+    assert items[3]["error_code"] == "empty"
+    for item in (items[0], items[2]):
+        assert_same_features(H.decode_array_payload(item), expected[item["image_id"]][0])
+        assert (item["width"], item["height"]) == expected[item["image_id"]][2]
+    r = main.post("/v1/features:batch?pooled=true", files=files[:1])
+    vector = H.decode_array_payload(r.json()[0])
+    np.testing.assert_allclose(vector, expected["a.png"][1], rtol=1e-5, atol=1e-6)
+    _assert_error(main.post("/v1/features:batch", content=IMAGES["a.png"]), 415, "unsupported_media_type")
+    _ok(main)
+
+
+@slow
+def test_request_errors(main, local_encoder):
+    # curl --data-binary's default Content-Type is taken as a raw body, not refused.
+    r = main.post(
+        "/v1/features", content=IMAGES["a.png"], headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status_code == 200, r.text
+    _assert_error(
+        main.post("/v1/features", content=b"hello", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    _ok(main)
+    _assert_error(main.post("/v1/features", json={"image": "x"}), 415, "unsupported_media_type")
+    _ok(main)
+    _assert_error(main.post("/v1/features?pooled=maybe", content=IMAGES["a.png"]), 400, "bad_request")
+    _ok(main)
+    _assert_error(main.post("/v1/features?format=xml", content=IMAGES["a.png"]), 400, "bad_request")
+    _ok(main)
+    _assert_error(main.post("/v1/features", files={"meta": (None, "no file here")}), 400, "bad_request")
+    _ok(main)
+    body = _assert_error(
+        main.post("/v1/embeddings", json={"model": "m", "input": ["https://example.com/x.jpg"]}),
+        400,
+        "bad_request",
+    )
+    assert "never fetches" in body["error"]["message"]
+    _ok(main)
+    _assert_error(main.post("/v1/embeddings", json={"model": "m", "input": "plain text"}), 400, "bad_request")
+    _assert_error(main.post("/v1/embeddings", json={"model": "m", "input": []}), 400, "bad_request")
+    _assert_error(
+        main.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "bad_request",
+    )
+    truncated = IMAGES["b.jpg"][:300]
+    try:
+        local_encoder.encode_pre(truncated)
+    except DecodeError as exc:
+        code = str(exc.code)
+    body = _assert_error(
+        main.post("/v1/embeddings", json={"model": "m", "input": [_data_url(truncated)]}), 400, code
+    )
+    assert "input[0]" in body["error"]["message"]
+    _ok(main)
+
+
+@slow
+def test_models_and_healthz(main, local_encoder):
+    r = main.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    assert r.json()["forward_ms"] > 0
+    models = main.get("/v1/models").json()
+    assert models["object"] == "list"
+    card = models["data"][0]
+    assert card["object"] == "model" and card["id"] == "llava"
+    assert card["fingerprint"] == local_encoder.fingerprint
+    assert card["num_tokens"] == local_encoder.num_tokens and card["feature_dim"] == local_encoder.feature_dim
+
+
+@slow
+def test_openai_client_embeddings(main, expected):
+    import openai
+
+    client = openai.OpenAI(base_url=str(main.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    names = ["a.png", "b.jpg", "c.png"]
+    urls = [_data_url(IMAGES[n], "image/png" if n.endswith("png") else "image/jpeg") for n in names]
+    response = client.embeddings.create(model="llava", input=urls)  # base64 encoding by default
+    assert [d.index for d in response.data] == [0, 1, 2]
+    for name, item in zip(names, response.data, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(item.embedding, dtype=np.float32), expected[name][1], rtol=1e-5, atol=1e-6
+        )
+    single = client.embeddings.create(model="llava", input=urls[0], encoding_format="float")
+    np.testing.assert_allclose(
+        np.asarray(single.data[0].embedding, dtype=np.float32), expected["a.png"][1], rtol=1e-5, atol=1e-6
+    )
+    assert single.model == "llava" and single.usage.total_tokens == 0
+
+
+@slow
+def test_api_key(apps, strict):
+    url = apps["strict"]
+    with httpx.Client(base_url=url, timeout=60) as anonymous:
+        for method, path in [
+            ("POST", "/v1/features"),
+            ("POST", "/v1/embeddings"),
+            ("GET", "/v1/models"),
+            ("GET", "/debug/stats"),
+        ]:
+            r = anonymous.request(method, path, content=IMAGES["a.png"])
+            _assert_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"] == "Bearer"
+        r = anonymous.post("/v1/features", content=IMAGES["a.png"], headers={"authorization": "Bearer wrong"})
+        _assert_error(r, 401, "unauthorized")
+        assert anonymous.get("/healthz").status_code == 200
+        _assert_error(anonymous.get("/openapi.json"), 401, "unauthorized")
+    assert "/v1/features:batch" in strict.get("/openapi.json").json()["paths"]
+    _ok(strict)
+    card = strict.get("/v1/models").json()["data"][0]
+    assert card["config"]["serve"]["api_key"] == "***"
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="llava", input=_data_url(IMAGES["a.png"])
+        )
+    ok = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0).embeddings.create(
+        model="llava", input=_data_url(IMAGES["a.png"])
+    )
+    assert len(ok.data[0].embedding) > 0
+
+
+@slow
+def test_body_limit_413(strict):
+    big = b"\xff\xd8" + bytes(STRICT_BODY_LIMIT + 10)
+    _assert_error(strict.post("/v1/features", content=big), 413, "payload_too_large")
+    _ok(strict)
+
+    def chunked():  # no Content-Length: counted while streaming
+        for _ in range(4):
+            yield bytes(STRICT_BODY_LIMIT // 2)
+
+    _assert_error(strict.post("/v1/features", content=chunked()), 413, "payload_too_large")
+    _ok(strict)
+    _assert_error(strict.post("/v1/features:batch", files={"f": ("x.jpg", big)}), 413, "payload_too_large")
+    _ok(strict)
+
+
+@slow
+def test_slow_request_times_out_504(strict):
+    def slow_body():
+        data = IMAGES["a.png"]
+        yield data[:100]
+        time.sleep(STRICT_TIMEOUT_S + 1.5)
+        yield data[100:]
+
+    started = time.perf_counter()
+    try:
+        r = strict.post("/v1/features", content=slow_body())
+    except httpx.TransportError:  # the server answered and closed while we were still sending
+        pytest.fail("connection closed before the 504 could be read")
+    _assert_error(r, 504, "timeout")
+    assert time.perf_counter() - started < 30
+    _ok(strict)
+
+
+@slow
+def test_overload_503_with_retry_after(apps, strict):
+    """One request at a time + one queued on the encoder: 32 at once must shed some with 503."""
+    barrier = threading.Barrier(32)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(
+            base_url=apps["strict"], timeout=60, headers={"authorization": f"Bearer {API_KEY}"}
+        ) as c:
+            barrier.wait()
+            return c.post("/v1/features", content=IMAGES["b.jpg"])
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    shed = [r for r in responses if r.status_code == 503]
+    assert shed, statuses
+    assert 200 in statuses, statuses
+    ours = [r for r in shed if r.headers.get("content-type", "").startswith("application/json")]
+    for r in shed:  # shed by the ingress (our JSON body) or, past its queue, by Serve's proxy (text)
+        assert int(r.headers["retry-after"]) >= 1
+    for r in ours:
+        assert r.json()["error"]["code"] == "overloaded"
+    assert ours, "no request reached the encoder's max_queued_requests limit"
+    _ok(strict)
+
+
+@slow
+def test_bench_serve_runs(serve_cluster, tiny_llava):
+    from pipeline.bench.serve import bench_serve
+
+    config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "serve": {"max_batch_size": 8}})
+    figures = bench_serve(
+        config,
+        requests=20,
+        concurrency=4,
+        warmup=2,
+        port=serve_cluster.port,
+        ray_actor_options={"encoder": {"num_cpus": 0.1}, "ingress": {"num_cpus": 0.1}},
+    )
+    for key in (
+        "serve_p50_ms",
+        "serve_p99_ms",
+        "serve_throughput_rps",
+        "direct_p50_ms",
+        "direct_p99_ms",
+        "direct_throughput_ips",
+    ):
+        assert figures[key] > 0, (key, figures)
+    assert figures["serve_errors"] == 0
+    assert "overhead_p50_ms" in figures
+
+
+@slow
+def test_killed_encoder_replica_is_replaced(main):
+    """Last: kill the encoder replica; the endpoint recovers and serves again."""
+    import ray
+
+    before = main.get("/debug/stats").json()["replica"]
+    ray.kill(ray.get_actor(before, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    statuses = []
+    while time.monotonic() < deadline:
+        try:
+            r = main.post("/v1/features", content=IMAGES["a.png"], timeout=10)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.status_code in (500, 503), r.text  # while the replica is being replaced
+        except httpx.TransportError:
+            statuses.append(-1)
+        time.sleep(0.5)
+    assert statuses and statuses[-1] == 200, statuses
+    after = main.get("/debug/stats").json()["replica"]
+    assert after != before
+    _ok(main)
