@@ -573,3 +573,25 @@ def test_killed_encoder_replica_is_replaced(main):
     after = main.get("/debug/stats").json()["replica"]
     assert after != before
     _ok(main)
+
+
+@slow
+def test_features_equal_offline_job(main, tiny_llava, tmp_path):
+    """The endpoint and the offline job serve the same numbers for the same image (float16)."""
+    from pipeline.job import run_job
+    from pipeline.reader import read_features
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, data in IMAGES.items():
+        (folder / name).write_bytes(data)
+    config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "job": {"num_cpus_per_actor": 0.5}})
+    summary = run_job(config, str(folder), str(tmp_path / "out"))
+    assert summary.ok == len(IMAGES)
+    offline = read_features(str(tmp_path / "out"))
+    assert offline.features.dtype == np.float16
+    for row, name in enumerate(offline.image_ids):
+        r = main.post("/v1/features", content=IMAGES[name])
+        assert r.status_code == 200, r.text
+        assert r.headers["x-model-fingerprint"] == summary.fingerprint
+        assert_same_features(H.load_npy(r.content), offline.features[row])
