@@ -287,3 +287,19 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
     codes = dict(zip(res.image_ids, res.table.column("error_code").to_pylist(), strict=True))
     assert codes.pop("bad.jpg") == "not_an_image"
     assert set(codes) == {p.name for p in photos} and all(c is None for c in codes.values())
+
+
+def test_fixed_shape_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_path):
+    photos = write_real_photos(tmp_path / "photos", n=3)
+    out = tmp_path / "out"
+    rc = cli_main(_encode_args(tiny_llava, tmp_path / "photos", out, "--tensor-format", "fixed_shape_tensor", "--features", "tower"))
+    assert rc == 0
+    table = pq.read_table(out)
+    assert "features" not in table.column_names
+    assert table.schema.field("tower_features").type.extension_name == "arrow.fixed_shape_tensor"
+    res = read_features(str(out), column="tower_features")
+    assert res.features.shape == (len(photos), 16, 32) and res.features.dtype == np.float32
+    encoder = FeatureEncoder(_config(tiny_llava, features="tower"))
+    for row, uri in enumerate(res.table.column("uri").to_pylist()):
+        ref = encoder.encode_pixels(encoder.encode_pre(Path(uri).read_bytes()).pixels[None]).tower
+        assert np.abs(res.features[row] - ref[0]).max() <= 1e-5
