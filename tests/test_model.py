@@ -275,3 +275,25 @@ def test_model_id_from_local_hf_cache(tiny_models, tmp_path, monkeypatch):
     assert r.format == "llava-hf" and r.tower_revision == rev
     ref = resolve_model(ModelConfig(checkpoint=str(tiny_models["llava-hf"])))
     assert r.tower_sha256 == ref.tower_sha256 and r.projector_sha256 == ref.projector_sha256
+
+
+def test_product_encoder_path_matches_seed(tiny_models, reference_model):
+    """FeatureEncoder (uint8 in, on-device normalization, fast-path transforms on) equals the seed's
+    forward on CLIPImageProcessor-normalized pixels, then the projector."""
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.encoder import FeatureEncoder
+    from pipeline.preprocess import normalize
+
+    encoder = FeatureEncoder(load_config(None, {"model": {"checkpoint": str(tiny_models["llava"]), "dtype": "float32"}, "job": {"features": "both"}}))
+    assert encoder.config.model.fuse_qkv and encoder.config.model.fold_quick_gelu
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 3, 56, 56), dtype=np.uint8)
+    got = encoder.encode_pixels(pixels, batch_size=2)
+    _, projector = load_model_modules(resolve_model(ModelConfig(checkpoint=str(tiny_models["llava"]))), device="cpu")
+    with torch.no_grad():
+        tower_ref = seed_forward(reference_model, normalize(torch.from_numpy(pixels), encoder.spec), -2, "patch")
+        proj_ref = projector(tower_ref)
+    assert got.tower.dtype == np.float32 and got.projected.shape == (5, 16, 64)
+    assert np.abs(got.tower - tower_ref.numpy()).max() <= TOL
+    assert np.abs(got.projected - proj_ref.numpy()).max() <= TOL

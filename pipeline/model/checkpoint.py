@@ -91,7 +91,9 @@ class _Source:
     def json(self, filename: str) -> dict[str, Any]:
         path = self.file(filename)
         if path is None:
-            raise CheckpointError(f"{filename} not found in {self.name!r}", code=ErrorCode.CHECKPOINT_NOT_FOUND)
+            raise CheckpointError(
+                f"{filename} not found in {self.name!r}", code=ErrorCode.CHECKPOINT_NOT_FOUND
+            )
         return json.loads(path.read_text())
 
 
@@ -116,7 +118,9 @@ def read_tensors(
             files = [source.file(s) for s in shards]
             missing = [s for s, f in zip(shards, files, strict=True) if f is None]
             if missing:
-                raise CheckpointError(f"Shard(s) {missing} listed in {index_name} are missing from {source.name!r}")
+                raise CheckpointError(
+                    f"Shard(s) {missing} listed in {index_name} are missing from {source.name!r}"
+                )
             return _read_files(files, wanted), files  # type: ignore[arg-type]
         path = source.file(single)
         if path is not None:
@@ -273,7 +277,9 @@ def _image_processor_dict(source: _Source) -> dict[str, Any]:
 def _vision_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
     vc = dict(cfg.get("vision_config", cfg))
     if vc.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-        raise CheckpointError(f"Unsupported vision tower type {vc.get('model_type')!r}: only CLIP is supported")
+        raise CheckpointError(
+            f"Unsupported vision tower type {vc.get('model_type')!r}: only CLIP is supported"
+        )
     return vc
 
 
@@ -300,7 +306,9 @@ def _resolve_tower_source(name: str, base: _Source | None, local_files_only: boo
     return _Source(name, local_files_only)
 
 
-def _projector_state(resolved_type: str, source: _Source | None, weights_file: str | None, fmt: str) -> tuple[dict[str, torch.Tensor], str | None]:
+def _projector_state(
+    resolved_type: str, source: _Source | None, weights_file: str | None, fmt: str
+) -> tuple[dict[str, torch.Tensor], str | None]:
     if resolved_type == "identity":
         return {}, None
     if fmt == "llava-hf":
@@ -314,7 +322,9 @@ def _projector_state(resolved_type: str, source: _Source | None, weights_file: s
     if weights_file is not None:
         path = Path(weights_file)
         if not path.is_file():
-            raise CheckpointError(f"Projector weights file {weights_file!r} not found", code=ErrorCode.CHECKPOINT_NOT_FOUND)
+            raise CheckpointError(
+                f"Projector weights file {weights_file!r} not found", code=ErrorCode.CHECKPOINT_NOT_FOUND
+            )
         return strip_prefix(_read_files([path], lambda k: True), _LLAVA_PROJECTOR_PREFIXES), str(path)
     if source is None:
         raise CheckpointError(
@@ -374,7 +384,9 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             raise CheckpointError(f"vision_feature_layer={layer!r}: only a single layer is supported")
         strategy = ckpt.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
-            raise CheckpointError(f"Unknown vision_feature_select_strategy {strategy!r} (expected 'default' or 'full')")
+            raise CheckpointError(
+                f"Unknown vision_feature_select_strategy {strategy!r} (expected 'default' or 'full')"
+            )
         act = ckpt.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise CheckpointError(f"projector_hidden_act={act!r}: only 'gelu' (mlp2x_gelu) is supported")
@@ -465,10 +477,20 @@ def load_model_modules(
     """Build the tower and the projector described by ``resolved``, on ``device`` in ``dtype``."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    args = {"mm_vision_select_layer": resolved.select_layer, "mm_vision_select_feature": resolved.select_feature}
-    if resolved.format == "llava-hf" and resolved.checkpoint and resolved.vision_tower in (
-        resolved.checkpoint,
-        str(Path(resolved.checkpoint).resolve()) if Path(resolved.checkpoint).is_dir() else resolved.checkpoint,
+    args = {
+        "mm_vision_select_layer": resolved.select_layer,
+        "mm_vision_select_feature": resolved.select_feature,
+    }
+    if (
+        resolved.format == "llava-hf"
+        and resolved.checkpoint
+        and resolved.vision_tower
+        in (
+            resolved.checkpoint,
+            str(Path(resolved.checkpoint).resolve())
+            if Path(resolved.checkpoint).is_dir()
+            else resolved.checkpoint,
+        )
     ):
         tower = _tower_from_llava_hf(resolved, args, dt, dev, attn_implementation, local_files_only)
     else:
@@ -493,7 +515,9 @@ def load_model_modules(
             if resolved.projector_weights == resolved.checkpoint and resolved.checkpoint
             else None
         )
-        state, _ = _projector_state(resolved.projector_type, source, None if source else resolved.projector_weights, resolved.format)
+        state, _ = _projector_state(
+            resolved.projector_type, source, None if source else resolved.projector_weights, resolved.format
+        )
         load_state_strict(projector, state, f"projector from {resolved.projector_weights}")
     projector.requires_grad_(False)
     projector.eval()
@@ -502,7 +526,12 @@ def load_model_modules(
 
 
 def _tower_from_llava_hf(
-    resolved: ResolvedModel, args: dict[str, Any], dtype: torch.dtype, device: torch.device, attn: str, lfo: bool
+    resolved: ResolvedModel,
+    args: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    attn: str,
+    lfo: bool,
 ) -> CLIPVisionTower:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -514,7 +543,11 @@ def _tower_from_llava_hf(
     expected = set(model.state_dict())
     fixed = {}
     for key, value in state.items():
-        if key not in expected and key.startswith("vision_model.") and key[len("vision_model.") :] in expected:
+        if (
+            key not in expected
+            and key.startswith("vision_model.")
+            and key[len("vision_model.") :] in expected
+        ):
             key = key[len("vision_model.") :]
         elif key not in expected and f"vision_model.{key}" in expected:
             key = f"vision_model.{key}"

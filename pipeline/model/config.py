@@ -59,6 +59,18 @@ class ModelConfig:
     """Attention kernel of the CLIP tower (``sdpa`` or ``eager``)."""
     local_files_only: bool = True
     """Resolve model ids from the local HF cache only; never reach a hub unless this is False."""
+    fuse_qkv: bool = True
+    """Fast path: one Linear for q/k/v per layer (weights concatenated at load; same numbers, one GEMM)."""
+    fold_quick_gelu: bool = True
+    """Fast path: fold quick_gelu's 1.702 into fc1/fc2 so the activation is one SiLU kernel (float32 |Δ| ≤ 1e-5)."""
+    compile: bool = False
+    """``torch.compile`` the tower + projector with static shapes: one graph per batch bucket, built at warm-up."""
+    compile_mode: str | None = None
+    """``torch.compile`` mode: None (default), ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``."""
+    batch_buckets: tuple[int, ...] = ()
+    """Compiled batch sizes (a batch is padded up to a bucket, results sliced); empty: derived from the batch sizes."""
+    overlap_chunks: int = 2
+    """On a GPU, a single-batch ``encode_pixels`` call runs as this many sub-batches so copies overlap compute (1: off)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     """Unrecognised keys kept from the source (not part of the fingerprint)."""
 

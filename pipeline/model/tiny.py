@@ -172,7 +172,9 @@ def make_tiny_model(
     processor.save_pretrained(out)
     if weights == "bin":
         _to_bin_shards(out)
-    torch.save({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, out / "mm_projector.bin")
+    torch.save(
+        {f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, out / "mm_projector.bin"
+    )
     settings: dict[str, Any] = {
         "model": {
             "vision_tower": ".",

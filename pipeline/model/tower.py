@@ -46,7 +46,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise ValueError(f"Unknown dtype {dtype!r}; valid values are {sorted(DTYPE_NAMES)} or 'auto'") from None
+        raise ValueError(
+            f"Unknown dtype {dtype!r}; valid values are {sorted(DTYPE_NAMES)} or 'auto'"
+        ) from None
 
 
 def _arg(args: Any, key: str, default: Any = None) -> Any:

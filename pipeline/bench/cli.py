@@ -1,0 +1,341 @@
+"""``llava-features bench {encoder,pipeline,preprocess,sink,serve,all}``.
+
+``encoder`` and ``pipeline`` live in this package's :mod:`~pipeline.bench.encoder` and
+:mod:`~pipeline.bench.pipeline`; ``preprocess``, ``sink`` and ``serve`` dispatch (lazily) to
+``pipeline.bench.preprocess.bench_preprocess``, ``pipeline.bench.sink.bench_sink`` and
+``pipeline.bench.serve.bench_serve``, passing the options their signatures accept (plus any
+``--opt KEY=VALUE``). ``all`` runs every benchmark whose module is present and records the
+others as skipped. ``--json PATH`` writes every result with the environment; a short table is
+printed either way.
+
+Examples::
+
+    llava-features bench encoder --tiny --json bench.json                  # CPU smoke run
+    llava-features bench encoder --config configs/llava-v1.5-7b.yaml \\
+        --batch-sizes 32,128,256 --compile --variants fast --json encoder.json   # GPU
+    llava-features bench pipeline --config configs/llava-v1.5-7b.yaml --images 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "all")
+ORDER = ("encoder", "pipeline", "preprocess", "sink", "serve")
+_EXTERNAL = {
+    "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
+    "sink": ("pipeline.bench.sink", "bench_sink"),
+    "serve": ("pipeline.bench.serve", "bench_serve"),
+}
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _str_list(value: str) -> tuple[str, ...]:
+    return tuple(v for v in value.replace(" ", "").split(",") if v)
+
+
+def _size(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {value!r}") from None
+    return w, h
+
+
+def _actors(value: str) -> tuple[int, int]:
+    parts = _int_list(value)
+    return (parts[0], parts[-1])
+
+
+def _opt(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw
+    return key.replace("-", "_"), parsed
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``llava-features bench`` (added to its subparser at parser build time)."""
+    parser.add_argument("target", choices=TARGETS, help="which benchmark (all: every one that applies)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--config", help="YAML config of the model to benchmark (weights not needed: random)")
+    src.add_argument("--tiny", action="store_true", help="the tiny test architecture (CPU smoke runs, tests)")
+    g = parser.add_argument_group("encoder")
+    g.add_argument(
+        "--batch-sizes", type=_int_list, help="e.g. 32,128,256 (default: that on a GPU; 8,32 tiny CPU)"
+    )
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="our compute dtype")
+    g.add_argument(
+        "--seed-dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the seed path's dtype (auto: float16 on a GPU, our dtype on a CPU)",
+    )
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a shared CPU)"
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile with static batch buckets")
+    g.add_argument(
+        "--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    )
+    g.add_argument(
+        "--no-fast", action="store_true", help="no load-time transforms (fused QKV, folded quick_gelu)"
+    )
+    g.add_argument(
+        "--variants",
+        type=_str_list,
+        help="extra variants measured in the same run: plain, fast, compiled (comma-separated)",
+    )
+    g.add_argument("--warmup", type=int, help="untimed calls before timing")
+    g.add_argument("--repeats", type=int, help="timed calls (the median is reported)")
+    g.add_argument("--ceiling-size", type=int, help="N of the N³ matmul ceiling (default 8192 GPU, 2048 CPU)")
+    g.add_argument(
+        "--error-images", type=int, help="images for the relative error vs the fp32 seed path (0: skip)"
+    )
+    g.add_argument("--host-batches", type=int, help="batches per host→host encode_pixels timing (0: skip)")
+    g = parser.add_argument_group("pipeline")
+    g.add_argument("--images", type=int, help="JPEGs to generate (default: 8 shards on a GPU, 4 on a CPU)")
+    g.add_argument("--image-size", type=_size, default=(640, 480), help="WIDTHxHEIGHT of the JPEGs (640x480)")
+    g.add_argument("--batch-size", type=int, help="job batch size (default: the config's)")
+    g.add_argument("--shard-size", type=int, help="job shard size")
+    g.add_argument("--actors", type=_actors, help="MIN,MAX encoder actors")
+    g.add_argument("--workdir", help="keep generated images/checkpoints/outputs here (default: a temp dir)")
+    g = parser.add_argument_group("output")
+    g.add_argument(
+        "--opt",
+        type=_opt,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra keyword for the preprocess/sink/serve benchmark function (JSON value)",
+    )
+    g.add_argument("--json", metavar="PATH", help="write the results (and the environment) as JSON")
+
+
+# -- runners ----------------------------------------------------------------------------------
+
+
+def _run_encoder(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+    from .encoder import bench_encoder, print_encoder_report
+
+    result = bench_encoder(
+        config,
+        tiny=args.tiny,
+        batch_sizes=args.batch_sizes,
+        dtype=args.dtype,
+        seed_dtype=args.seed_dtype,
+        device=args.device,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        fast=not args.no_fast,
+        variants=args.variants,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        ceiling_n=args.ceiling_size,
+        error_images=args.error_images,
+        host_batches=args.host_batches,
+    )
+    print_encoder_report(result)
+    return result
+
+
+def _run_pipeline(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+    from .pipeline import bench_pipeline, print_pipeline_report
+
+    width, height = args.image_size
+    result = bench_pipeline(
+        config,
+        tiny=args.tiny,
+        images=args.images,
+        width=width,
+        height=height,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        actors=args.actors,
+        device=args.device,
+        dtype=args.dtype,
+        compile=True if args.compile else None,
+        repeats=args.repeats,
+        workdir=args.workdir,
+    )
+    print_pipeline_report(result)
+    return result
+
+
+def call_supported(
+    fn: Callable[..., Any], candidates: dict[str, Any], extra: dict[str, Any], *positional: Any
+) -> Any:
+    """``fn(*positional, **kw)`` with the ``candidates`` (not None) that ``fn`` names as parameters,
+    plus every ``extra`` keyword (``--opt``)."""
+    params = inspect.signature(fn).parameters
+    skip = len(positional)
+    names = [n for i, n in enumerate(params) if i >= skip]
+    kwargs = {k: v for k, v in candidates.items() if v is not None and k in names}
+    kwargs.update(extra)
+    return fn(*positional, **kwargs)
+
+
+def _external(name: str) -> Callable[[argparse.Namespace, Any, Path], dict[str, Any]]:
+    def run(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+        from .common import bench_arch, loadable_config
+
+        module_name, func_name = _EXTERNAL[name]
+        fn = getattr(importlib.import_module(module_name), func_name)
+        params = inspect.signature(fn).parameters
+        candidates: dict[str, Any] = {
+            "device": args.device,
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "images": args.images,
+            "batch_size": args.batch_size or (args.batch_sizes[0] if args.batch_sizes else None),
+            "batch_sizes": args.batch_sizes,
+            "width": args.image_size[0],
+            "height": args.image_size[1],
+            "tiny": args.tiny,
+        }
+        candidates["image_size"] = tuple(args.image_size)
+        # The configured model's shapes (with --tiny: the benchmarks' own defaults).
+        if not args.tiny and config is not None:
+            arch = bench_arch(config)
+            size = arch.image_processor.get("size", arch.image_size)
+            size = size.get("shortest_edge", arch.image_size) if isinstance(size, dict) else size
+            candidates.update(
+                tokens=arch.num_tokens,
+                dim=arch.feature_dim,
+                size=int(size),
+                aspect_ratio=arch.image_aspect_ratio,
+            )
+        positional: tuple[Any, ...] = ()
+        needs_config = "config" in params
+        if needs_config:
+            loadable = loadable_config(config, tiny=args.tiny, workdir=workdir / name)
+            first = next(iter(params))
+            if first == "config":
+                positional = (loadable,)
+            else:
+                candidates["config"] = loadable
+        extra = dict(args.opt or [])
+        if args.target == "all":  # --opt goes to the benchmarks that take it
+            extra = {k: v for k, v in extra.items() if k in params}
+        result = call_supported(fn, candidates, extra, *positional)
+        if not isinstance(result, dict):
+            result = {"result": result}
+        _print_generic(name, result)
+        return result
+
+    return run
+
+
+def _print_generic(name: str, result: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in result.items() if isinstance(v, int | float | str | bool) or v is None}
+    print(f"{name}:")
+    for key, value in scalars.items():
+        print(f"  {key}: {value:,.2f}" if isinstance(value, float) else f"  {key}: {value}")
+    nested = {k: v for k, v in result.items() if isinstance(v, dict) and k not in ("env",)}
+    for key, value in nested.items():
+        print(f"  {key}: {json.dumps(value, default=str)[:400]}")
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, Any, Path], dict[str, Any]]] = {
+    "encoder": _run_encoder,
+    "pipeline": _run_pipeline,
+    "preprocess": _external("preprocess"),
+    "sink": _external("sink"),
+    "serve": _external("serve"),
+}
+
+
+def _available(name: str) -> str | None:
+    """None when benchmark ``name`` can run here, else why not."""
+    if name in _EXTERNAL:
+        module_name, func_name = _EXTERNAL[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            return f"{module_name} is not available ({exc})"
+        if not hasattr(module, func_name):
+            return f"{module_name} has no {func_name}"
+    if name == "pipeline":
+        try:
+            importlib.import_module("pipeline.job")
+        except ModuleNotFoundError as exc:
+            return f"pipeline.job is not available ({exc})"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the selected benchmark(s); 0 on success, 1 when one of ``all`` failed, 2 on bad usage."""
+    from .common import environment, write_json
+
+    config = None
+    if args.config:
+        from ..config import load_config
+
+        config = load_config(args.config)
+    elif not args.tiny:
+        logger.error("bench needs --config FILE (the architecture to benchmark) or --tiny")
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    targets = ORDER if args.target == "all" else (args.target,)
+    results: dict[str, Any] = {}
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
+        for name in targets:
+            reason = _available(name)
+            if reason is not None:
+                if args.target != "all":
+                    logger.error("bench %s: %s", name, reason)
+                    return 2
+                logger.warning("bench all: skipping %s: %s", name, reason)
+                results[name] = {"skipped": reason}
+                continue
+            try:
+                results[name] = RUNNERS[name](args, config, Path(tmp))
+            except Exception as exc:
+                if args.target != "all":
+                    raise
+                logger.exception("bench all: %s failed", name)
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                status = 1
+    if args.json:
+        import torch
+
+        from ..model import resolve_device
+
+        payload = {
+            "command": f"bench {args.target}",
+            "options": {k: v for k, v in vars(args).items() if k not in ("handler",)},
+            "env": environment(resolve_device(args.device) if args.device else resolve_device("auto")),
+            "torch_cuda": torch.cuda.is_available(),
+            "results": results,
+        }
+        path = write_json(args.json, payload)
+        print(f"wrote {path}")
+    return status

@@ -1,0 +1,466 @@
+"""``llava-features bench encoder``: our encoder vs the seed path vs the matmul ceiling, in one run.
+
+Random weights of the configured architecture (throughput does not depend on weight values),
+synthetic uint8 pixels already on the device. Measured, per batch size:
+
+- ``ours``: :meth:`FeatureEncoder.encode_core` on uint8 pixels — the product's device path:
+  normalisation on the device, the tower up to the selected layer, the projector; with the
+  configured fast path (load-time transforms, optionally ``torch.compile`` with static batch
+  buckets);
+- ``ours_host``: :meth:`FeatureEncoder.encode_pixels` from host uint8 arrays to host arrays in the
+  stored dtype (pinned copies overlapped with compute on a GPU): what an offline-job actor sees;
+- ``seed``: LLaVA's original path — the whole tower with ``output_hidden_states=True``, select
+  the layer, drop CLS, projector — in float16 with SDPA on a GPU (the compute dtype on a CPU), on
+  pixels already normalised;
+- the matmul ceiling (bf16, 8192³ on a GPU, 2048³ on a CPU) and the fraction of it each path
+  reaches (FLOPs per image from :func:`~pipeline.bench.common.encoder_flops`);
+- the relative error ‖ours − ref‖ / ‖ref‖ of the projected features against the seed path in
+  float32 (TF32 off), on smooth photo-like images.
+
+CUDA events on a GPU, ``perf_counter`` on a CPU; warm-up calls, then the median of repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .common import (
+    BenchArch,
+    bench_arch,
+    bench_resolved,
+    environment,
+    matmul_ceiling,
+    print_table,
+    random_modules,
+    smooth_noise_images,
+    time_callable,
+    time_wall,
+)
+
+logger = logging.getLogger(__name__)
+
+TARGETS = {
+    "images_per_s": 1300.0,
+    "fraction_of_ceiling": 0.65,
+    "ratio_vs_seed": 1.45,
+    "rel_error_vs_fp32": 2e-2,
+}
+"""The issue's targets (H100/H200, ViT-L/14-336 + mlp2x_gelu, batch 256)."""
+
+VARIANTS = ("plain", "fast", "compiled")
+"""``plain``: eager, no transforms; ``fast``: eager + load-time transforms; ``compiled``: fast + torch.compile."""
+
+
+def seed_forward(
+    model: Any, projector: Any, pixel_values: Any, select_layer: int, select_feature: str
+) -> Any:
+    """LLaVA's original ``CLIPVisionTower.forward`` + projector: every layer runs and every hidden
+    state is kept (``output_hidden_states=True``), then the selected one is sliced."""
+    out = model(pixel_values, output_hidden_states=True)
+    features = out.hidden_states[select_layer]
+    if select_feature == "patch":
+        features = features[:, 1:]
+    return projector(features)
+
+
+def _default_batch_sizes(device_type: str, arch: BenchArch) -> tuple[int, ...]:
+    if device_type == "cuda":
+        return (32, 128, 256)
+    return (8, 32) if arch.source == "tiny" else (2,)
+
+
+def _make_encoder(
+    config: Any,
+    arch: BenchArch,
+    master: tuple[Any, Any],
+    device: Any,
+    dtype: Any,
+    variant: str,
+    batch_sizes: Sequence[int],
+    compile_mode: str | None,
+) -> Any:
+    from ..encoder import FeatureEncoder
+    from ..model import CLIPVisionTower
+
+    model, projector = master
+    args = {"mm_vision_select_layer": arch.select_layer, "mm_vision_select_feature": arch.select_feature}
+    tower = CLIPVisionTower.from_model(
+        copy.deepcopy(model).to(device=device, dtype=dtype), args, name=f"random:{arch.name}"
+    )
+    proj = copy.deepcopy(projector).to(device=device, dtype=dtype)
+    fast = variant != "plain"
+    model_cfg = replace(
+        config.model,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        fuse_qkv=fast,
+        fold_quick_gelu=fast,
+        compile=variant == "compiled",
+        compile_mode=compile_mode,
+        batch_buckets=tuple(sorted(set(batch_sizes))) if variant == "compiled" else (),
+    )
+    job_cfg = replace(config.job, features="projected", pooled=False, batch_size=max(batch_sizes))
+    cfg = replace(config, model=model_cfg, job=job_cfg)
+    return FeatureEncoder(cfg, bench_resolved(arch), modules=(tower, proj))
+
+
+def _pixels(batch: int, arch: BenchArch, device: Any, seed: int) -> Any:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    size = arch.image_size
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+
+
+def _rel_error(got: Any, ref: Any) -> float:
+    got, ref = got.float(), ref.float()
+    return float((got - ref).norm() / ref.norm())
+
+
+def _reference_features(master: tuple[Any, Any], arch: BenchArch, pixels: Any, spec: Any, device: Any) -> Any:
+    """Seed path in float32 on ``device`` with TF32 off: the numerical reference."""
+    import torch
+
+    from ..preprocess import normalize
+
+    model, projector = (copy.deepcopy(m).to(device=device, dtype=torch.float32) for m in master)
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            values = normalize(pixels, spec, dtype=torch.float32)
+            return seed_forward(model, projector, values, arch.select_layer, arch.select_feature).float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        del model, projector
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _error_pixels(n: int, arch: BenchArch, device: Any) -> Any:
+    import numpy as np
+    import torch
+
+    size = arch.image_size
+    images = smooth_noise_images(n, size, size, seed=1)  # (n, H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+
+def _measure_variant(
+    config: Any,
+    arch: BenchArch,
+    master: tuple[Any, Any],
+    dev: Any,
+    dtype: Any,
+    variant: str,
+    sizes: Sequence[int],
+    compile_mode: str | None,
+    *,
+    warmup: int,
+    repeats: int,
+    host_batches: int,
+    err_pixels: Any,
+    ref: Any,
+) -> tuple[dict[int, dict[str, Any]], float | None]:
+    """One encoder variant at every batch size (+ host→host when ``host_batches``, + its error)."""
+    import numpy as np
+    import torch
+
+    encoder = _make_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
+    warm_s = encoder.warmup(max(sizes))
+    logger.info("variant %s: warm-up %.1fs", variant, warm_s)
+    out: dict[int, dict[str, Any]] = {}
+    for b in sizes:
+        pixels = _pixels(b, arch, dev, seed=b)
+        with torch.inference_mode():
+            timing = time_callable(
+                lambda px=pixels: encoder.encode_core(px), dev, warmup=warmup, repeats=repeats
+            )
+        out[b] = {"images_per_s": b / timing.median_s, "timing": timing.as_dict(), "warmup_s": warm_s}
+        if host_batches > 0:
+            host = pixels.cpu().numpy()
+            host = np.concatenate([host] * host_batches) if host_batches > 1 else host
+            t = time_wall(
+                lambda h=host, bs=b: encoder.encode_pixels(h, batch_size=bs),
+                dev,
+                warmup=max(1, warmup),
+                repeats=max(1, repeats // 2),
+            )
+            out[b]["host"] = {"images_per_s": len(host) / t.median_s, "timing": t.as_dict()}
+    err = None
+    if err_pixels is not None:
+        with torch.inference_mode():
+            err = _rel_error(encoder.encode_core(err_pixels)["projected"], ref)
+    if dev.type == "cuda":
+        del encoder
+        torch.cuda.empty_cache()
+    return out, err
+
+
+def _measure_seed(
+    arch: BenchArch,
+    master: tuple[Any, Any],
+    dev: Any,
+    dtype: Any,
+    sizes: Sequence[int],
+    spec: Any,
+    *,
+    warmup: int,
+    repeats: int,
+    err_pixels: Any,
+    ref: Any,
+) -> tuple[dict[int, dict[str, Any]], float | None]:
+    """The seed path at every batch size (+ its error vs the float32 reference)."""
+    import torch
+
+    from ..preprocess import normalize
+
+    model, projector = (copy.deepcopy(m).to(device=dev, dtype=dtype) for m in master)
+
+    def run(values: Any) -> Any:
+        return seed_forward(model, projector, values, arch.select_layer, arch.select_feature)
+
+    out: dict[int, dict[str, Any]] = {}
+    for b in sizes:
+        values = normalize(_pixels(b, arch, dev, seed=b), spec, dtype=torch.float32).to(dtype)
+        with torch.inference_mode():
+            timing = time_callable(lambda v=values: run(v), dev, warmup=warmup, repeats=repeats)
+        out[b] = {"seed_images_per_s": b / timing.median_s, "seed_timing": timing.as_dict()}
+    err = None
+    if err_pixels is not None:
+        with torch.inference_mode():
+            err = _rel_error(run(normalize(err_pixels, spec, dtype=torch.float32).to(dtype)), ref)
+    if dev.type == "cuda":
+        del model, projector
+        torch.cuda.empty_cache()
+    return out, err
+
+
+def bench_encoder(
+    config: Any = None,
+    *,
+    tiny: bool = False,
+    batch_sizes: Sequence[int] | None = None,
+    dtype: str | None = None,
+    seed_dtype: str | None = None,
+    device: str | None = None,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    fast: bool = True,
+    variants: Sequence[str] | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    ceiling_n: int | None = None,
+    error_images: int | None = None,
+    host_batches: int | None = None,
+) -> dict[str, Any]:
+    """Measure our encoder, the seed path and the matmul ceiling on one device; returns a JSON-able dict.
+
+    ``variants`` (default: the one the flags select: ``compiled`` with ``compile``, ``plain``
+    without ``fast``, else ``fast``) are measured in order; the first is reported as ``ours``.
+    """
+    import torch
+
+    from ..config import Config
+    from ..encoder import preprocess_spec
+    from ..model import resolve_device, resolve_dtype
+
+    config = config if config is not None else Config()
+    dev = resolve_device(device or config.model.device)
+    arch = bench_arch(None if tiny else config, tiny=tiny)
+    ours_dtype = resolve_dtype(dtype or config.model.dtype, dev)
+    ref_dtype = (
+        resolve_dtype(seed_dtype, dev)
+        if seed_dtype and seed_dtype != "auto"
+        else (torch.float16 if dev.type == "cuda" else ours_dtype)
+    )
+    sizes = tuple(int(b) for b in (batch_sizes or _default_batch_sizes(dev.type, arch)))
+    primary = "compiled" if compile else ("fast" if fast else "plain")
+    names = list(dict.fromkeys([primary, *(variants or ())]))
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    cuda = dev.type == "cuda"
+    small = (
+        arch.source == "tiny"
+    )  # cheap calls: many warm-ups (CPU kernels settle after ~15 calls), many repeats
+    warmup = warmup if warmup is not None else (3 if cuda else (20 if small else 1))
+    repeats = repeats if repeats is not None else (8 if cuda else (15 if small else 3))
+    host_batches = host_batches if host_batches is not None else (3 if cuda else 1)
+    error_images = error_images if error_images is not None else (8 if cuda else 2)
+    flops = arch.flops()
+    per_image = flops["total"]
+    logger.info(
+        "bench encoder: %s (%s) on %s, ours %s, seed %s, batches %s, variants %s, %.1f GFLOP/image",
+        arch.name,
+        arch.source,
+        dev,
+        ours_dtype,
+        ref_dtype,
+        list(sizes),
+        names,
+        per_image / 1e9,
+    )
+
+    master = random_modules(arch)
+    ceiling = matmul_ceiling(dev, n=ceiling_n)
+    ceilings = {"bfloat16": ceiling}
+    if ours_dtype != torch.bfloat16:
+        ceilings[str(ours_dtype).removeprefix("torch.")] = matmul_ceiling(dev, n=ceiling_n, dtype=ours_dtype)
+    same = ceilings[str(ours_dtype).removeprefix("torch.")]
+
+    def fraction(images_per_s: float | None, ceil: dict[str, Any]) -> float | None:
+        return None if not images_per_s else images_per_s * per_image / (ceil["tflops"] * 1e12)
+
+    rows: dict[int, dict[str, Any]] = {b: {"batch_size": b, "variants": {}} for b in sizes}
+    errors: dict[str, float] = {}
+    spec = preprocess_spec(bench_resolved(arch))
+    err_pixels = _error_pixels(error_images, arch, dev) if error_images > 0 else None
+    ref = _reference_features(master, arch, err_pixels, spec, dev) if err_pixels is not None else None
+
+    for index, variant in enumerate(names):
+        measured, err = _measure_variant(
+            config,
+            arch,
+            master,
+            dev,
+            ours_dtype,
+            variant,
+            sizes,
+            compile_mode,
+            warmup=warmup,
+            repeats=repeats,
+            host_batches=host_batches if index == 0 else 0,
+            err_pixels=err_pixels,
+            ref=ref,
+        )
+        for b in sizes:
+            host = measured[b].pop("host", None)
+            rows[b]["variants"][variant] = measured[b]
+            if host is not None:
+                rows[b]["ours_host_images_per_s"] = host["images_per_s"]
+                rows[b]["ours_host_timing"] = host["timing"]
+        if err is not None:
+            errors[variant] = err
+
+    seed_rows, seed_error = _measure_seed(
+        arch,
+        master,
+        dev,
+        ref_dtype,
+        sizes,
+        spec,
+        warmup=warmup,
+        repeats=repeats,
+        err_pixels=err_pixels,
+        ref=ref,
+    )
+    for b in sizes:
+        rows[b].update(seed_rows[b])
+
+    out_rows = []
+    for b in sizes:
+        row = rows[b]
+        ours = row["variants"][names[0]]["images_per_s"]
+        seed = row["seed_images_per_s"]
+        ours_best = b / row["variants"][names[0]]["timing"]["min_s"]
+        seed_best = b / row["seed_timing"]["min_s"]
+        row.update(
+            ours_best_images_per_s=ours_best,
+            seed_best_images_per_s=seed_best,
+            ratio_vs_seed_best=ours_best / seed_best,
+            ours_images_per_s=ours,
+            ratio_vs_seed=ours / seed if seed else None,
+            ours_fraction_of_ceiling=fraction(ours, ceiling),
+            seed_fraction_of_ceiling=fraction(seed, ceiling),
+            ours_fraction_of_same_dtype_ceiling=fraction(ours, same),
+            ours_ms_per_batch=1e3 * b / ours,
+        )
+        for v in row["variants"].values():
+            v["ratio_vs_seed"] = v["images_per_s"] / seed if seed else None
+            v["best_images_per_s"] = b / v["timing"]["min_s"]
+            v["fraction_of_ceiling"] = fraction(v["images_per_s"], ceiling)
+        out_rows.append(row)
+
+    headline = max(out_rows, key=lambda r: r["batch_size"])
+    rel_error = errors.get(names[0])
+    met = {
+        "images_per_s": headline["ours_images_per_s"] >= TARGETS["images_per_s"],
+        "fraction_of_ceiling": (headline["ours_fraction_of_ceiling"] or 0) >= TARGETS["fraction_of_ceiling"],
+        "ratio_vs_seed": (headline["ratio_vs_seed"] or 0) >= TARGETS["ratio_vs_seed"],
+        "rel_error_vs_fp32": rel_error is not None and rel_error <= TARGETS["rel_error_vs_fp32"],
+    }
+    return {
+        "bench": "encoder",
+        "env": environment(dev),
+        "arch": arch.describe(),
+        "device": str(dev),
+        "dtype": str(ours_dtype).removeprefix("torch."),
+        "seed_dtype": str(ref_dtype).removeprefix("torch."),
+        "variants": names,
+        "compile_mode": compile_mode,
+        "flops_per_image": per_image,
+        "gflops_per_image": per_image / 1e9,
+        "flops": flops,
+        "ceiling": {**ceiling, "images_per_s": ceiling["tflops"] * 1e12 / per_image},
+        "ceiling_same_dtype": {**same, "images_per_s": same["tflops"] * 1e12 / per_image},
+        "rows": out_rows,
+        "rel_error": {
+            "ours_vs_fp32_seed": rel_error,
+            "variants_vs_fp32_seed": errors,
+            "seed_vs_fp32_seed": seed_error,
+            "images": error_images,
+            "metric": "||features - reference|| / ||reference|| over the projected features",
+        },
+        "targets": {
+            "values": TARGETS,
+            "batch_size": headline["batch_size"],
+            "met": met,
+            "note": "targets apply to ViT-L/14-336 + mlp2x_gelu at batch 256 on an H100/H200",
+        },
+        "settings": {"warmup": warmup, "repeats": repeats, "host_batches": host_batches},
+    }
+
+
+def print_encoder_report(result: dict[str, Any]) -> None:
+    """Short human-readable table of :func:`bench_encoder`'s result."""
+    env = result["env"]
+    ceiling = result["ceiling"]
+    title = (
+        f"encoder: {result['arch']['name']} on {env.get('device_name')} ({result['device']}), "
+        f"ours {result['dtype']} [{', '.join(result['variants'])}] vs seed {result['seed_dtype']}; "
+        f"{result['gflops_per_image']:.1f} GFLOP/image; ceiling {ceiling['dtype']} {ceiling['n']}³ "
+        f"{ceiling['tflops']:.1f} TFLOP/s = {ceiling['images_per_s']:,.1f} images/s"
+    )
+    rows = []
+    for r in result["rows"]:
+        row = dict(r)
+        for name, v in r["variants"].items():
+            row[f"v_{name}"] = v["images_per_s"]
+        rows.append(row)
+    columns = [
+        ("batch_size", "batch", ""),
+        ("ours_images_per_s", "ours img/s", ",.1f"),
+        ("seed_images_per_s", "seed img/s", ",.1f"),
+        ("ratio_vs_seed", "×seed", ".2f"),
+        ("ours_fraction_of_ceiling", "ours/ceil", ".1%"),
+        ("seed_fraction_of_ceiling", "seed/ceil", ".1%"),
+        ("ours_host_images_per_s", "ours host→host img/s", ",.1f"),
+    ]
+    if len(result["variants"]) > 1:
+        columns += [(f"v_{name}", f"{name} img/s", ",.1f") for name in result["variants"]]
+    print_table(rows, columns, title=title)
+    err = result["rel_error"]
+    if err["ours_vs_fp32_seed"] is not None:
+        parts = [f"{k} {v:.2e}" for k, v in err["variants_vs_fp32_seed"].items()]
+        seed_err = err["seed_vs_fp32_seed"]
+        print(
+            f"relative error vs the fp32 seed path ({err['images']} images): "
+            + ", ".join(parts)
+            + (f"; seed {result['seed_dtype']} {seed_err:.2e}" if seed_err is not None else "")
+        )

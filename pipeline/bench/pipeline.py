@@ -1,0 +1,315 @@
+"""``llava-features bench pipeline``: the offline job end to end vs encoder-only, and the sink rate.
+
+On generated photo-like JPEGs (scikit-image's bundled photographs, randomly cropped, flipped and
+resized to e.g. 640×480; smooth noise without scikit-image), on one device:
+
+- ``encoder_only``: a :class:`FeatureEncoder` loaded from the same checkpoint encodes already
+  preprocessed pixels shard by shard with :meth:`~FeatureEncoder.encode_pixels` (host uint8 →
+  host features in the stored dtype), exactly the call an offline-job actor makes per shard;
+- the job (:func:`pipeline.job.run_job`: listing, decode + preprocess tasks, encoder actors,
+  Parquet shards) on a local Ray started beforehand (its start-up is not counted): first on one
+  shard (discarded: it pays Ray Data's first-run costs), then on all images.
+  ``job_images_per_s`` is the run's own figure (actor start-up and model loading included);
+  ``job_steady_images_per_s`` is the streaming rate between the first and the last shard
+  commit (Parquet file modification times), which excludes start-up and pipeline fill:
+  ``ratio`` = steady / encoder-only is the figure the target (≥ 0.85) is about. When the
+  decode tasks finish before the encoder actor is ready (a short run behind a slow actor
+  start), the commits measure the encoder + sink only: ``decode_capacity_images_per_s``
+  (single-core preprocess rate × the CPUs the actors leave) and ``ratio_decode_bounded`` =
+  min(steady, decode capacity) / encoder-only guard against reading too much into it;
+- the sink: bytes of Parquet written per second of the job, and between the first and last
+  commits (``sink_steady_mb_per_s``).
+
+When the configured model is not available locally, a random-weight checkpoint of its
+architecture is written to the work folder first (``--tiny``: the tiny LLaVA checkpoint).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .common import environment, loadable_config, photo_images, print_table, synchronize, write_jpegs
+
+logger = logging.getLogger(__name__)
+
+
+def _dir_bytes(path: Path, suffix: str = ".parquet") -> int:
+    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
+
+
+def _commits(out_dir: Path) -> list[tuple[float, int, int]]:
+    """(modification time, rows, bytes) of every Parquet shard of a job's output, by time."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in out_dir.rglob("*.parquet"):
+        if f.is_file() and not f.name.startswith((".", "_")):
+            st = f.stat()
+            out.append((st.st_mtime, pq.read_metadata(f).num_rows, st.st_size))
+    return sorted(out)
+
+
+def steady_rates(commits: list[tuple[float, int, int]]) -> tuple[float | None, float | None]:
+    """(images/s, MB/s) between the first and the last shard commit (None with < 3 shards)."""
+    if len(commits) < 3:
+        return None, None
+    span = commits[-1][0] - commits[0][0]
+    if span <= 0:
+        return None, None
+    rows = sum(c[1] for c in commits[1:])
+    data = sum(c[2] for c in commits[1:])
+    return rows / span, data / span / 1e6
+
+
+def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repeats: int) -> dict[str, Any]:
+    """Encoder-only throughput on ``n`` preprocessed images, one ``encode_pixels`` call per shard."""
+    import numpy as np
+    import torch
+
+    from ..encoder import FeatureEncoder
+
+    encoder = FeatureEncoder(config)
+    started = time.perf_counter()
+    unique = [encoder.encode_pre(f.read_bytes(), str(f)).pixels for f in files[: min(n, shard_size)]]
+    preprocess_s = time.perf_counter() - started
+    pool = np.stack(unique)
+    reps = -(-n // len(pool))
+    pixels = np.concatenate([pool] * reps)[:n] if reps > 1 else pool[:n]
+    warm_s = encoder.warmup(config.job.batch_size)
+
+    def run() -> None:
+        for start in range(0, n, shard_size):
+            encoder.encode_pixels(pixels[start : start + shard_size])
+
+    for _ in range(3):  # warm: first-call allocations (pinned host blocks, cuBLAS workspaces, CPU kernels)
+        run()
+    synchronize(encoder.device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        run()
+        synchronize(encoder.device)
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
+    result = {
+        "images": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "warmup_s": warm_s,
+        "preprocess_images_per_s_one_core": len(unique) / preprocess_s if preprocess_s > 0 else None,
+        "device": str(encoder.device),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+    }
+    encoder.tower, encoder.projector = None, None  # release the device memory before the job runs
+    encoder._fast_state = None
+    if config.model.compile:
+        torch._dynamo.reset()  # compiled graphs hold the weights too
+    gc.collect()
+    if encoder.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) -> dict[str, Any]:
+    from ..job import run_job
+
+    cfg = replace(config, job=replace(config.job, limit=limit))
+    started = time.perf_counter()
+    summary = run_job(cfg, str(images_dir), str(out_dir))
+    wall = time.perf_counter() - started
+    steady, steady_mb = steady_rates(_commits(out_dir))
+    return {
+        "images": summary.read,
+        "ok": summary.ok,
+        "errors": dict(summary.errors),
+        "seconds": summary.seconds,
+        "wall_s": wall,
+        "images_per_s": summary.images_per_s,
+        "bytes_written": _dir_bytes(out_dir),
+        "steady_images_per_s": steady,
+        "steady_mb_per_s": steady_mb,
+    }
+
+
+def bench_pipeline(
+    config: Any = None,
+    *,
+    tiny: bool = False,
+    images: int | None = None,
+    width: int = 640,
+    height: int = 480,
+    batch_size: int | None = None,
+    shard_size: int | None = None,
+    actors: tuple[int, int] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool | None = None,
+    repeats: int | None = None,
+    workdir: str | None = None,
+    quality: int = 90,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Offline job end to end vs encoder-only on the same device, and the sink's MB/s."""
+    import torch
+
+    from ..config import Config
+    from ..model import resolve_device
+
+    base = config if config is not None else Config()
+    dev = resolve_device(device or base.model.device)
+    cuda = dev.type == "cuda"
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = loadable_config(base, tiny=tiny, workdir=root / "model")
+        if tiny and batch_size is None:
+            batch_size = 16
+        batch = int(batch_size or cfg.job.batch_size)
+        shard = int(shard_size or (batch if not cuda else max(batch, cfg.job.shard_size)))
+        n = int(images or 8 * shard)
+        model_over: dict[str, Any] = {"device": str(dev)}
+        if dtype:
+            model_over["dtype"] = dtype
+        if compile is not None:
+            model_over["compile"] = compile
+        job_over: dict[str, Any] = {"batch_size": batch, "shard_size": shard, "features": "projected"}
+        if actors:
+            job_over["actors"] = tuple(actors)
+        cfg = replace(cfg, model=replace(cfg.model, **model_over), job=replace(cfg.job, **job_over))
+        repeats = repeats if repeats is not None else 3
+
+        images_dir = root / "images"
+        t0 = time.perf_counter()
+        files = write_jpegs(photo_images(n, height, width), images_dir, quality=quality)
+        gen_s = time.perf_counter() - t0
+        jpeg_bytes = sum(f.stat().st_size for f in files)
+        logger.info(
+            "bench pipeline: %d JPEGs %dx%d (%.0f KB avg) in %.1fs",
+            n,
+            width,
+            height,
+            jpeg_bytes / n / 1e3,
+            gen_s,
+        )
+
+        enc = _encoder_only(cfg, files, n, shard, repeats)
+        logger.info("encoder-only: %.1f images/s", enc["images_per_s"])
+
+        import ray
+
+        started_ray = False
+        t0 = time.perf_counter()
+        if not ray.is_initialized():  # started here so that its start-up is not in the job's figures
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
+            started_ray = True
+        ray_start_s = time.perf_counter() - t0
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+        try:
+            # A first run pays one-off costs (Ray Data's workers and imports, compile caches):
+            # run one shard first and discard it (and its output), then all images.
+            warm = _run_job(cfg, images_dir, root / "out-warm", shard)
+            shutil.rmtree(root / "out-warm", ignore_errors=True)
+            full = _run_job(cfg, images_dir, root / "out-full", None)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+        steady, sink_steady = full["steady_images_per_s"], full["steady_mb_per_s"]
+        # Decode tasks (1 CPU each) get the CPUs the encoder actors leave; at the single-core
+        # preprocess rate measured above this is what decode can sustain in steady state.
+        decode_cpus = max(0.0, cluster_cpus - cfg.job.num_cpus_per_actor * cfg.job.actors[1])
+        per_core = enc.get("preprocess_images_per_s_one_core") or 0.0
+        decode_capacity = per_core * decode_cpus if decode_cpus else None
+        encoder_ips = enc["images_per_s"]
+        result = {
+            "bench": "pipeline",
+            "env": environment(dev),
+            "device": str(dev),
+            "model": {
+                "checkpoint": cfg.model.checkpoint,
+                "vision_tower": cfg.model.vision_tower,
+                "dtype": cfg.model.dtype,
+                "compile": cfg.model.compile,
+            },
+            "images": n,
+            "image_size": [width, height],
+            "jpeg_kb_mean": jpeg_bytes / n / 1e3,
+            "batch_size": batch,
+            "shard_size": shard,
+            "actors": list(cfg.job.actors),
+            "encoder_only": enc,
+            "ray_start_s": ray_start_s,
+            "job_warm": warm,
+            "job": full,
+            "job_images_per_s": full["images_per_s"],
+            "job_steady_images_per_s": steady,
+            "encoder_only_images_per_s": encoder_ips,
+            "ratio": steady / encoder_ips if steady else None,
+            "decode_cpus": decode_cpus,
+            "decode_capacity_images_per_s": decode_capacity,
+            "ratio_decode_bounded": (
+                min(steady, decode_capacity) / encoder_ips if steady and decode_capacity else None
+            ),
+            "ratio_including_startup": full["images_per_s"] / encoder_ips if encoder_ips else None,
+            "sink_mb_per_s": full["bytes_written"] / full["seconds"] / 1e6 if full["seconds"] else None,
+            "sink_steady_mb_per_s": sink_steady,
+            "output_mb_per_image": full["bytes_written"] / max(1, full["ok"]) / 1e6,
+            "target_ratio": 0.85,
+        }
+        if cuda:
+            torch.cuda.empty_cache()
+        return result
+    finally:
+        if not keep and not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def print_pipeline_report(result: dict[str, Any]) -> None:
+    """Short table of :func:`bench_pipeline`'s result."""
+    enc = result["encoder_only"]
+    rows = [
+        {"what": "encoder only (encode_pixels per shard)", "images_per_s": enc["images_per_s"], "ratio": 1.0},
+        {
+            "what": "job, steady (first → last shard commit)",
+            "images_per_s": result["job_steady_images_per_s"],
+            "ratio": result["ratio"],
+            "mb_s": result["sink_steady_mb_per_s"],
+        },
+        {
+            "what": "decode capacity (1-core rate × free CPUs)",
+            "images_per_s": result["decode_capacity_images_per_s"],
+            "ratio": (
+                result["decode_capacity_images_per_s"] / enc["images_per_s"]
+                if result["decode_capacity_images_per_s"]
+                else None
+            ),
+        },
+        {
+            "what": "job, whole run (incl. actor start-up)",
+            "images_per_s": result["job_images_per_s"],
+            "ratio": result["ratio_including_startup"],
+            "mb_s": result["sink_mb_per_s"],
+        },
+    ]
+    print_table(
+        rows,
+        [
+            ("what", "pipeline", ""),
+            ("images_per_s", "images/s", ",.1f"),
+            ("ratio", "× encoder", ".2f"),
+            ("mb_s", "Parquet MB/s", ",.1f"),
+        ],
+        title=(
+            f"pipeline: {result['images']} JPEGs {result['image_size'][0]}x{result['image_size'][1]} "
+            f"({result['jpeg_kb_mean']:.0f} KB), batch {result['batch_size']}, shard {result['shard_size']}, "
+            f"actors {result['actors']} on {result['env'].get('device_name')} ({result['device']})"
+        ),
+    )
