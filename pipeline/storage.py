@@ -179,11 +179,15 @@ def _s3_filesystem(bucket: str, s3_endpoint: str | None, s3_region: str | None) 
         region = _bucket_region(bucket)
     if region:
         kwargs["region"] = region
-    key = ("s3", tuple(sorted(kwargs.items())), _credentials_key())
+    return _cached(("s3", tuple(sorted(kwargs.items())), _credentials_key()), pafs.S3FileSystem, kwargs)
+
+
+def _cached(key: tuple[Any, ...], factory: Any, kwargs: dict[str, Any]) -> pafs.FileSystem:
+    """One filesystem per settings, per process."""
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
         if fs is None:
-            fs = pafs.S3FileSystem(**kwargs)
+            fs = factory(**kwargs)
             _FS_CACHE[key] = fs
     return fs
 
@@ -194,13 +198,7 @@ def _gcs_filesystem() -> pafs.FileSystem:
     if emulator:
         parsed = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
         kwargs = {"anonymous": True, "endpoint_override": parsed.netloc, "scheme": parsed.scheme or "http"}
-    key = ("gs", tuple(sorted(kwargs.items())))
-    with _FS_LOCK:
-        fs = _FS_CACHE.get(key)
-        if fs is None:
-            fs = pafs.GcsFileSystem(**kwargs)
-            _FS_CACHE[key] = fs
-    return fs
+    return _cached(("gs", tuple(sorted(kwargs.items()))), pafs.GcsFileSystem, kwargs)
 
 
 def _filesystem_for(
