@@ -40,6 +40,9 @@ def write_sample_images(folder: Path) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import pyarrow as pa
+
     from .config import load_config
     from .job import run_job
     from .model.tiny import make_tiny_model
@@ -67,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     print(summary.format())  # noqa: T201
     table = read_features(str(output), status=None).table
     print("\n== table ==")  # noqa: T201
-    print(table.select(["image_id", "status", "error_code", "width", "height"]).to_pandas().to_string())  # noqa: T201
+    peek = table.select(["image_id", "status", "error_code", "width", "height"])
+    print(peek.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get).to_string())  # noqa: T201
     result = read_features(str(output))
     print(f"\nfeatures of ok rows: {result.features.shape} {result.features.dtype}")  # noqa: T201
     print(f"first image, first token, first 6 values: {result.features[0, 0, :6]}")  # noqa: T201
