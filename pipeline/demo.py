@@ -1,5 +1,8 @@
 """``llava-features demo`` / ``make demo``: the offline job on the embedded default.
 
+Needs the ``demo`` extra (scikit-image for the sample photos, pandas for the peek), which
+``make`` installs with the test extras.
+
 A local Ray, a generated tiny checkpoint (``.demo/tiny-llava``), a folder of sample photos (the
 ones bundled with scikit-image, plus two broken files to show error rows), output to a local
 folder; prints the job summary and a peek at the table.
