@@ -107,6 +107,14 @@ class _FastPath:
     """The compile mode replays CUDA graphs: outputs live in the graph's pool and are cloned."""
 
 
+def _host(t: torch.Tensor | None) -> Any:
+    """A result on the host: numpy, or a CPU torch tensor for bfloat16 (numpy has no bfloat16)."""
+    if t is None:
+        return None
+    t = t.cpu()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
 class FeatureEncoder:
     """One CLIPVisionTower + projector replica with its preprocessing.
 
@@ -202,20 +210,8 @@ class FeatureEncoder:
     def encode_post(self, out: dict[str, torch.Tensor], pooled: bool | None = None) -> EncodedBatch:
         """Device tensors → host arrays in the stored dtype (+ float32 mean over tokens)."""
         pooled = self.config.job.pooled if pooled is None else pooled
-        first = out.get("projected", out.get("tower"))
-        pooled_arr = None
-        if pooled and first is not None:
-            pooled_arr = first.float().mean(dim=1).cpu().numpy()
-
-        def host(t: torch.Tensor | None) -> Any:
-            if t is None:
-                return None
-            t = t.to(self.output_dtype).cpu()
-            return t if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
-
-        return EncodedBatch(
-            projected=host(out.get("projected")), tower=host(out.get("tower")), pooled=pooled_arr
-        )
+        stored = self._device_outputs(out, pooled)
+        return EncodedBatch(**{name: _host(stored.get(name)) for name in ("projected", "tower", "pooled")})
 
     def encode_pixels(
         self,
@@ -258,8 +254,7 @@ class FeatureEncoder:
             tensors = [p[name] for p in parts if name in p]
             if not tensors:
                 return None
-            t = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            return t if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
+            return _host(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
 
         return EncodedBatch(projected=cat("projected"), tower=cat("tower"), pooled=cat("pooled"))
 

@@ -41,7 +41,6 @@ from .model.errors import (
     DecodeError,
     ErrorCode,
     InputReadError,
-    LlavaFeaturesError,
     OutputError,
 )
 
@@ -531,9 +530,6 @@ def main(args: argparse.Namespace) -> int:
             "s3_endpoint": args.s3_endpoint,
         },
     )
-    try:
-        summary = run_job(config, args.input, args.output, resume=args.resume)
-    except LlavaFeaturesError:
-        raise
+    summary = run_job(config, args.input, args.output, resume=args.resume)
     print(summary.format())  # noqa: T201 - the job's CLI summary
     return EXIT_ERROR_BUDGET if summary.error_budget_exceeded else 0
