@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,7 @@ from .model import ResolvedModel, resolve_model
 from .model.errors import (
     ConfigError,
     DecodeError,
+    ErrorBudgetExceededError,
     ErrorCode,
     InputReadError,
     OutputError,
@@ -284,10 +286,12 @@ def _count_output(fs: Any, out_path: str) -> tuple[int, Counter[str]]:
     ds = pads.dataset(
         out_path, filesystem=fs, format="parquet", exclude_invalid_files=False, ignore_prefixes=[".", "_"]
     )
+    import pyarrow.compute as pc
+
     table = ds.to_table(columns=["status", "error_code"])
-    ok = int(np.sum(np.asarray(table.column("status").to_pylist()) == "ok")) if table.num_rows else 0
-    errors = Counter(c for c in table.column("error_code").to_pylist() if c is not None)
-    return ok, errors
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    counts = pc.value_counts(table.column("error_code").drop_null()).to_pylist()
+    return ok, Counter({c["values"]: c["counts"] for c in counts})
 
 
 def _init_ray() -> Any:
@@ -532,4 +536,11 @@ def main(args: argparse.Namespace) -> int:
     )
     summary = run_job(config, args.input, args.output, resume=args.resume)
     print(summary.format())  # noqa: T201 - the job's CLI summary
-    return EXIT_ERROR_BUDGET if summary.error_budget_exceeded else 0
+    if summary.error_budget_exceeded:
+        error = ErrorBudgetExceededError(
+            f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
+            f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not"
+        )
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201
+        return EXIT_ERROR_BUDGET
+    return 0

@@ -93,11 +93,12 @@ def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_l
         assert (width, height) == (prepared.width, prepared.height)
 
 
-def test_error_budget_exceeded_exits_nonzero_after_writing(ray_local, tiny_llava, corpus, tmp_path):
+def test_error_budget_exceeded_exits_nonzero_after_writing(ray_local, tiny_llava, corpus, tmp_path, capsys):
     folder, expected = corpus
     out = tmp_path / "out"
     rc = cli_main(_encode_args(tiny_llava, folder, out))  # default --max-error-fraction 0.01
     assert rc == 3
+    assert "[error_budget_exceeded]" in capsys.readouterr().err
     table = pq.read_table(out, columns=["image_id", "status"])
     assert table.num_rows == len(expected)  # everything was written
     assert not (out / SUCCESS_FILE).exists()
