@@ -372,7 +372,7 @@ class FeaturesIngressImpl:
             ) from exc
         except (DeploymentUnavailableError, RayActorError) as exc:
             raise RequestError(
-                f"Encoder unavailable ({type(exc).__name__}); retry later", code=ErrorCode.OVERLOADED
+                f"Encoder unavailable ({type(exc).__name__}); retry later", code=ErrorCode.UNAVAILABLE
             ) from exc
 
     async def _encode_items(self, items: list[tuple[bytes, str | None]], want: str) -> list[EncodeResult]:
@@ -484,7 +484,7 @@ class FeaturesIngressImpl:
             raise
         except Exception as exc:  # the forward pass itself failed
             logger.exception("Health check failed")
-            raise RequestError(f"Health check failed: {exc}", code=ErrorCode.OVERLOADED) from exc
+            raise RequestError(f"Health check failed: {exc}", code=ErrorCode.UNAVAILABLE) from exc
         return JSONResponse({"status": "ok", "model": self.model_id, **result})
 
     async def debug_stats(self, request: Request) -> Response:

@@ -44,6 +44,7 @@ _STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
 

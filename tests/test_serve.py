@@ -180,6 +180,7 @@ def test_status_mapping_and_helpers():
     assert H.status_for(ErrorCode.UNSUPPORTED_MEDIA_TYPE) == 415
     assert H.status_for(ErrorCode.UNAUTHORIZED) == 401
     assert H.status_for(ErrorCode.OVERLOADED) == 503
+    assert H.status_for(ErrorCode.UNAVAILABLE) == 503
     assert H.status_for(ErrorCode.TIMEOUT) == 504
     assert H.status_for(ErrorCode.INTERNAL) == 500
     assert H.choose_format(None) == "npy"

@@ -39,6 +39,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
     # Offline job outputs.
     OUTPUT_EXISTS = "output_exists"
