@@ -17,6 +17,11 @@ from .model.errors import LlavaFeaturesError
 
 logger = logging.getLogger(__name__)
 
+EXIT_ERROR = 2
+"""Exit status of a typed error (bad config, missing checkpoint, non-empty output, ...)."""
+EXIT_ERROR_BUDGET = 3
+"""Exit status of a job whose failed inputs exceed ``max_error_fraction`` (everything was written)."""
+
 
 def _add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
@@ -88,6 +93,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from .job import budget_error, job_overrides, run_job
+
+    config = load_cli_config(args, job=job_overrides(args))
+    summary = run_job(config, args.input, args.output, resume=args.resume)
+    print(summary.format())
+    error = budget_error(summary, config)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR_BUDGET
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from .demo import run_demo
+    from .reader import read_features
+
+    summary = run_demo(Path(args.output))
+    print("\n== summary ==")
+    print(summary.format())
+    table = read_features(args.output, status=None).table
+    peek = table.select(["image_id", "status", "error_code", "width", "height"])
+    print("\n== table ==")
+    print(peek.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get).to_string())
+    ok = read_features(args.output)
+    print(f"\nfeatures of ok rows: {ok.features.shape} {ok.features.dtype}")
+    print(f"first image, first token, first 6 values: {ok.features[0, 0, :6]}")
+    return 0
+
+
 def _delegate(module: str, func: str = "main") -> Any:
     def handler(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(module), func)(args)
@@ -116,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .job import add_encode_arguments
 
     add_encode_arguments(p)
-    p.set_defaults(handler=_delegate("pipeline.job", "main"))
+    p.set_defaults(handler=_cmd_encode)
 
     p = sub.add_parser("demo", help="run the offline job on the embedded default (tiny model, sample photos)")
     p.add_argument("--output", default="demo-output", help="output folder (replaced by each demo run)")
-    p.set_defaults(handler=_delegate("pipeline.demo", "main"))
+    p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("serve", help="online endpoint: Ray Serve HTTP application (blocks until interrupted)")
     _add_model_args(p)
@@ -149,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

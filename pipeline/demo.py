@@ -10,15 +10,17 @@ folder; prints the job summary and a peek at the table.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import shutil
 from pathlib import Path
 
+from .job import JobSummary
+
 logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(".demo")
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera")
 
 
@@ -42,14 +44,12 @@ def write_sample_images(folder: Path) -> list[Path]:
     return [*written, folder / "broken-truncated.jpg", folder / "broken-empty.png"]
 
 
-def main(args: argparse.Namespace) -> int:
-    import pandas as pd
-    import pyarrow as pa
-
+def run_demo(output: Path) -> JobSummary:
+    """Prepare the embedded default (tiny model, sample images) and run the job into ``output``
+    (the demo's own folder: replaced by each run)."""
     from .config import load_config
     from .job import run_job
     from .model.tiny import make_tiny_model
-    from .reader import read_features
 
     model_dir = DEMO_DIR / "tiny-llava"
     if not (model_dir / "config.json").exists():
@@ -57,25 +57,10 @@ def main(args: argparse.Namespace) -> int:
     images = DEMO_DIR / "images"
     if not images.exists():
         write_sample_images(images)
-    output = Path(args.output)
     if output.exists():
-        shutil.rmtree(output)  # the demo's own output folder, documented as replaced by each run
-    config_file = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+        shutil.rmtree(output)
     config = load_config(
-        config_file if config_file.exists() else None,
-        {
-            "model": {"checkpoint": str(model_dir.resolve()), "dtype": "float32"},
-            "job": {"pooled": True, "shard_size": 4, "batch_size": 8, "max_error_fraction": 0.5},
-        },
+        CONFIG_FILE,
+        {"model": {"checkpoint": str(model_dir.resolve())}, "job": {"pooled": True}},
     )
-    summary = run_job(config, str(images), str(output))
-    print("\n== summary ==")  # noqa: T201 - CLI output
-    print(summary.format())  # noqa: T201
-    table = read_features(str(output), status=None).table
-    print("\n== table ==")  # noqa: T201
-    peek = table.select(["image_id", "status", "error_code", "width", "height"])
-    print(peek.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get).to_string())  # noqa: T201
-    result = read_features(str(output))
-    print(f"\nfeatures of ok rows: {result.features.shape} {result.features.dtype}")  # noqa: T201
-    print(f"first image, first token, first 6 values: {result.features[0, 0, :6]}")  # noqa: T201
-    return 0
+    return run_job(config, str(images), str(output))

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -52,7 +51,6 @@ JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
 CONFIG_KEY = "llava_features.config"
 FINGERPRINT_KEY = "llava_features.fingerprint"
-EXIT_ERROR_BUDGET = 3
 
 
 @dataclass
@@ -515,32 +513,27 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
 
 
-def main(args: argparse.Namespace) -> int:
-    """``llava-features encode``."""
-    from .cli import load_cli_config
+def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``job`` section overrides given to ``encode`` on the command line (None = not given)."""
+    return {
+        "features": args.features,
+        "pooled": args.pooled,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "num_gpus_per_actor": args.num_gpus_per_actor,
+        "actors": args.actors,
+        "max_error_fraction": args.max_error_fraction,
+        "tensor_format": args.tensor_format,
+        "limit": args.limit,
+        "s3_endpoint": args.s3_endpoint,
+    }
 
-    config = load_cli_config(
-        args,
-        job={
-            "features": args.features,
-            "pooled": args.pooled,
-            "batch_size": args.batch_size,
-            "shard_size": args.shard_size,
-            "num_gpus_per_actor": args.num_gpus_per_actor,
-            "actors": args.actors,
-            "max_error_fraction": args.max_error_fraction,
-            "tensor_format": args.tensor_format,
-            "limit": args.limit,
-            "s3_endpoint": args.s3_endpoint,
-        },
+
+def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededError | None:
+    """The typed error for a run above ``max_error_fraction`` (None when within budget)."""
+    if not summary.error_budget_exceeded:
+        return None
+    return ErrorBudgetExceededError(
+        f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
+        f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not"
     )
-    summary = run_job(config, args.input, args.output, resume=args.resume)
-    print(summary.format())  # noqa: T201 - the job's CLI summary
-    if summary.error_budget_exceeded:
-        error = ErrorBudgetExceededError(
-            f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-            f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not"
-        )
-        print(f"error: {error}", file=sys.stderr)  # noqa: T201
-        return EXIT_ERROR_BUDGET
-    return 0
