@@ -533,7 +533,9 @@ def _tower_from_llava_hf(
     attn: str,
     lfo: bool,
 ) -> CLIPVisionTower:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .tower import image_processor_class
 
     source = _Source(resolved.checkpoint, lfo)  # type: ignore[arg-type]
     vision_cfg = CLIPVisionConfig(**{k: v for k, v in resolved.vision_config.items() if k != "model_type"})
@@ -555,5 +557,5 @@ def _tower_from_llava_hf(
     fixed = {k: v for k, v in fixed.items() if not k.endswith("position_ids") or k in expected}
     load_state_strict(model, fixed, f"vision tower from {resolved.checkpoint}")
     model.to(device=device, dtype=dtype)
-    processor = CLIPImageProcessor(**resolved.image_processor) if resolved.image_processor else None
+    processor = image_processor_class().from_dict(resolved.image_processor) if resolved.image_processor else None
     return CLIPVisionTower.from_model(model, args, processor, name=str(resolved.checkpoint))

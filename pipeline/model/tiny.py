@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from .projector import build_vision_projector
 
@@ -51,7 +51,9 @@ TINY_SETTINGS = {
 }
 
 
-def _image_processor(size: int) -> CLIPImageProcessor:
+def _image_processor(size: int) -> Any:
+    from transformers import CLIPImageProcessor  # saved as real checkpoints name it
+
     return CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -61,7 +63,7 @@ def _image_processor(size: int) -> CLIPImageProcessor:
     )
 
 
-def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module, CLIPImageProcessor]:
+def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module, Any]:
     torch.manual_seed(seed)
     tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).eval()
     projector = build_vision_projector(

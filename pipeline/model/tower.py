@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from .config import SELECT_FEATURES
 
@@ -49,6 +49,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(
             f"Unknown dtype {dtype!r}; valid values are {sorted(DTYPE_NAMES)} or 'auto'"
         ) from None
+
+
+def image_processor_class() -> type:
+    """``transformers.CLIPImageProcessor``; without torchvision, the PIL backend it falls back to.
+
+    transformers 5 resolves ``CLIPImageProcessor`` to ``CLIPImageProcessorPil`` when torchvision
+    is missing, with a warning in every process that touches the name; taking the PIL class
+    directly gives the same processor without the noise.
+    """
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None:
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
 
 
 def _arg(args: Any, key: str, default: Any = None) -> Any:
@@ -114,7 +130,7 @@ class CLIPVisionTower(nn.Module):
                 "%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name
             )
             return
-        self.image_processor = CLIPImageProcessor.from_pretrained(
+        self.image_processor = image_processor_class().from_pretrained(
             self.vision_tower_name, local_files_only=self._local_files_only
         )
         model = CLIPVisionModel.from_pretrained(
@@ -133,7 +149,7 @@ class CLIPVisionTower(nn.Module):
         cls,
         model: CLIPVisionModel,
         args: Any,
-        image_processor: CLIPImageProcessor | None = None,
+        image_processor: Any = None,
         *,
         name: str = "<in-memory>",
     ) -> CLIPVisionTower:
