@@ -309,6 +309,8 @@ def test_bench_preprocess_smoke():
         "ours_images_per_s",
         "hf_images_per_s",
         "speedup",
+        "ours_uint8_images_per_s",
+        "speedup_uint8",
         "decode_only_images_per_s",
         "pil_decode_only_images_per_s",
         "pixels_only_images_per_s",
