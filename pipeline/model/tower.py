@@ -102,18 +102,8 @@ class CLIPVisionTower(nn.Module):
         local_files_only: bool = True,
     ) -> None:
         super().__init__()
-        self.is_loaded = False
-        self.vision_tower_name = vision_tower
-        self.select_layer: int = int(_arg(args, "mm_vision_select_layer"))
-        self.select_feature: str = _arg(args, "mm_vision_select_feature", "patch") or "patch"
-        if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(
-                f"Unexpected select feature: {self.select_feature!r}; valid values are {SELECT_FEATURES}"
-            )
-        self._device = resolve_device(device)
-        self._dtype = resolve_dtype(dtype, self._device)
-        self._attn_implementation = attn_implementation
-        self._local_files_only = local_files_only
+        device = resolve_device(device)
+        self._setup(vision_tower, args, device, resolve_dtype(dtype, device), attn_implementation, local_files_only)
         if not delay_load or _arg(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
         else:
@@ -156,21 +146,27 @@ class CLIPVisionTower(nn.Module):
         """Wrap an already built ``CLIPVisionModel`` (e.g. read out of a llava-hf checkpoint)."""
         tower = cls.__new__(cls)
         nn.Module.__init__(tower)
-        tower.is_loaded = False
-        tower.vision_tower_name = name
-        tower.select_layer = int(_arg(args, "mm_vision_select_layer"))
-        tower.select_feature = _arg(args, "mm_vision_select_feature", "patch") or "patch"
-        if tower.select_feature not in SELECT_FEATURES:
-            raise ValueError(
-                f"Unexpected select feature: {tower.select_feature!r}; valid values are {SELECT_FEATURES}"
-            )
         first = next(model.parameters())
-        tower._device, tower._dtype = first.device, first.dtype
-        tower._attn_implementation = model.config._attn_implementation
-        tower._local_files_only = True
+        tower._setup(name, args, first.device, first.dtype, model.config._attn_implementation, True)
         tower.image_processor = image_processor
         tower._attach(model)
         return tower
+
+    def _setup(
+        self, name: str, args: Any, device: torch.device, dtype: torch.dtype, attn: str, local_files_only: bool
+    ) -> None:
+        """State shared by both constructors: the selection (validated) and where to compute."""
+        self.is_loaded = False
+        self.vision_tower_name = name
+        self.select_layer: int = int(_arg(args, "mm_vision_select_layer"))
+        self.select_feature: str = _arg(args, "mm_vision_select_feature", "patch") or "patch"
+        if self.select_feature not in SELECT_FEATURES:
+            raise ValueError(
+                f"Unexpected select feature: {self.select_feature!r}; valid values are {SELECT_FEATURES}"
+            )
+        self._device, self._dtype = device, dtype
+        self._attn_implementation = attn
+        self._local_files_only = local_files_only
 
     def _attach(self, model: CLIPVisionModel) -> None:
         model.requires_grad_(False)
