@@ -234,7 +234,7 @@ class FeatureEncoder:
         pooled = self.config.job.pooled if pooled is None else pooled
         n = len(pixels)
         if n == 0:
-            return EncodedBatch(None, None, None)
+            return self._empty(features, pooled)
         fast = self._fast_path()
         step = batch_size
         if self.device.type == "cuda" and n <= batch_size and fast.overlap_chunks > 1:
@@ -380,6 +380,19 @@ class FeatureEncoder:
             if name in out:
                 result[name] = out[name].to(self.output_dtype).contiguous()
         return result
+
+    def _empty(self, features: str, pooled: bool) -> EncodedBatch:
+        """Zero-row results with the shapes and dtypes real ones have (e.g. a shard without a good image)."""
+
+        def tensor(dim: int) -> Any:
+            return _host(torch.zeros((0, self.num_tokens, dim), dtype=self.output_dtype))
+
+        projected = tensor(self.feature_dim) if features in ("projected", "both") else None
+        tower = tensor(self.tower_dim) if features in ("tower", "both") else None
+        pooled_dim = self.feature_dim if projected is not None else self.tower_dim
+        return EncodedBatch(
+            projected=projected, tower=tower, pooled=np.zeros((0, pooled_dim), np.float32) if pooled else None
+        )
 
     @staticmethod
     def _as_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -177,8 +177,6 @@ class EncodeShardActor:
         for shard, meta_json, blob in zip(batch["shard"], batch["meta"], batch["pixels"], strict=True):
             meta = json.loads(meta_json)
             pixels = np.frombuffer(blob, dtype=np.uint8).reshape(meta["shape"])
-            if len(pixels) == 0:
-                pixels = np.zeros((0, *self.encoder.input_shape), np.uint8)
             with self.lock:
                 encoded = self.encoder.encode_pixels(pixels)
             rows = ShardRows()
@@ -191,13 +189,9 @@ class EncodeShardActor:
                     errors[r["code"]] += 1
             table = build_table(
                 rows,
-                features=self._or_empty(encoded.projected, self.encoder.feature_dim)
-                if job.features != "tower"
-                else None,
-                tower_features=self._or_empty(encoded.tower, self.encoder.tower_dim)
-                if job.features != "projected"
-                else None,
-                pooled=self._pooled_or_empty(encoded.pooled) if job.pooled else None,
+                features=encoded.projected,
+                tower_features=encoded.tower,
+                pooled=encoded.pooled,
                 tensor_format=job.tensor_format,
                 metadata=self.metadata,
             )
@@ -207,23 +201,6 @@ class EncodeShardActor:
             summaries["ok"].append(rows.num_ok)
             summaries["errors"].append(json.dumps(errors))
         return {k: np.array(v, dtype=object if k == "errors" else None) for k, v in summaries.items()}
-
-    def _or_empty(self, values: Any, dim: int) -> Any:
-        if values is not None:
-            return values
-        import torch
-
-        dtype = self.encoder.output_dtype
-        empty = torch.zeros((0, self.encoder.num_tokens, dim), dtype=dtype)
-        return empty if dtype == torch.bfloat16 else empty.numpy()
-
-    def _pooled_or_empty(self, values: np.ndarray | None) -> np.ndarray:
-        if values is not None:
-            return values
-        return np.zeros(
-            (0, self.encoder.feature_dim if self.config.job.features != "tower" else self.encoder.tower_dim),
-            np.float32,
-        )
 
 
 # -- the driver -------------------------------------------------------------------------------

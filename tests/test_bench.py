@@ -349,7 +349,9 @@ def test_encoder_fast_path_matches_plain_and_keeps_outputs():
     post = fast.encode_post(fast.encode_core(pixels[:4]))
     np.testing.assert_allclose(post.projected, b.projected[:4], atol=1e-6)
     empty = fast.encode_pixels(np.zeros((0, 3, 56, 56), np.uint8))
-    assert empty.projected is None and empty.tower is None
+    assert empty.projected.shape == (0, 16, 64) and empty.projected.dtype == b.projected.dtype
+    assert empty.tower.shape == (0, 16, 32) and empty.tower.dtype == b.tower.dtype
+    assert empty.pooled.shape == (0, 64) and empty.pooled.dtype == np.float32
 
 
 def test_encoder_bucket_padding_with_compile_stubbed(monkeypatch):

@@ -305,3 +305,19 @@ def test_fixed_shape_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_pat
     for row, uri in enumerate(res.table.column("uri").to_pylist()):
         ref = encoder.encode_pixels(encoder.encode_pre(Path(uri).read_bytes()).pixels[None]).tower
         assert np.abs(res.features[row] - ref[0]).max() <= 1e-5
+
+
+def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "0-empty.jpg").write_bytes(b"")
+    (folder / "0-text.png").write_bytes(b"<html>not an image</html>")
+    write_real_photos(folder, n=2)
+    out = tmp_path / "out"
+    config = _config(tiny_llava, shard_size=2, pooled=True, features="both", max_error_fraction=1.0)
+    summary = run_job(config, str(folder), str(out))
+    assert summary.ok == 2 and summary.errors == {"empty": 1, "not_an_image": 1}
+    first = pq.read_table(out / "part-000000.parquet")  # the two bad files: no ok row
+    assert first.column("status").to_pylist() == ["error", "error"]
+    assert first.schema == pq.read_table(out / "part-000001.parquet").schema
+    assert first.column("features").null_count == 2 and first.column("pooled").null_count == 2
