@@ -78,6 +78,8 @@ API_KEY_ENV = "LLAVA_FEATURES_API_KEY"
 BUILD_ARGS = ("config", "model", "decode", "job", "serve", "make_tiny_if_missing", "ray_actor_options")
 DEFAULT_ENCODER_CPUS = 1.0
 DEFAULT_INGRESS_CPUS = 0.5
+INGRESS_MIN_ONGOING = 64
+"""Fewest concurrent requests an ingress replica accepts (each holds at most serve.max_body_bytes)."""
 
 _LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -651,9 +653,10 @@ def deployment_options(
             **(extra.get("encoder") or {}),
         },
     }
-    # The ingress only awaits I/O: it takes twice what the encoders can hold and queue, so that
-    # the encoders' max_queued_requests decides when to answer 503 (with our JSON error body);
-    # the ingress's own queue at the proxy is the last guard (the proxy's plain-text 503).
+    # The ingress only awaits I/O: it takes twice what the encoders can hold and queue (and at
+    # least INGRESS_MIN_ONGOING, which bounds the request bodies it holds), so that the encoders'
+    # max_queued_requests decides when to answer 503 (with our JSON error body); the ingress's own
+    # queue at the proxy is the last guard (the proxy's plain-text 503).
     ingress = {
         "autoscaling_config": {
             "min_replicas": 1,
@@ -661,7 +664,7 @@ def deployment_options(
             "initial_replicas": 1,
             "target_ongoing_requests": per_replica,
         },
-        "max_ongoing_requests": 2 * (per_replica * s.max_replicas + queued),
+        "max_ongoing_requests": max(INGRESS_MIN_ONGOING, 2 * (per_replica * s.max_replicas + queued)),
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": backpressure,
         "ray_actor_options": {"num_cpus": DEFAULT_INGRESS_CPUS, **(extra.get("ingress") or {})},
