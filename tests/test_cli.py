@@ -18,7 +18,9 @@ from pipeline.model.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("fmt", "weights"), [("llava", "bin"), ("llava-hf", "safetensors"), ("clip", "safetensors")])
+@pytest.mark.parametrize(
+    ("fmt", "weights"), [("llava", "bin"), ("llava-hf", "safetensors"), ("clip", "safetensors")]
+)
 def test_make_tiny_model_and_info(fmt, weights, tmp_path, capsys):
     assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--format", fmt, "--weights", weights]) == 0
     out = capsys.readouterr().out
@@ -30,7 +32,9 @@ def test_make_tiny_model_and_info(fmt, weights, tmp_path, capsys):
     assert info["encoder"]["model"]["projector_type"] == "mlp2x_gelu"
     assert info["encoder"]["compute_dtype"] == "float32" and info["encoder"]["output_dtype"] == "float16"
     if weights == "bin":
-        assert list((tmp_path / "m").glob("pytorch_model-*.bin")) and not list((tmp_path / "m").glob("*.safetensors"))
+        assert list((tmp_path / "m").glob("pytorch_model-*.bin")) and not list(
+            (tmp_path / "m").glob("*.safetensors")
+        )
 
 
 def test_default_dtype_and_device():
@@ -49,8 +53,17 @@ def test_shipped_configs_load_and_override_only_known_keys():
         cfg = load_config(path)
         assert isinstance(cfg, Config)
     seven = load_config(REPO / "configs" / "llava-v1.5-7b.yaml").model
-    assert (seven.vision_tower, seven.select_layer, seven.select_feature) == ("openai/clip-vit-large-patch14-336", -2, "patch")
-    assert (seven.projector_type, seven.mm_hidden_size, seven.hidden_size, seven.image_aspect_ratio) == ("mlp2x_gelu", 1024, 4096, "pad")
+    assert (seven.vision_tower, seven.select_layer, seven.select_feature) == (
+        "openai/clip-vit-large-patch14-336",
+        -2,
+        "patch",
+    )
+    assert (seven.projector_type, seven.mm_hidden_size, seven.hidden_size, seven.image_aspect_ratio) == (
+        "mlp2x_gelu",
+        1024,
+        4096,
+        "pad",
+    )
     assert load_config(REPO / "configs" / "llava-v1.5-13b.yaml").model.hidden_size == 5120
 
 
@@ -74,7 +87,10 @@ def test_cli_overrides_win_and_change_the_fingerprint(tiny_llava):
     base = load_config(None, {"model": {"checkpoint": str(tiny_llava)}})
     other = load_config(None, {"model": {"checkpoint": str(tiny_llava), "select_layer": 1}})
     assert describe_encoder(base).fingerprint != describe_encoder(other).fingerprint
-    assert describe_encoder(base).fingerprint == describe_encoder(load_config(None, {"model": {"checkpoint": str(tiny_llava)}})).fingerprint
+    assert (
+        describe_encoder(base).fingerprint
+        == describe_encoder(load_config(None, {"model": {"checkpoint": str(tiny_llava)}})).fingerprint
+    )
     assert resolve_model(other.model).select_layer == 1
     assert config_to_dict(other)["model"]["select_layer"] == 1
 

@@ -43,8 +43,10 @@ def test_two_node_cluster(tiny_llava, tmp_path):
         photos = write_real_photos(tmp_path / "photos")
         config = load_config(
             None,
-            {"model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
-             "job": {"shard_size": 1, "actors": (2, 2), "max_error_fraction": 0.0}},
+            {
+                "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
+                "job": {"shard_size": 1, "actors": (2, 2), "max_error_fraction": 0.0},
+            },
         )
         summary = run_job(config, str(tmp_path / "photos"), str(tmp_path / "out"))
         assert summary.ok == len(photos) and summary.shards_written == len(photos)
@@ -60,28 +62,70 @@ def test_ray_job_submit(tiny_llava, tmp_path):
     photos = write_real_photos(tmp_path / "photos")
     out = tmp_path / "out"
     gcs_port, dash_port = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            "--num-cpus=3",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         address = f"http://127.0.0.1:{dash_port}"
         deadline = time.time() + 120
         while time.time() < deadline:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True)
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            )
             if probe.returncode == 0:
                 break
             time.sleep(1)
         submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "llava-features", "encode", "--model", str(tiny_llava), "--input", str(tmp_path / "photos"),
-             "--output", str(out), "--dtype", "float32", "--shard-size", "2"],
-            env=env, capture_output=True, text=True, timeout=400,
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "llava-features",
+                "encode",
+                "--model",
+                str(tiny_llava),
+                "--input",
+                str(tmp_path / "photos"),
+                "--output",
+                str(out),
+                "--dtype",
+                "float32",
+                "--shard-size",
+                "2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()

@@ -54,17 +54,43 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
 
 
 def _config(model: Path, **job):
-    return load_config(None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "job": {"shard_size": 4, **job}})
+    return load_config(
+        None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "job": {"shard_size": 4, **job}}
+    )
 
 
 def _encode_args(model: Path, inp: Path | str, out: Path | str, *extra: str) -> list[str]:
-    return ["encode", "--model", str(model), "--input", str(inp), "--output", str(out), "--dtype", "float32", *extra]
+    return [
+        "encode",
+        "--model",
+        str(model),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--dtype",
+        "float32",
+        *extra,
+    ]
 
 
 def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_llava, corpus, tmp_path):
     folder, expected = corpus
     out = tmp_path / "out"
-    rc = cli_main(_encode_args(tiny_llava, folder, out, "--pooled", "--features", "both", "--max-error-fraction", "0.9", "--shard-size", "5"))
+    rc = cli_main(
+        _encode_args(
+            tiny_llava,
+            folder,
+            out,
+            "--pooled",
+            "--features",
+            "both",
+            "--max-error-fraction",
+            "0.9",
+            "--shard-size",
+            "5",
+        )
+    )
     assert rc == 0
     res = read_features(str(out), status=None)
     ids = res.table.column("image_id").to_pylist()
@@ -151,7 +177,10 @@ def test_read_back_with_pyarrow_pandas_duckdb(ray_local, tiny_llava, corpus, tmp
 
     # DuckDB: a query on status and an array operation on pooled
     glob = f"{out}/*.parquet"
-    assert duckdb.sql(f"select count(*) from read_parquet('{glob}') where status = 'ok'").fetchall()[0][0] == n_ok
+    assert (
+        duckdb.sql(f"select count(*) from read_parquet('{glob}') where status = 'ok'").fetchall()[0][0]
+        == n_ok
+    )
     rows = duckdb.sql(
         f"select image_id, list_sum(pooled) from read_parquet('{glob}') where status = 'ok' order by image_id"
     ).fetchall()
@@ -173,8 +202,13 @@ def test_non_empty_output_is_refused_and_fingerprint_checked(ray_local, tiny_lla
 
     out2 = tmp_path / "out2"
     run_job(_config(tiny_llava, max_error_fraction=1.0, limit=6), str(folder), str(out2))
-    other = load_config(None, {"model": {"checkpoint": str(tiny_llava), "dtype": "float32", "select_layer": 1},
-                               "job": {"shard_size": 4, "max_error_fraction": 1.0, "limit": 6}})
+    other = load_config(
+        None,
+        {
+            "model": {"checkpoint": str(tiny_llava), "dtype": "float32", "select_layer": 1},
+            "job": {"shard_size": 4, "max_error_fraction": 1.0, "limit": 6},
+        },
+    )
     with pytest.raises(OutputError) as info:
         run_job(other, str(folder), str(out2), resume=True)
     assert info.value.code == ErrorCode.FINGERPRINT_MISMATCH
@@ -213,7 +247,9 @@ def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, 
     out = tmp_path / "out"
     result: dict = {}
     thread = threading.Thread(
-        target=lambda: result.update(summary=run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out)))
+        target=lambda: result.update(
+            summary=run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out))
+        )
     )
     thread.start()
     pid = None
@@ -245,7 +281,12 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     images = _many_images(tmp_path, 40)
     out, clean = tmp_path / "out", tmp_path / "clean"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipeline.cli", *_encode_args(tiny_llava, images, out, "--shard-size", "1", "--max-error-fraction", "0")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        *_encode_args(tiny_llava, images, out, "--shard-size", "1", "--max-error-fraction", "0"),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and len(_committed(out)) < 5 and proc.poll() is None:
@@ -256,7 +297,9 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     assert 5 <= len(first) < 40, "the job was not interrupted part-way"
     assert not (out / SUCCESS_FILE).exists()
 
-    summary = run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True)
+    summary = run_job(
+        _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
+    )
     assert summary.shards_skipped == len(first) and summary.shards_written == 40 - len(first)
     assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
     run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
@@ -267,7 +310,9 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     assert np.array_equal(resumed.features[a], reference.features[b])
     assert (out / SUCCESS_FILE).exists()
     # resuming a finished job writes nothing
-    again = run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True)
+    again = run_job(
+        _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
+    )
     assert again.shards_written == 0 and again.ok == 40
 
 
@@ -278,7 +323,17 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
     for p in photos:
         s3_server.put_object("in-images", f"photos/{p.name}", p.read_bytes())
     s3_server.put_object("in-images", "photos/bad.jpg", b"not an image at all")
-    rc = cli_main(_encode_args(tiny_llava, "s3://in-images/photos", "s3://out-features/run1", "--s3-endpoint", s3_server.endpoint_url, "--max-error-fraction", "0.5"))
+    rc = cli_main(
+        _encode_args(
+            tiny_llava,
+            "s3://in-images/photos",
+            "s3://out-features/run1",
+            "--s3-endpoint",
+            s3_server.endpoint_url,
+            "--max-error-fraction",
+            "0.5",
+        )
+    )
     assert rc == 0
     keys = s3_server.list_keys("out-features", "run1/")
     assert "run1/_SUCCESS" in keys and any(k.endswith(".parquet") for k in keys)
@@ -294,7 +349,17 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
 def test_fixed_shape_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_path):
     photos = write_real_photos(tmp_path / "photos", n=3)
     out = tmp_path / "out"
-    rc = cli_main(_encode_args(tiny_llava, tmp_path / "photos", out, "--tensor-format", "fixed_shape_tensor", "--features", "tower"))
+    rc = cli_main(
+        _encode_args(
+            tiny_llava,
+            tmp_path / "photos",
+            out,
+            "--tensor-format",
+            "fixed_shape_tensor",
+            "--features",
+            "tower",
+        )
+    )
     assert rc == 0
     table = pq.read_table(out)
     assert "features" not in table.column_names

@@ -118,7 +118,11 @@ def test_properties_and_delay_load(tower_dir, caplog):
     assert "already loaded" in caplog.text and tower.vision_tower is model_before
     assert tower.dummy_feature.shape == (1, 32) and tower.dummy_feature.abs().sum() == 0
     assert tower.dtype == torch.float32 and tower.device.type == "cpu"
-    unfrozen = CLIPVisionTower(str(tower_dir), SimpleNamespace(mm_vision_select_layer=-2, unfreeze_mm_vision_tower=True), delay_load=True)
+    unfrozen = CLIPVisionTower(
+        str(tower_dir),
+        SimpleNamespace(mm_vision_select_layer=-2, unfreeze_mm_vision_tower=True),
+        delay_load=True,
+    )
     assert unfrozen.is_loaded
 
 
@@ -131,8 +135,12 @@ def test_bad_select_feature_and_layer(tower_dir):
 
 @pytest.mark.parametrize(
     ("ptype", "layers"),
-    [("linear", [nn.Linear]), ("mlp1x_gelu", [nn.Linear]), ("mlp2x_gelu", [nn.Linear, nn.GELU, nn.Linear]),
-     ("mlp4x_gelu", [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear])],
+    [
+        ("linear", [nn.Linear]),
+        ("mlp1x_gelu", [nn.Linear]),
+        ("mlp2x_gelu", [nn.Linear, nn.GELU, nn.Linear]),
+        ("mlp4x_gelu", [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]),
+    ],
 )
 def test_projector_types(ptype, layers):
     proj = build_vision_projector(SimpleNamespace(mm_projector_type=ptype, mm_hidden_size=8, hidden_size=12))
@@ -150,8 +158,12 @@ def test_projector_types(ptype, layers):
 def test_identity_and_unknown_projectors():
     ident = build_vision_projector({"mm_projector_type": "identity"})
     x = torch.randn(2, 3)
-    assert isinstance(ident, IdentityMap) and ident(x) is x and ident.config == {"mm_projector_type": "identity"}
-    assert isinstance(build_vision_projector({"mm_hidden_size": 4, "hidden_size": 5}), nn.Linear)  # default linear
+    assert (
+        isinstance(ident, IdentityMap) and ident(x) is x and ident.config == {"mm_projector_type": "identity"}
+    )
+    assert isinstance(
+        build_vision_projector({"mm_hidden_size": 4, "hidden_size": 5}), nn.Linear
+    )  # default linear
     for bad in ("mlp0x_gelu", "mlp2x_relu", "conv"):
         with pytest.raises(ValueError, match="valid types are 'linear', 'identity' and 'mlp\\{N\\}x_gelu'"):
             build_vision_projector({"mm_projector_type": bad, "mm_hidden_size": 4, "hidden_size": 5})
@@ -178,10 +190,16 @@ def test_all_checkpoint_formats_give_the_same_features(tiny_models):
 
 def test_llava_matches_seed_tower_plus_projector(tiny_models, reference_model):
     resolved = resolve_model(ModelConfig(checkpoint=str(tiny_models["llava"])))
-    assert (resolved.select_layer, resolved.select_feature, resolved.projector_type) == (-2, "patch", "mlp2x_gelu")
+    assert (resolved.select_layer, resolved.select_feature, resolved.projector_type) == (
+        -2,
+        "patch",
+        "mlp2x_gelu",
+    )
     assert (resolved.mm_hidden_size, resolved.hidden_size, resolved.image_aspect_ratio) == (32, 64, "pad")
     tower, projector = load_model_modules(resolved, dtype="float32", device="cpu")
-    proj_ref = build_vision_projector({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "hidden_size": 64})
+    proj_ref = build_vision_projector(
+        {"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "hidden_size": 64}
+    )
     tensors, _ = read_tensors(_Source(str(tiny_models["llava"])), ("model.mm_projector.",))
     proj_ref.load_state_dict({k.removeprefix("model.mm_projector."): v for k, v in tensors.items()})
     images = torch.randn(4, 3, 56, 56)
@@ -194,19 +212,28 @@ def test_llava_matches_seed_tower_plus_projector(tiny_models, reference_model):
 def test_llava_hf_matches_transformers_get_image_features(tiny_models):
     from transformers import LlavaForConditionalGeneration
 
-    ref_model = LlavaForConditionalGeneration.from_pretrained(tiny_models["llava-hf"], attn_implementation="eager").eval()
+    ref_model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_models["llava-hf"], attn_implementation="eager"
+    ).eval()
     images = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
-        out = ref_model.get_image_features(pixel_values=images, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        out = ref_model.get_image_features(
+            pixel_values=images, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        )
     expected = torch.stack(list(out.pooler_output)) if not isinstance(out, torch.Tensor) else out
     got = _features(ModelConfig(checkpoint=str(tiny_models["llava-hf"])), images)
     assert got.shape == expected.shape == (3, 16, 64)
     assert (got - expected).abs().max().item() <= TOL
     # "full" keeps CLS, as transformers does
     with torch.no_grad():
-        full = ref_model.get_image_features(pixel_values=images, vision_feature_layer=-1, vision_feature_select_strategy="full")
+        full = ref_model.get_image_features(
+            pixel_values=images, vision_feature_layer=-1, vision_feature_select_strategy="full"
+        )
     full = torch.stack(list(full.pooler_output)) if not isinstance(full, torch.Tensor) else full
-    got_full = _features(ModelConfig(checkpoint=str(tiny_models["llava-hf"]), select_layer=-1, select_feature="cls_patch"), images)
+    got_full = _features(
+        ModelConfig(checkpoint=str(tiny_models["llava-hf"]), select_layer=-1, select_feature="cls_patch"),
+        images,
+    )
     assert got_full.shape == (3, 17, 64) and (got_full - full).abs().max().item() <= TOL
 
 
@@ -221,8 +248,20 @@ def test_only_projector_shards_are_opened(tiny_models):
 
 
 def test_overrides_win_over_checkpoint(tiny_models):
-    r = resolve_model(ModelConfig(checkpoint=str(tiny_models["llava"]), select_layer=1, select_feature="cls_patch", image_aspect_ratio="crop"))
-    assert (r.select_layer, r.select_feature, r.image_aspect_ratio, r.num_tokens) == (1, "cls_patch", "crop", 17)
+    r = resolve_model(
+        ModelConfig(
+            checkpoint=str(tiny_models["llava"]),
+            select_layer=1,
+            select_feature="cls_patch",
+            image_aspect_ratio="crop",
+        )
+    )
+    assert (r.select_layer, r.select_feature, r.image_aspect_ratio, r.num_tokens) == (
+        1,
+        "cls_patch",
+        "crop",
+        17,
+    )
     tower, _ = load_model_modules(r, device="cpu")
     assert tower(torch.randn(1, 3, 56, 56)).shape == (1, 17, 32)
 
@@ -286,13 +325,25 @@ def test_product_encoder_path_matches_seed(tiny_models, reference_model):
     from pipeline.encoder import FeatureEncoder
     from pipeline.preprocess import normalize
 
-    encoder = FeatureEncoder(load_config(None, {"model": {"checkpoint": str(tiny_models["llava"]), "dtype": "float32"}, "job": {"features": "both"}}))
+    encoder = FeatureEncoder(
+        load_config(
+            None,
+            {
+                "model": {"checkpoint": str(tiny_models["llava"]), "dtype": "float32"},
+                "job": {"features": "both"},
+            },
+        )
+    )
     assert encoder.config.model.fuse_qkv and encoder.config.model.fold_quick_gelu
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 3, 56, 56), dtype=np.uint8)
     got = encoder.encode_pixels(pixels, batch_size=2)
-    _, projector = load_model_modules(resolve_model(ModelConfig(checkpoint=str(tiny_models["llava"]))), device="cpu")
+    _, projector = load_model_modules(
+        resolve_model(ModelConfig(checkpoint=str(tiny_models["llava"]))), device="cpu"
+    )
     with torch.no_grad():
-        tower_ref = seed_forward(reference_model, normalize(torch.from_numpy(pixels), encoder.spec), -2, "patch")
+        tower_ref = seed_forward(
+            reference_model, normalize(torch.from_numpy(pixels), encoder.spec), -2, "patch"
+        )
         proj_ref = projector(tower_ref)
     assert got.tower.dtype == np.float32 and got.projected.shape == (5, 16, 64)
     assert np.abs(got.tower - tower_ref.numpy()).max() <= TOL

@@ -557,5 +557,7 @@ def _tower_from_llava_hf(
     fixed = {k: v for k, v in fixed.items() if not k.endswith("position_ids") or k in expected}
     load_state_strict(model, fixed, f"vision tower from {resolved.checkpoint}")
     model.to(device=device, dtype=dtype)
-    processor = image_processor_class().from_dict(resolved.image_processor) if resolved.image_processor else None
+    processor = (
+        image_processor_class().from_dict(resolved.image_processor) if resolved.image_processor else None
+    )
     return CLIPVisionTower.from_model(model, args, processor, name=str(resolved.checkpoint))

@@ -103,7 +103,9 @@ class CLIPVisionTower(nn.Module):
     ) -> None:
         super().__init__()
         device = resolve_device(device)
-        self._setup(vision_tower, args, device, resolve_dtype(dtype, device), attn_implementation, local_files_only)
+        self._setup(
+            vision_tower, args, device, resolve_dtype(dtype, device), attn_implementation, local_files_only
+        )
         if not delay_load or _arg(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
         else:
@@ -153,7 +155,13 @@ class CLIPVisionTower(nn.Module):
         return tower
 
     def _setup(
-        self, name: str, args: Any, device: torch.device, dtype: torch.dtype, attn: str, local_files_only: bool
+        self,
+        name: str,
+        args: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        attn: str,
+        local_files_only: bool,
     ) -> None:
         """State shared by both constructors: the selection (validated) and where to compute."""
         self.is_loaded = False
