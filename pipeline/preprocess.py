@@ -18,31 +18,38 @@ Speed: PIL's resize is separable: a horizontal and a vertical pass through a uin
 intermediate (Pillow 13 runs the vertical pass first when the height shrinks by more than twice
 as many pixels as the width, else the horizontal one). Each output row (column) of a pass reads
 one input row (column), and the weights depend on nothing but (input size, output size, filter).
-So we run the passes as separate ``Image.resize`` calls, in PIL's order, on exactly the input
-they need; the output is bit-identical while work the reference throws away is skipped:
+Two routes use that, both bit-identical to resizing everything and cropping:
 
-- ``pad`` with a landscape image: the horizontal pass runs on the image rows only (the padding
-  rows of ``expand2square`` are one constant colour, which the pass maps to itself exactly),
-  and the padded square is never built;
-- center crop: the second pass runs on the kept columns (rows) only, and the first pass on the
-  input rows (columns) that the kept outputs read (computed as Pillow does, plus a margin).
+- the compiled resampler (``pipeline/_resample.c``, built by ``pip install``): the same weights
+  and integer arithmetic as Pillow, vectorised (AVX2 where the CPU has it), computing only the
+  kept window from only the input it reads, with ``expand2square``'s padding virtual (background
+  rows are resampled once) and the CHW layout written directly. It is checked against the
+  installed Pillow once per process and filter (:func:`_compiled_resampler`) and used for
+  BICUBIC, BILINEAR and BOX; :func:`resampler_name` says which route runs;
+- otherwise Pillow itself, one ``Image.resize`` call per pass in PIL's order on exactly the
+  input the pass needs: with ``pad`` and a landscape image the horizontal pass runs on the image
+  rows only (the padding rows are one constant colour, which the pass maps to itself exactly)
+  and the square is never built; with a center crop the second pass runs on the kept columns
+  (rows) only, the first on the input rows (columns) those read. That decomposition is verified
+  once per process and filter (:func:`_pass_model`); if it does not hold (another Pillow build),
+  every image takes the plain route (``resize`` then crop), which is the reference itself.
 
-That decomposition is verified once per process and filter against the installed Pillow
-(:func:`_pass_model`, a few small resizes); if it does not hold (another Pillow build), every
-image takes the plain route (``resize`` then crop), which is the reference itself.
 Intermediates larger than ``DecodeConfig.max_image_pixels`` (extreme aspect ratios) are refused
-as ``too_large`` instead of exhausting memory. JPEG decoding and these two PIL passes are
-~75% of the time left; they bound the speed-up over ``CLIPImageProcessor`` while staying exact.
+as ``too_large`` on every route instead of exhausting memory. With the compiled resampler, JPEG
+decoding is most of the time left.
 
 No ``Image.draft`` (JPEG DCT scaling) or ``reducing_gap``: both change the numbers.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -68,6 +75,7 @@ __all__ = [
     "Preprocessor",
     "expand2square",
     "normalize",
+    "resampler_name",
     "resize_output_size",
 ]
 
@@ -321,17 +329,26 @@ class Preprocessor:
         width, height = image.size
         if spec.aspect_ratio == "pad" and width != height:
             side = max(width, height)
-            if (
+            landscape_route = (
                 model is not None
                 and width > height
                 and model.horizontal_first(side, side, spec.size, spec.size)
-            ):
-                self._check_work(spec.size * side, image)  # the (size x side) canvas below
+            )
+            # The intermediate LLaVA's route would need: (size x side) rows for a landscape image
+            # (the horizontal pass runs first, on the image rows only), else the whole square.
+            self._check_work(spec.size * side if landscape_route else side * side, image)
+            compiled = self._pixels_compiled(image, model, side, side)
+            if compiled is not None:
+                return compiled
+            if landscape_route:
                 image = _pad_landscape(image, spec.size, spec.resample, self._background)  # (size, size)
             else:
-                self._check_work(side * side, image)
                 image = expand2square(image, self._background)
             width = height = image.size[0]
+        else:
+            compiled = self._pixels_compiled(image, model, height, width)
+            if compiled is not None:
+                return compiled
         new_h, new_w = resize_output_size(height, width, spec.size)
         self._check_work(max(new_w * new_h, new_w * height, width * new_h), image)
         crop_h, crop_w = (spec.crop_height, spec.crop_width) if spec.do_center_crop else (new_h, new_w)
@@ -343,6 +360,43 @@ class Preprocessor:
         return _pil_to_chw(
             _resize_window(image, new_h, new_w, top, left, crop_h, crop_w, spec.resample, model)
         )
+
+    def _pixels_compiled(
+        self, image: Image.Image, model: _PassModel | None, canvas_h: int, canvas_w: int
+    ) -> np.ndarray | None:
+        """:meth:`pixels` through the compiled resampler, or None where it does not apply.
+
+        ``(canvas_h, canvas_w)``: the image's size, or expand2square's square (the image centred
+        on it, as LLaVA pastes it); the square is never built.
+        """
+        spec = self.spec
+        resampler = _compiled_resampler(spec.resample) if model is not None else None
+        if resampler is None:
+            return None
+        width, height = image.size
+        new_h, new_w = resize_output_size(canvas_h, canvas_w, spec.size)
+        crop_h, crop_w = (spec.crop_height, spec.crop_width) if spec.do_center_crop else (new_h, new_w)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        horizontal_first = model.horizontal_first(canvas_w, canvas_h, new_w, new_h)
+        padded = (canvas_h, canvas_w) != (height, width)
+        if top < 0 or left < 0 or (padded and not horizontal_first):
+            return None  # HF's zero padding of a too-small crop; a padded vertical-first resize
+        self._check_work(max(new_w * new_h, new_w * canvas_h, canvas_w * new_h), image)
+        out = np.empty((3, crop_h, crop_w), dtype=np.uint8)
+        resampler.resize_window(
+            np.asarray(image),
+            height,
+            width,
+            out,
+            (canvas_h, canvas_w),
+            ((canvas_h - height) // 2, (canvas_w - width) // 2),
+            self._background,
+            (new_h, new_w),
+            (top, left, crop_h, crop_w),
+            spec.resample,
+            horizontal_first,
+        )
+        return out
 
     def _check_work(self, pixels: int, image: Image.Image) -> None:
         limit = self.decode_config.max_image_pixels
@@ -443,6 +497,149 @@ def _probe_pad(noise: Image.Image, resample: int, model: _PassModel) -> bool:
     ref = np.asarray(expand2square(image, background).resize((24, 24), resample))
     fast = np.asarray(_pad_landscape(image, 24, resample, background))
     return model.horizontal_first(61, 61, 24, 24) and np.array_equal(ref, fast)
+
+
+# ------------------------------------------------------------------------------------------
+# The compiled resampler (pipeline/_resample.c)
+
+_COMPILED_FILTERS = (2, 3, 4)  # BILINEAR, BICUBIC, BOX: the filters the extension implements
+# Probe windows ((w, h), (new_w, new_h), (top, left, crop_h, crop_w)), as in _PROBES: both pass
+# orders, up- and down-scaling, windows away from the edges.
+_COMPILED_PROBES = (
+    ((50, 40), (23, 31), (0, 0, 31, 23)),
+    ((40, 90), (37, 20), (3, 5, 14, 30)),
+    ((40, 71), (30, 50), (10, 2, 30, 25)),
+    ((20, 60), (30, 25), (0, 0, 25, 30)),
+    ((60, 20), (30, 40), (6, 7, 20, 20)),
+    ((31, 64), (64, 17), (1, 0, 16, 64)),
+    ((96, 61), (33, 21), (2, 6, 17, 21)),
+)
+
+
+@lru_cache(maxsize=8)
+def _compiled_resampler(resample: int) -> Any | None:
+    """The compiled extension when it is built and reproduces the installed Pillow exactly for
+    ``resample`` (checked once per process and filter on a few resizes, padded ones included);
+    else None, and preprocessing uses Pillow's own passes."""
+    if resample not in _COMPILED_FILTERS:
+        return None
+    model = _pass_model(resample)
+    if model is None:
+        return None
+    _resample = _load_extension()
+    if _resample is None:
+        logger.warning(
+            "the compiled resampler (pipeline/_resample.c) is not built: preprocessing uses Pillow's "
+            "resize (identical pixels, ~3x slower); build it with `pip install -e .` (needs a C compiler)"
+        )
+        return None
+    try:
+        if not _probe_compiled(_resample, resample, model):
+            logger.warning(
+                "the compiled resampler differs from this Pillow build (%s); preprocessing uses Pillow",
+                getattr(Image, "__version__", "?"),
+            )
+            return None
+    except Exception:  # e.g. a stale build with another signature
+        logger.warning("the compiled resampler failed its check; preprocessing uses Pillow", exc_info=True)
+        return None
+    return _resample
+
+
+def _probe_compiled(_resample: Any, resample: int, model: _PassModel) -> bool:
+    rng = np.random.default_rng(4321)
+    noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    background = (122, 116, 104)
+    for (w, h), (nw, nh), (top, left, ch, cw) in _COMPILED_PROBES:
+        for pad in (False, True):
+            image = Image.fromarray(np.ascontiguousarray(noise[:h, :w]))
+            source = expand2square(image, background) if pad else image
+            side_h, side_w = source.height, source.width
+            horizontal_first = model.horizontal_first(side_w, side_h, nw, nh)
+            if pad and not horizontal_first:
+                continue
+            want = np.asarray(source.resize((nw, nh), resample))[top : top + ch, left : left + cw]
+            got = np.empty((3, ch, cw), dtype=np.uint8)
+            _resample.resize_window(
+                np.asarray(image),
+                h,
+                w,
+                got,
+                (side_h, side_w),
+                ((side_h - h) // 2, (side_w - w) // 2),
+                background,
+                (nh, nw),
+                (top, left, ch, cw),
+                resample,
+                horizontal_first,
+            )
+            if not np.array_equal(got, want.transpose(2, 0, 1)):
+                return False
+    return True
+
+
+def _load_extension() -> Any | None:
+    """``pipeline._resample``, or the build of the installed package when this copy of the
+    sources has none (Ray's ``working_dir`` upload leaves out what .gitignore lists, build outputs
+    included, and the uploaded sources come first on the workers' ``sys.path``). None if neither."""
+    try:
+        from . import _resample  # type: ignore[attr-defined]
+
+        return _resample
+    except ImportError:
+        pass
+    here = Path(__file__).resolve().parent
+    for location in _package_locations():
+        if location == here:
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = location / f"_resample{suffix}"
+            if not candidate.is_file():
+                continue
+            spec = importlib.util.spec_from_file_location(f"{__package__}._resample", candidate)
+            if spec is None or spec.loader is None:
+                continue
+            try:
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            except ImportError:
+                continue
+            logger.info("using the compiled resampler of the installed package: %s", candidate)
+            return module
+    return None
+
+
+def _package_locations() -> list[Path]:
+    """Folders that hold a ``pipeline`` package: what each import finder would pick (an editable
+    install's finder included), then every ``sys.path`` entry."""
+    found: list[Path] = []
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        try:
+            spec = find_spec(__package__, None) if callable(find_spec) else None
+        except Exception:
+            continue
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            found.append(Path(location))
+    found.extend(Path(entry or ".") / __package__ for entry in sys.path)
+    unique: list[Path] = []
+    for path in found:
+        try:
+            resolved = path.resolve()
+        except OSError:
+            continue
+        if resolved.is_dir() and resolved not in unique:
+            unique.append(resolved)
+    return unique
+
+
+def resampler_name(resample: int = 3) -> str:
+    """Which resize implementation :meth:`Preprocessor.pixels` uses for ``resample``:
+    ``compiled-avx2``, ``compiled`` (portable C) or ``pillow``. All give identical pixels."""
+    module = _compiled_resampler(resample)
+    if module is None:
+        return "pillow"
+    return "compiled-avx2" if getattr(module, "SIMD", 0) else "compiled"
 
 
 def _resize_window(

@@ -105,9 +105,17 @@ def test_resize_output_size_matches_transformers():
         assert resize_output_size(h, w, size) == tuple(want), (h, w, size)
 
 
-def test_fast_routes_are_bit_identical_to_plain_pil():
-    """The two-pass decomposition gives exactly PIL's resize + crop for many geometries and filters."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pillow-passes"])
+def test_fast_routes_are_bit_identical_to_plain_pil(compiled, monkeypatch):
+    """Every route (the compiled resampler, or PIL's passes called one at a time) gives exactly PIL's
+    resize + crop for many geometries and filters."""
+    import pipeline.preprocess as preprocess
+
     assert _pass_model(3) is not None  # the installed Pillow passed the probe: fast routes are on
+    if not compiled:
+        monkeypatch.setattr(preprocess, "_compiled_resampler", lambda resample: None)
+    else:
+        assert preprocess.resampler_name(3).startswith("compiled")
     rng = np.random.default_rng(42)
     noise = Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8))
     for trial in range(120):
@@ -141,6 +149,7 @@ def test_plain_route_when_pillow_is_not_decomposable(photos, monkeypatch):
     import pipeline.preprocess as preprocess
 
     monkeypatch.setattr(preprocess, "_pass_model", lambda resample: None)
+    monkeypatch.setattr(preprocess, "_compiled_resampler", lambda resample: None)
     processor = reference_processor(224)
     images = [photos["rocket"], photos["coins"], photos["astronaut"].resize((300, 500))]
     for aspect_ratio in ("pad", "crop"):

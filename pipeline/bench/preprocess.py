@@ -26,6 +26,7 @@ from ..preprocess import (
     PreprocessSpec,
     expand2square,
     normalize,
+    resampler_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def _bench(
         "pil_decode_only_images_per_s": _rate(pil_decode_only, seconds / 3),
         "pixels_only_images_per_s": _rate(pixels_only, seconds / 3),
         "hf_backend": str(getattr(processor, "backend", "pil")),
+        "resampler": resampler_name(spec.resample),
         "clock": "thread_cpu_time",
     }
     logger.info("preprocess benchmark: %s", result)
