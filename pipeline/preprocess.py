@@ -327,8 +327,11 @@ class Preprocessor:
         spec = self.spec
         model = _pass_model(spec.resample)
         width, height = image.size
-        if spec.aspect_ratio == "pad" and width != height:
+        pad = spec.aspect_ratio == "pad" and width != height
+        canvas, landscape_route = (height, width), False
+        if pad:
             side = max(width, height)
+            canvas = (side, side)
             landscape_route = (
                 model is not None
                 and width > height
@@ -337,22 +340,17 @@ class Preprocessor:
             # The intermediate LLaVA's route would need: (size x side) rows for a landscape image
             # (the horizontal pass runs first, on the image rows only), else the whole square.
             self._check_work(spec.size * side if landscape_route else side * side, image)
-            compiled = self._pixels_compiled(image, model, side, side)
-            if compiled is not None:
-                return compiled
+        compiled = self._pixels_compiled(image, model, *canvas)
+        if compiled is not None:
+            return compiled
+        if pad:
             if landscape_route:
                 image = _pad_landscape(image, spec.size, spec.resample, self._background)  # (size, size)
             else:
                 image = expand2square(image, self._background)
             width = height = image.size[0]
-        else:
-            compiled = self._pixels_compiled(image, model, height, width)
-            if compiled is not None:
-                return compiled
-        new_h, new_w = resize_output_size(height, width, spec.size)
+        new_h, new_w, top, left, crop_h, crop_w = self._window(height, width)
         self._check_work(max(new_w * new_h, new_w * height, width * new_h), image)
-        crop_h, crop_w = (spec.crop_height, spec.crop_width) if spec.do_center_crop else (new_h, new_w)
-        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
         if top < 0 or left < 0 or model is None:
             # Crop larger than the image (HF pads with zeros) or an unverified resampler: plain route.
             resized = image.resize((new_w, new_h), spec.resample) if (new_w, new_h) != image.size else image
@@ -360,6 +358,14 @@ class Preprocessor:
         return _pil_to_chw(
             _resize_window(image, new_h, new_w, top, left, crop_h, crop_w, spec.resample, model)
         )
+
+    def _window(self, height: int, width: int) -> tuple[int, int, int, int, int, int]:
+        """(new_h, new_w, top, left, crop_h, crop_w): the resize of a height x width image and the
+        window of it that is kept (top/left < 0: the crop is larger than the resized image)."""
+        spec = self.spec
+        new_h, new_w = resize_output_size(height, width, spec.size)
+        crop_h, crop_w = (spec.crop_height, spec.crop_width) if spec.do_center_crop else (new_h, new_w)
+        return new_h, new_w, (new_h - crop_h) // 2, (new_w - crop_w) // 2, crop_h, crop_w
 
     def _pixels_compiled(
         self, image: Image.Image, model: _PassModel | None, canvas_h: int, canvas_w: int
@@ -374,9 +380,7 @@ class Preprocessor:
         if resampler is None:
             return None
         width, height = image.size
-        new_h, new_w = resize_output_size(canvas_h, canvas_w, spec.size)
-        crop_h, crop_w = (spec.crop_height, spec.crop_width) if spec.do_center_crop else (new_h, new_w)
-        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        new_h, new_w, top, left, crop_h, crop_w = self._window(canvas_h, canvas_w)
         horizontal_first = model.horizontal_first(canvas_w, canvas_h, new_w, new_h)
         padded = (canvas_h, canvas_w) != (height, width)
         if top < 0 or left < 0 or (padded and not horizontal_first):
