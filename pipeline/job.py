@@ -335,6 +335,9 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
     started = time.perf_counter()
     if pending:
         _run_pipeline(config, resolved, pending, output_uri, job_record, summary)
+        # A writer that died mid-shard (actor or node lost) left its temporary file; the shard was
+        # written again by the retry and no writer of this job is running any more.
+        remove_stale_temp_files(out_path, fs)
     summary.seconds = time.perf_counter() - started
     summary.images_per_s = summary.read / summary.seconds if summary.seconds > 0 else 0.0
 

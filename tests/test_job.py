@@ -386,3 +386,25 @@ def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_
     assert first.column("status").to_pylist() == ["error", "error"]
     assert first.schema == pq.read_table(out / "part-000001.parquet").schema
     assert first.column("features").null_count == 2 and first.column("pooled").null_count == 2
+
+
+def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, tmp_path, monkeypatch):
+    """A writer killed mid-shard leaves its temporary file; the shard is rewritten by the retry, and
+    the finished job leaves no temporary file behind (deterministic version of the actor-kill case)."""
+    import pipeline.job as job_module
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_real_photos(folder, n=2)
+    out = tmp_path / "out"
+    run_pipeline = job_module._run_pipeline
+
+    def run_and_lose_a_writer(config, resolved, pending, output_uri, *rest):
+        run_pipeline(config, resolved, pending, output_uri, *rest)
+        (Path(output_uri) / ".part-000000.parquet.0123abcd.tmp").write_bytes(b"half a shard")
+
+    monkeypatch.setattr(job_module, "_run_pipeline", run_and_lose_a_writer)
+    summary = run_job(_config(tiny_llava, max_error_fraction=0.0), str(folder), str(out))
+    assert summary.ok == 2 and (out / SUCCESS_FILE).exists()
+    assert not list(out.glob(".*.tmp"))
+    assert pq.read_table(out).num_rows == 2
