@@ -82,14 +82,17 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .config import config_to_dict
     from .encoder import describe_encoder
+    from .preprocess import resampler_name
 
     cfg = load_cli_config(args)
     desc = describe_encoder(cfg)
-    print(
-        json.dumps(
-            {"fingerprint": desc.fingerprint, "encoder": desc.fields, "config": config_to_dict(cfg)}, indent=2
-        )
-    )
+    card = {
+        "fingerprint": desc.fingerprint,
+        "encoder": desc.fields,
+        "config": config_to_dict(cfg),
+        "resampler": resampler_name(desc.fields["preprocess"]["resample"]),
+    }
+    print(json.dumps(card, indent=2))
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 from .config import Config, config_to_dict
 from .model import ResolvedModel, load_model_modules, resolve_device, resolve_dtype, resolve_model
 from .model.errors import ConfigError
-from .preprocess import PreparedImage, Preprocessor, PreprocessSpec, normalize
+from .preprocess import PreparedImage, Preprocessor, PreprocessSpec, normalize, resampler_name
 
 logger = logging.getLogger(__name__)
 
@@ -412,4 +412,5 @@ class FeatureEncoder:
             "feature_dim": self.feature_dim,
             "tower_dim": self.tower_dim,
             "device": str(self.device),
+            "resampler": resampler_name(self.spec.resample),
         }

@@ -408,6 +408,7 @@ def test_models_and_healthz(main, local_encoder):
     assert card["object"] == "model" and card["id"] == "llava"
     assert card["fingerprint"] == local_encoder.fingerprint
     assert card["num_tokens"] == local_encoder.num_tokens and card["feature_dim"] == local_encoder.feature_dim
+    assert card["resampler"] == local_encoder.info()["resampler"] != "pillow"
 
 
 @slow
