@@ -386,21 +386,16 @@ class Preprocessor:
         if top < 0 or left < 0 or (padded and not horizontal_first):
             return None  # HF's zero padding of a too-small crop; a padded vertical-first resize
         self._check_work(max(new_w * new_h, new_w * canvas_h, canvas_w * new_h), image)
-        out = np.empty((3, crop_h, crop_w), dtype=np.uint8)
-        resampler.resize_window(
-            np.asarray(image),
-            height,
-            width,
-            out,
+        return _compiled_window(
+            resampler,
+            image,
             (canvas_h, canvas_w),
-            ((canvas_h - height) // 2, (canvas_w - width) // 2),
             self._background,
             (new_h, new_w),
             (top, left, crop_h, crop_w),
             spec.resample,
             horizontal_first,
         )
-        return out
 
     def _check_work(self, pixels: int, image: Image.Image) -> None:
         limit = self.decode_config.max_image_pixels
@@ -563,14 +558,10 @@ def _probe_compiled(_resample: Any, resample: int, model: _PassModel) -> bool:
             if pad and not horizontal_first:
                 continue
             want = np.asarray(source.resize((nw, nh), resample))[top : top + ch, left : left + cw]
-            got = np.empty((3, ch, cw), dtype=np.uint8)
-            _resample.resize_window(
-                np.asarray(image),
-                h,
-                w,
-                got,
+            got = _compiled_window(
+                _resample,
+                image,
                 (side_h, side_w),
-                ((side_h - h) // 2, (side_w - w) // 2),
                 background,
                 (nh, nw),
                 (top, left, ch, cw),
@@ -580,6 +571,36 @@ def _probe_compiled(_resample: Any, resample: int, model: _PassModel) -> bool:
             if not np.array_equal(got, want.transpose(2, 0, 1)):
                 return False
     return True
+
+
+def _compiled_window(
+    module: Any,
+    image: Image.Image,
+    canvas: tuple[int, int],
+    background: tuple[int, int, int],
+    out_size: tuple[int, int],
+    window: tuple[int, int, int, int],
+    resample: int,
+    horizontal_first: bool,
+) -> np.ndarray:
+    """CHW uint8 ``window`` (top, left, height, width) of the resize to ``out_size`` (h, w) of an
+    RGB image centred on a ``canvas`` (h, w) of ``background`` (the image's own size: no padding)."""
+    height, width = image.height, image.width
+    out = np.empty((3, window[2], window[3]), dtype=np.uint8)
+    module.resize_window(
+        np.asarray(image),
+        height,
+        width,
+        out,
+        canvas,
+        ((canvas[0] - height) // 2, (canvas[1] - width) // 2),
+        background,
+        out_size,
+        window,
+        resample,
+        horizontal_first,
+    )
+    return out
 
 
 def _load_extension() -> Any | None:

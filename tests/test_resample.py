@@ -36,25 +36,10 @@ def test_the_compiled_resampler_is_built_and_used(resample_module):
 
 def _window(module, image, out_hw, window, resample, canvas=None, background=(0, 0, 0)):
     """``module.resize_window`` on a PIL image; canvas=(side, side) for expand2square."""
-    arr = np.asarray(image)
-    h, w = arr.shape[:2]
-    ch, cw = canvas or (h, w)
+    canvas = canvas or (image.height, image.width)
     model = preprocess._pass_model(resample)
-    out = np.empty((3, window[2], window[3]), dtype=np.uint8)
-    module.resize_window(
-        arr,
-        h,
-        w,
-        out,
-        (ch, cw),
-        ((ch - h) // 2, (cw - w) // 2),
-        background,
-        out_hw,
-        window,
-        resample,
-        model.horizontal_first(cw, ch, out_hw[1], out_hw[0]),
-    )
-    return out
+    hfirst = model.horizontal_first(canvas[1], canvas[0], out_hw[1], out_hw[0])
+    return preprocess._compiled_window(module, image, canvas, background, out_hw, window, resample, hfirst)
 
 
 def _check_random_geometries(module, trials: int, seed: int) -> int:
