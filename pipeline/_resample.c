@@ -10,9 +10,11 @@
  *   - the same two passes through a uint8 intermediate, in the order the caller gives (Pillow
  *     picks it from the sizes), each output = clip8((2^21 + sum pixel * weight) >> 22).
  * Integer sums are exact whatever their order, so the passes can run many pixels at once:
- *   - the vertical pass runs along contiguous rows, 64 bytes at a time;
+ *   - the vertical pass runs along contiguous rows, 32 bytes at a time;
  *   - the horizontal pass runs on blocks of 16 rows transposed so that one input column of the
  *     block (16 pixels x 3 channels) is contiguous, 48 lanes at a time.
+ * On x86-64 both use AVX2 kernels when the CPU has them (chosen at import; the environment
+ * variable LLAVA_FEATURES_RESAMPLE_NO_SIMD=1 turns them off), else portable C loops.
  * Only the outputs inside the crop window are computed, and only the input rows/columns that
  * they read. The padding of expand2square is never materialised: rows of the padded square that
  * hold only the background colour are resampled once and copied.
