@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py pipeline/_resample.c
+$(VENV)/.installed: pyproject.toml setup.py pipeline/images/_resample.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -19,15 +19,15 @@ $(VENV)/.installed: pyproject.toml setup.py pipeline/_resample.c
 	@touch $@
 
 test: setup
-	$(PY) -m ruff check pipeline deployments tests
+	$(PY) -m ruff check pipeline deployments llava_features tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/llava-features demo
 
 lint: setup
-	$(PY) -m ruff check pipeline deployments tests
-	$(PY) -m ruff format --check pipeline deployments tests
+	$(PY) -m ruff check pipeline deployments llava_features tests
+	$(PY) -m ruff format --check pipeline deployments llava_features tests
 
 bench: setup
 	$(VENV)/bin/llava-features bench all --json bench.json

@@ -1,4 +1,4 @@
-"""Build of the optional C extension ``pipeline._resample`` (everything else is in pyproject.toml).
+"""Build of the optional C extension ``pipeline.images._resample`` (everything else is in pyproject.toml).
 
 The extension is an exact, vectorised version of Pillow's resize used by the preprocessing; when
 it cannot be built (no C compiler), the package still installs and preprocessing uses Pillow.
@@ -26,20 +26,20 @@ class _OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # no compiler, no Python headers, ...
-            logger.warning("pipeline._resample not built (%s); preprocessing will use Pillow", exc)
+            logger.warning("pipeline.images._resample not built (%s); preprocessing will use Pillow", exc)
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
-            logger.warning("pipeline._resample not built (%s); preprocessing will use Pillow", exc)
+            logger.warning("pipeline.images._resample not built (%s); preprocessing will use Pillow", exc)
 
 
 setup(
     ext_modules=[
         Extension(
-            "pipeline._resample",
-            sources=["pipeline/_resample.c"],
+            "pipeline.images._resample",
+            sources=["pipeline/images/_resample.c"],
             extra_compile_args=[] if sys.platform == "win32" else _FLAGS,
         )
     ],

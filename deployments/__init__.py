@@ -4,8 +4,10 @@
   ``build_app``, the application builder named by ``configs/serve.yaml``.
 - ``deployments.http``: error → HTTP status mapping, bounded body reading, response encoders,
   data URLs, the API key check (no Ray imports).
-- ``deployments.launch``: ``llava-features serve``.
+- ``deployments.launch``: ``llava-features serve`` (:func:`~deployments.launch.serve_forever`).
+- ``deployments.bench``: ``llava-features bench serve`` (the endpoint against the in-process encoder).
 
-This layer imports ``pipeline``; ``pipeline`` never imports it (it looks it up by import path).
+This layer imports ``pipeline``; ``pipeline`` never imports it, not even by a string. The command
+line (``llava_features``) is the only layer above both.
 Nothing is imported here, so ``import deployments`` stays cheap.
 """

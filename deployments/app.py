@@ -21,8 +21,9 @@ deploy`` and ``llava-features serve`` run the same thing. Its ``args``:
 ``model``
     A checkpoint directory (or a bare CLIP vision model directory, or a model id in the local HF
     cache), like ``--model``; or a mapping of ``model:`` section overrides.
-``decode`` / ``job`` / ``serve``
-    Section overrides on top of ``config`` (e.g. ``serve: {max_batch_size: 16}``).
+``decode`` / ``encoder`` / ``serve``
+    Section overrides on top of ``config`` (e.g. ``serve: {max_batch_size: 16}``). (``job`` is
+    accepted too, for configs shared with the offline job; the endpoint does not read it.)
 ``make_tiny_if_missing``
     When true and ``model`` is a path that does not exist, write a tiny random-weight LLaVA
     checkpoint there first (``pipeline.model.tiny``). For demos and fresh clones only: its
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -75,7 +75,9 @@ APP_NAME = "llava-features"
 ENCODER_DEPLOYMENT = "FeaturesEncoder"
 INGRESS_DEPLOYMENT = "FeaturesIngress"
 API_KEY_ENV = "LLAVA_FEATURES_API_KEY"
-BUILD_ARGS = ("config", "model", "decode", "job", "serve", "make_tiny_if_missing", "ray_actor_options")
+SECTION_ARGS = ("decode", "encoder", "job", "serve")
+"""``build_app`` args that override a config section."""
+BUILD_ARGS = ("config", "model", *SECTION_ARGS, "make_tiny_if_missing", "ray_actor_options")
 DEFAULT_ENCODER_CPUS = 1.0
 DEFAULT_INGRESS_CPUS = 0.5
 INGRESS_MIN_ONGOING = 64
@@ -93,7 +95,9 @@ class EncodeResult:
     image_id: str | None
     fingerprint: str
     features: np.ndarray | None = None
-    """(tokens, dim) in the stored dtype (float16 unless configured otherwise); None for ``want="pooled"``."""
+    """(tokens, dim) in ``dtype`` (bfloat16 as its uint16 bit pattern); None for ``want="pooled"``."""
+    dtype: str = "float32"
+    """The encoder's returned dtype of ``features`` (``encoder.output_dtype``)."""
     pooled: np.ndarray | None = None
     """(dim,) float32 mean over tokens; None for ``want="features"``."""
     width: int | None = None
@@ -107,7 +111,15 @@ class EncodeResult:
                 self.error_message or "error", code=ErrorCode(self.error_code or "internal")
             )
 
-    def item(self, array: np.ndarray | None) -> dict[str, Any]:
+    def response_array(self, pooled: bool) -> np.ndarray:
+        """What a response carries: the pooled float32 vector, or the features (bfloat16 widened to float32)."""
+        if pooled:
+            assert self.pooled is not None
+            return self.pooled
+        assert self.features is not None
+        return http.response_array(self.features, self.dtype)
+
+    def item(self, pooled: bool) -> dict[str, Any]:
         """The per-item JSON of ``/v1/features:batch``."""
         if not self.ok:
             return {
@@ -116,13 +128,12 @@ class EncodeResult:
                 "error_code": self.error_code,
                 "error_message": self.error_message,
             }
-        assert array is not None
         return {
             "ok": True,
             "image_id": self.image_id,
             "width": self.width,
             "height": self.height,
-            **http.array_payload(array),
+            **http.array_payload(self.response_array(pooled)),
         }
 
 
@@ -165,7 +176,6 @@ class FeaturesEncoderImpl:
         self.encoder = FeatureEncoder(config)
         self.fingerprint = self.encoder.fingerprint
         self.model_id = model_id(config)
-        self._bfloat16 = str(self.encoder.output_dtype) == "torch.bfloat16"
         self.encode_batch.set_max_batch_size(config.serve.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
         warm_s = self.encoder.warmup(1)
@@ -202,33 +212,38 @@ class FeaturesEncoderImpl:
             warm_s,
         )
 
-    def _failure(self, image_id: str | None, exc: LlavaFeaturesError) -> EncodeResult:
-        self._results[str(exc.code)] += 1
-        self._m_images.inc(tags={"result": str(exc.code)})
-        return EncodeResult(
-            False, image_id, self.fingerprint, error_code=str(exc.code), error_message=exc.message
-        )
+    def _count(self, result: str) -> None:
+        self._results[result] += 1
+        self._m_images.inc(tags={"result": result})
 
-    async def encode(self, data: bytes, image_id: str | None = None, want: str = "features") -> EncodeResult:
+    async def encode(
+        self, data: bytes, image_id: str | None = None, want: str = "features", *, count: bool = True
+    ) -> EncodeResult:
         """One image → its features (``want="features"``) or pooled vector (``want="pooled"``).
 
         Undecodable inputs come back as ``ok=False`` results with the decode guard's code.
+        ``count=False`` (health checks) leaves the per-result counters alone.
         """
         started = time.perf_counter()
         try:
             prepared = await asyncio.to_thread(self.encoder.encode_pre, data, image_id)
         except DecodeError as exc:
-            return self._failure(image_id, exc)
+            if count:
+                self._count(str(exc.code))
+            return EncodeResult(
+                False, image_id, self.fingerprint, error_code=str(exc.code), error_message=exc.message
+            )
         queued = time.perf_counter()
         self._m_decode.observe((queued - started) * 1000)
         features, pooled = await self.encode_batch((prepared.pixels, queued))
-        self._results["ok"] += 1
-        self._m_images.inc(tags={"result": "ok"})
+        if count:
+            self._count("ok")
         return EncodeResult(
             True,
             image_id,
             self.fingerprint,
             features=features if want != "pooled" else None,
+            dtype=self.encoder.output_dtype_name,
             pooled=pooled if want != "features" else None,
             width=prepared.width,
             height=prepared.height,
@@ -258,19 +273,19 @@ class FeaturesEncoderImpl:
 
     def _forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.encoder.encode_post(self.encoder.encode_core(pixels), pooled=True)
-        features = out.projected if out.projected is not None else out.tower
-        assert features is not None and out.pooled is not None
-        if self._bfloat16:  # raw bf16 bits → float32 (npy/JSON have no bfloat16)
-            features = (features.astype(np.uint32) << 16).view(np.float32)
-        return features, out.pooled
+        assert out.features is not None and out.pooled is not None
+        return out.features, out.pooled
 
     async def healthz(self) -> dict[str, Any]:
-        """A real forward pass on a blank image (off the event loop)."""
-        seconds = await asyncio.to_thread(self.encoder.warmup, 1)
+        """A real request's path on a generated image: decode, batch, forward, host copy. The ingress
+        encodes the result into a response as it would for ``/v1/features``."""
+        started = time.perf_counter()
+        result = await self.encode(_health_image(self.encoder.input_shape[1:]), "healthz", count=False)
         return {
             "replica": self.replica,
             "fingerprint": self.fingerprint,
-            "forward_ms": round(seconds * 1000, 3),
+            "forward_ms": round((time.perf_counter() - started) * 1000, 3),
+            "result": result,
         }
 
     async def info(self) -> dict[str, Any]:
@@ -296,6 +311,20 @@ class FeaturesEncoderImpl:
     async def reset_stats(self) -> None:
         self._batch_sizes.clear()
         self._results.clear()
+
+
+def _health_image(size: tuple[int, int]) -> bytes:
+    """A small PNG of the encoder's input size (mid-grey with a gradient) for health checks."""
+    import io
+
+    from PIL import Image
+
+    height, width = size
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    pixels = np.repeat(np.repeat(ramp[None, :, None], height, axis=0), 3, axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # -- the ingress deployment -------------------------------------------------------------------
@@ -416,8 +445,7 @@ class FeaturesIngressImpl:
         image_id = params.get("image_id") or name
         result: EncodeResult = await self._call("encode", data, image_id, "pooled" if pooled else "features")
         result.raise_for_error()
-        array = result.pooled if pooled else result.features
-        assert array is not None
+        array = result.response_array(pooled)
         if output == "json":
             return JSONResponse(
                 {
@@ -453,7 +481,7 @@ class FeaturesIngressImpl:
             [(data, name) for name, data in files], "pooled" if pooled else "features"
         )
         fingerprint = next((r.fingerprint for r in results if r.ok), "")
-        body = [r.item(r.pooled if pooled else r.features) for r in results]
+        body = [r.item(pooled) for r in results]
         return JSONResponse(body, headers={"X-Model-Fingerprint": fingerprint} if fingerprint else None)
 
     async def embeddings(self, request: Request) -> Response:
@@ -481,13 +509,19 @@ class FeaturesIngressImpl:
 
     async def healthz(self, request: Request) -> Response:
         try:
-            result = await self._call("healthz")
-        except LlavaFeaturesError:
-            raise
+            health = await self._call("healthz")
+            result: EncodeResult = health.pop("result")
+            result.raise_for_error()
+            http.npy_bytes(result.response_array(pooled=False))  # the response a request would get
+        except LlavaFeaturesError as exc:
+            if exc.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE):
+                raise
+            logger.error("Health check failed: %s", exc)
+            raise RequestError(f"Health check failed: {exc.message}", code=ErrorCode.UNAVAILABLE) from exc
         except Exception as exc:  # the forward pass itself failed
             logger.exception("Health check failed")
             raise RequestError(f"Health check failed: {exc}", code=ErrorCode.UNAVAILABLE) from exc
-        return JSONResponse({"status": "ok", "model": self.model_id, **result})
+        return JSONResponse({"status": "ok", "model": self.model_id, **health})
 
     async def debug_stats(self, request: Request) -> Response:
         return JSONResponse(await self._call("stats"))
@@ -562,11 +596,8 @@ def _model_overrides(model: Any) -> dict[str, Any]:
             f"'model' must be a path/model id or a mapping of model settings, not {type(model).__name__}"
         )
     path = Path(model).expanduser()
-    if path.exists():
-        cfg = path / "config.json"
-        is_clip = cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "clip_vision_model"
-        return {"vision_tower" if is_clip else "checkpoint": str(path.resolve())}
-    return {"checkpoint": model}  # a model id in the local HF cache
+    # Any layout (LLaVA, llava-hf, a bare CLIP model): resolve_model tells them apart.
+    return {"checkpoint": str(path.resolve()) if path.exists() else model}  # else a model id in the HF cache
 
 
 def _make_tiny(path: Path) -> None:
@@ -599,13 +630,18 @@ def resolve_app_config(args: dict[str, Any] | None = None) -> Config:
         if not path.exists():
             _make_tiny(path.resolve())
     overrides: dict[str, dict[str, Any]] = {"model": _model_overrides(model)}
-    for section in ("decode", "job", "serve"):
+    for section in SECTION_ARGS:
         value = args.get(section)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"build_app arg {section!r} must be a mapping of {section} settings")
         overrides[section] = dict(value or {})
     config_path = args.get("config")
     return load_config(Path(config_path).expanduser() if config_path else None, overrides)
+
+
+def deployable_args(config: Config) -> dict[str, Any]:
+    """``build_app`` args that rebuild ``config`` (its sections as overrides; for benchmarks and tools)."""
+    return {k: v for k, v in config_to_dict(config).items() if k in ("model", *SECTION_ARGS)}
 
 
 def with_api_key_from_env(config: Config) -> Config:
@@ -620,14 +656,7 @@ def deployment_options(
     config: Config, ray_actor_options: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
     """``.options()`` of both deployments derived from ``config.serve`` (returned for inspection)."""
-    s = config.serve
-    if s.max_batch_size < 1:
-        raise ConfigError(f"serve.max_batch_size must be >= 1, got {s.max_batch_size}")
-    if not 0 <= s.min_replicas <= s.initial_replicas <= s.max_replicas or s.max_replicas < 1:
-        raise ConfigError(
-            "serve replicas must satisfy 0 <= min_replicas <= initial_replicas <= max_replicas (>= 1), got "
-            f"{s.min_replicas}/{s.initial_replicas}/{s.max_replicas}"
-        )
+    s = config.serve  # ranges and the replica ordering were checked when the config was loaded
     extra = dict(ray_actor_options or {})
     unknown = sorted(set(extra) - {"encoder", "ingress"})
     if unknown:

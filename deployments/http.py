@@ -52,6 +52,7 @@ _STATUS_BY_CODE: dict[ErrorCode, int] = {
 # is a 415). application/x-www-form-urlencoded is what `curl --data-binary @img.jpg` sends unless
 # told otherwise; the decode guard still refuses whatever is not an image.
 _RAW_BODY_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
+_BASE64_INVALID = re.compile(r"[^A-Za-z0-9+/=]")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
 
 
@@ -198,10 +199,14 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"Invalid JSON body: {exc}") from exc
+    except RecursionError:
+        raise RequestError("Invalid JSON body: nested too deeply") from None
 
 
 def image_from_data_url(value: Any, where: str = "input") -> bytes:
-    """Bytes of a ``data:image/...;base64,...`` string. URLs are refused: the server never fetches."""
+    """Bytes of a ``data:image/<type>;base64,<data>`` string, strictly: the media type must be an
+    image type and the data strict base64 (RFC 4648 alphabet and padding, no whitespace). URLs
+    are refused: the server never fetches."""
     if not isinstance(value, str):
         raise RequestError(f"{where} must be a string holding a data URL (data:image/png;base64,...)")
     head = value[:16].lower()
@@ -213,10 +218,23 @@ def image_from_data_url(value: Any, where: str = "input") -> bytes:
     match = _DATA_URL.match(value)
     if match is None:
         raise RequestError(f"{where} is not a data URL (expected data:image/...;base64,...)")
+    mime = (match["mime"] or "").lower()
+    if not mime.startswith("image/"):
+        raise RequestError(
+            f"{where}: the data URL's media type is {mime or 'missing'!r}; only image types are accepted "
+            "(data:image/jpeg;base64,..., data:image/png;base64,...)"
+        )
     if "base64" not in [p.strip().lower() for p in match["params"].split(";")]:
         raise RequestError(f"{where}: only base64 data URLs are supported (data:image/...;base64,...)")
+    data = match["data"]
+    bad = _BASE64_INVALID.search(data)
+    if bad is not None:
+        raise RequestError(
+            f"{where}: invalid base64 data: character {bad.group()!r} at position {bad.start()} is not in the "
+            "base64 alphabet (A-Z a-z 0-9 + / and = padding; no whitespace)"
+        )
     try:
-        return base64.b64decode(match["data"], validate=False)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"{where}: invalid base64 data ({exc})") from exc
 
@@ -251,6 +269,14 @@ def choose_format(accept: str | None, override: str | None = None) -> str:
         if q > best_q or (q == best_q and position == 0):
             best, best_q = fmt, q
     return best
+
+
+def response_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The array a response carries for features returned in ``dtype``: bfloat16 (held as its uint16
+    bit pattern) is widened to float32, exactly (npy and JSON have no bfloat16); others as they are."""
+    if dtype == "bfloat16":
+        return (np.asarray(array, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(array)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

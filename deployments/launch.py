@@ -1,4 +1,4 @@
-"""``llava-features serve``: run the Serve application from our CLI and block until interrupted.
+"""``llava-features serve``: run the Serve application and block until interrupted (the CLI calls :func:`serve_forever`).
 
 Connects to the Ray cluster named by ``RAY_ADDRESS``, or starts a local one when it is unset;
 starts Serve's HTTP proxy on ``serve.host:serve.port`` (``--host``/``--port``), deploys
@@ -9,28 +9,24 @@ is deleted).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import threading
 from types import FrameType
 
+from pipeline.config import Config
+
 logger = logging.getLogger(__name__)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Deploy and serve until interrupted. Returns the process exit code."""
+def serve_forever(config: Config) -> int:
+    """Deploy the application for ``config`` and serve until interrupted. Returns the exit code."""
     import ray
     from ray import serve
 
-    from pipeline.cli import load_cli_config
-
     from .app import APP_NAME, build_app_from_config
 
-    config = load_cli_config(
-        args, serve={"host": getattr(args, "host", None), "port": getattr(args, "port", None)}
-    )
     address = os.environ.get("RAY_ADDRESS") or None
     started_ray = not ray.is_initialized() and address is None
     if not ray.is_initialized():

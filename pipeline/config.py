@@ -1,8 +1,17 @@
-"""The product's configuration: frozen dataclasses, one documented default per field.
+"""The product's configuration: frozen dataclasses, one section per component, one documented default per field.
 
-``configs/*.yaml`` files only override these defaults; :func:`load_config` merges a YAML file
-and explicit overrides (CLI flags) into one resolved :class:`Config`, and :func:`config_to_dict`
-gives the JSON-able form recorded in every output.
+- ``model`` (:class:`~pipeline.model.config.ModelConfig`): which checkpoint, layer, projector, dtype
+  and device, and how the model runs (load-time transforms, compilation);
+- ``decode`` (:class:`DecodeConfig`): the decode guard's limits;
+- ``encoder`` (:class:`EncoderConfig`): what the encoder computes and returns (feature kind,
+  pooling, output dtype, forward-pass batch sizes) — the same for both front doors;
+- ``job`` (:class:`JobConfig`): the offline Ray Data job;
+- ``serve`` (:class:`ServeConfig`): the online Ray Serve endpoint.
+
+``configs/*.yaml`` files only override these defaults; :func:`load_config` merges a YAML file and
+explicit overrides (CLI flags) into one resolved :class:`Config`, checking every value's type and
+range with errors that name the YAML key; :func:`config_to_dict` gives the JSON-able form
+recorded in every output.
 """
 
 from __future__ import annotations
@@ -12,98 +21,155 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from .model.config import ModelConfig
+from .constants import Compression, FeatureKind, OutputDtype, TensorFormat
+from .model.config import ModelConfig, check_section, setting
 from .model.errors import ConfigError
 
+__all__ = [
+    "DEFAULT_FORMATS",
+    "SECTIONS",
+    "Config",
+    "DecodeConfig",
+    "EncoderConfig",
+    "JobConfig",
+    "ModelConfig",
+    "ServeConfig",
+    "config_to_dict",
+    "load_config",
+]
+
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+"""Image formats the decode guard accepts by default (PIL names; MPO is read as its first JPEG)."""
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Limits of the decode guard, applied to every input image."""
 
-    max_image_pixels: int = 100_000_000
+    SECTION: ClassVar[str] = "decode"
+
+    max_image_pixels: int = setting(100_000_000, ge=1)
     """Images declaring more pixels than this are refused as ``too_large`` before decoding."""
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = setting(64 * 1024 * 1024, ge=1)
     """Encoded inputs larger than this are refused as ``too_large`` without being opened."""
-    min_side: int = 2
+    min_side: int = setting(2, ge=1)
     """Images with a side shorter than this many pixels are refused as ``too_small``."""
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
     """PIL format names accepted; anything else is ``unsupported_format``."""
+    nvjpeg: bool = False
+    """Opt-in: decode baseline JPEGs with nvJPEG on the encoder's GPU (pixels within rounding of the exact CPU path; fingerprinted)."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        object.__setattr__(self, "allowed_formats", tuple(f.upper() for f in self.allowed_formats))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What the encoder computes and returns, for the offline job and the endpoint alike."""
+
+    SECTION: ClassVar[str] = "encoder"
+
+    features: FeatureKind = setting("projected", message="Unknown features")
+    """Which features to return: ``projected`` (the projector's output), ``tower`` (its input) or ``both``."""
+    pooled: bool = False
+    """Also return ``pooled``, the float32 mean over tokens of the first returned feature (the endpoint always can)."""
+    output_dtype: OutputDtype | None = setting(None, message="Unknown output dtype")
+    """dtype of returned and stored features; null: float16, or float32 when model.dtype is float32."""
+    batch_size: int = setting(32, ge=1)
+    """Images per forward pass (the offline job's batches; the endpoint's batches are at most serve.max_batch_size)."""
+    batch_buckets: tuple[int, ...] = setting((), ge=1)
+    """With model.compile: the compiled batch sizes (batches are padded up to one); empty: derived from batch_size."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
 
 
 @dataclass(frozen=True)
 class JobConfig:
     """The offline Ray Data job."""
 
-    features: str = "projected"
-    """Which features to write: ``projected``, ``tower`` or ``both``."""
-    pooled: bool = False
-    """Also write ``pooled``, the mean over tokens of the first written feature, as float32."""
-    output_dtype: str | None = None
-    """dtype of the stored features: float16 unless the compute dtype is float32 (then float32)."""
-    tensor_format: str = "binary"
+    SECTION: ClassVar[str] = "job"
+
+    tensor_format: TensorFormat = "binary"
     """``binary`` (raw bytes in our extension type; fast) or ``fixed_shape_tensor`` (canonical Arrow)."""
-    batch_size: int = 32
-    """Images per forward pass on an encoder actor."""
-    shard_size: int = 256
+    shard_size: int = setting(256, ge=1)
     """Inputs per output shard (one Parquet file each; the unit of resume)."""
-    actors: tuple[int, int] = (1, 1)
+    actors: tuple[int, int] = setting((1, 1), ge=1)
     """(min, max) encoder actors in the autoscaling pool."""
-    num_gpus_per_actor: float | None = None
-    """GPUs per encoder actor; None means 1 when the cluster has GPUs, else 0."""
-    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float | None = setting(None, ge=0)
+    """GPUs per encoder actor; null means 1 when the cluster has GPUs, else 0."""
+    num_cpus_per_actor: float = setting(1.0, gt=0)
     """CPUs reserved by each encoder actor."""
-    decode_threads: int = 8
+    decode_threads: int = setting(8, ge=1)
     """Threads per decode task for reading bytes from storage."""
-    max_error_fraction: float = 0.01
+    max_error_fraction: float = setting(0.01, ge=0, le=1)
     """Above this fraction of failed inputs the job exits non-zero (after writing everything)."""
-    limit: int | None = None
+    limit: int | None = setting(None, ge=1)
     """Encode only the first N inputs (in listing order)."""
     s3_endpoint: str | None = None
     """S3 endpoint override (else AWS_ENDPOINT_URL / the AWS default)."""
-    compression: str = "none"
-    """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``)."""
+    compression: Compression = "none"
+    """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``, ``gzip``, ``brotli``)."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        lo, hi = self.actors
+        if lo > hi:
+            raise ConfigError(f"job.actors: MIN,MAX needs MIN <= MAX, got {lo},{hi}")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """The online Ray Serve endpoint."""
 
+    SECTION: ClassVar[str] = "serve"
+
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds to."""
-    port: int = 8000
+    port: int = setting(8000, ge=1, le=65535)
     """Port the HTTP proxy listens on."""
     route_prefix: str = "/"
     """Route prefix of the application."""
-    max_batch_size: int = 32
+    max_batch_size: int = setting(32, ge=1)
     """Largest dynamic batch formed by ``@serve.batch``."""
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = setting(0.005, ge=0)
     """How long a batch waits to fill before running."""
-    max_ongoing_requests: int = 64
-    """Concurrent requests a replica accepts (at least max_batch_size so batches can fill)."""
-    max_queued_requests: int = 256
-    """Requests queued beyond that before the endpoint answers 503."""
-    min_replicas: int = 1
+    max_ongoing_requests: int = setting(64, ge=1)
+    """Concurrent requests a replica accepts (raised to max_batch_size if lower, so batches can fill)."""
+    max_queued_requests: int = setting(256, ge=-1)
+    """Requests queued beyond that before the endpoint answers 503 (-1: no limit)."""
+    min_replicas: int = setting(1, ge=0)
     """Autoscaling: fewest encoder replicas."""
-    max_replicas: int = 1
+    max_replicas: int = setting(1, ge=1)
     """Autoscaling: most encoder replicas."""
-    initial_replicas: int = 1
+    initial_replicas: int = setting(1, ge=0)
     """Autoscaling: replicas at start."""
-    target_ongoing_requests: int = 16
+    target_ongoing_requests: int = setting(16, ge=1)
     """Autoscaling: ongoing requests per replica that the autoscaler aims for."""
-    num_gpus_per_replica: float | None = None
-    """GPUs per encoder replica; None means 1 when the cluster has GPUs, else 0."""
-    max_body_bytes: int = 32 * 1024 * 1024
+    num_gpus_per_replica: float | None = setting(None, ge=0)
+    """GPUs per encoder replica; null means 1 when the cluster has GPUs, else 0."""
+    max_body_bytes: int = setting(32 * 1024 * 1024, ge=1)
     """Largest accepted request body; larger ones get 413 before being read whole."""
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = setting(30.0, gt=0)
     """Requests taking longer get 504."""
     api_key: str | None = None
     """When set (or LLAVA_FEATURES_API_KEY is), every route but /healthz needs this Bearer token."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        if not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ConfigError(
+                "serve replicas must satisfy min_replicas <= initial_replicas <= max_replicas, got "
+                f"{self.min_replicas}/{self.initial_replicas}/{self.max_replicas}"
+            )
 
 
 @dataclass(frozen=True)
@@ -111,34 +177,66 @@ class Config:
     """Everything a job or an endpoint needs, resolved."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The encoder: checkpoint, layer, projector, dtype, device."""
+    """The model: checkpoint, layer, projector, dtype, device, fast path."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decode guard limits."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """What the encoder returns (both front doors)."""
     job: JobConfig = field(default_factory=JobConfig)
     """Offline job settings."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Online endpoint settings."""
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "decode": DecodeConfig,
+    "encoder": EncoderConfig,
     "job": JobConfig,
     "serve": ServeConfig,
 }
+"""Config section name → its dataclass, in the order of :class:`Config`."""
+
+_MOVED = {
+    ("job", "features"): "encoder.features",
+    ("job", "pooled"): "encoder.pooled",
+    ("job", "output_dtype"): "encoder.output_dtype",
+    ("job", "batch_size"): "encoder.batch_size",
+    ("model", "batch_buckets"): "encoder.batch_buckets",
+}
+_MODEL_PATH_KEYS = ("checkpoint", "vision_tower", "projector_weights")
 
 
-def _coerce(cls: type, section: str, values: dict[str, Any], base: Any) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+def _section(cls: type, name: str, values: dict[str, Any], base: Any) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"Unknown key(s) in section {section!r}: {unknown}; known keys: {sorted(known)}")
-    clean = {}
-    for key, value in values.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        clean[key] = value
-    return dataclasses.replace(base, **clean)
+        moved = [f"{k} (now {_MOVED[(name, k)]})" for k in unknown if (name, k) in _MOVED]
+        hint = f"; moved: {', '.join(moved)}" if moved else ""
+        raise ConfigError(
+            f"Unknown key(s) in section {name!r}: {unknown}{hint}; known keys: {sorted(known - {'extra'})}"
+        )
+    return dataclasses.replace(base, **values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+    for name, section in loaded.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"Section {name!r} of {path} must be a mapping, not {type(section).__name__}")
+    model = loaded.get("model") or {}
+    for key in _MODEL_PATH_KEYS:
+        value = model.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (path.parent / value).exists():
+            model[key] = str((path.parent / value).resolve())
+    return loaded
 
 
 def load_config(
@@ -149,38 +247,24 @@ def load_config(
 
     ``None`` values in ``overrides`` mean "not given" and are skipped. Relative paths in the
     YAML's ``model`` section are resolved against the YAML file's folder when they exist there.
+    Every value is checked (type, range) with an error naming its key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
-        data = loaded
-        model = data.get("model") or {}
-        for key in ("checkpoint", "vision_tower", "projector_weights"):
-            value = model.get(key)
-            if isinstance(value, str) and not os.path.isabs(value) and (p.parent / value).exists():
-                model[key] = str((p.parent / value).resolve())
-    unknown = sorted(set(data) - set(_SECTIONS))
+    data = _read_yaml(Path(path)) if path is not None else {}
+    overrides = overrides or {}
+    unknown = sorted((set(data) | set(overrides)) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"Unknown config section(s) {unknown}; known sections: {sorted(_SECTIONS)}")
-    cfg = Config()
-    parts = {name: getattr(cfg, name) for name in _SECTIONS}
-    for name, cls in _SECTIONS.items():
-        section = dict(data.get(name) or {})
-        section.update({k: v for k, v in ((overrides or {}).get(name) or {}).items() if v is not None})
-        try:
-            parts[name] = _coerce(cls, name, section, parts[name])
-        except TypeError as exc:  # pragma: no cover - dataclasses.replace on a bad value
-            raise ConfigError(f"Invalid value in section {name!r}: {exc}") from exc
+        raise ConfigError(f"Unknown config section(s) {unknown}; known sections: {list(SECTIONS)}")
+    defaults = Config()
+    parts = {}
+    for name, cls in SECTIONS.items():
+        values = dict(data.get(name) or {})
+        values.update({k: v for k, v in (overrides.get(name) or {}).items() if v is not None})
+        parts[name] = _section(cls, name, values, getattr(defaults, name))
     return Config(**parts)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-able dict of a (nested) config dataclass."""
+    """JSON-able dict of a (nested) config dataclass (the model's ``extra`` keys left out)."""
     out = dataclasses.asdict(cfg)
     if isinstance(cfg, Config):
         out["model"].pop("extra", None)

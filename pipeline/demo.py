@@ -61,6 +61,6 @@ def run_demo(output: Path) -> JobSummary:
         shutil.rmtree(output)
     config = load_config(
         CONFIG_FILE,
-        {"model": {"checkpoint": str(model_dir.resolve())}, "job": {"pooled": True}},
+        {"model": {"checkpoint": str(model_dir.resolve())}, "encoder": {"pooled": True}},
     )
     return run_job(config, str(images), str(output))

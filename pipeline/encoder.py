@@ -1,8 +1,14 @@
 """The one encoder: preprocess → encode → postprocess, shared by the Ray Data actor and the Serve replica.
 
 :class:`FeatureEncoder` owns the decode guard + preprocessing (CPU, per image), the CLIP tower and
-projector (the device, per batch), and the conversion of results to their stored dtype. The
-offline job's actors and the online endpoint's replicas are thin adapters around it.
+projector (the device, per batch), and the conversion of results to their returned dtype. The
+offline job's actors and the online endpoint's replicas are thin adapters around it. It reads
+three config sections: ``model`` (what to load and how to run it), ``decode`` (the guard's limits)
+and ``encoder`` (what to return); never ``job`` or ``serve``.
+
+Results (:class:`EncodedBatch`) are always numpy arrays on the host, in the returned dtype named
+by ``EncodedBatch.dtype``; numpy has no bfloat16, so bfloat16 features are their ``uint16`` bit
+patterns (lossless, the form :mod:`pipeline.tensors` stores), never torch tensors.
 
 ``describe_encoder`` resolves a configuration into the JSON-able description recorded in every
 output, and its fingerprint, without loading the model.
@@ -14,34 +20,45 @@ import hashlib
 import json
 import logging
 import math
-import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .config import Config, config_to_dict
+from .constants import FeatureKind
+from .images.native import resampler_name
+from .images.normalize import Normalizer
+from .images.preprocess import PreparedImage, Preprocessor
+from .images.spec import PreprocessSpec
 from .model import ResolvedModel, load_model_modules, resolve_device, resolve_dtype, resolve_model
-from .model.errors import ConfigError
-from .preprocess import PreparedImage, Preprocessor, PreprocessSpec, normalize, resampler_name
+from .model.constants import CUDAGRAPH_COMPILE_MODES
+from .model.errors import DecodeError, ModelStateError
+from .model.tower import DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("projected", "tower", "both")
-OUTPUT_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = [
+    "EncodedBatch",
+    "EncoderDescription",
+    "FeatureEncoder",
+    "describe_encoder",
+    "output_dtype_name",
+    "preprocess_spec",
+]
+
+_MIN_OVERLAP_CHUNK = 16  # a single batch is split for copy/compute overlap only into pieces this big
 
 
 def output_dtype_name(config: Config) -> str:
-    """dtype of stored features: ``job.output_dtype`` when set, float32 when ``--dtype float32``, else float16."""
-    if config.job.output_dtype:
-        if config.job.output_dtype not in OUTPUT_DTYPES:
-            raise ConfigError(
-                f"Unknown output dtype {config.job.output_dtype!r}; valid: {sorted(OUTPUT_DTYPES)}"
-            )
-        return config.job.output_dtype
+    """dtype of returned features: ``encoder.output_dtype`` when set, float32 when ``model.dtype``
+    is float32, else float16."""
+    if config.encoder.output_dtype:
+        return config.encoder.output_dtype
     return "float32" if config.model.dtype == "float32" else "float16"
 
 
@@ -70,6 +87,8 @@ def describe_encoder(config: Config, resolved: ResolvedModel | None = None) -> E
         "output_dtype": output_dtype_name(config),
         "preprocess": preprocess_spec(resolved).to_dict(),
     }
+    if config.decode.nvjpeg:  # an opt-in deviation from the exact CPU pixels
+        fields["decode_route"] = "nvjpeg"
     fields["model"].pop("image_processor", None)  # represented by "preprocess"
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return EncoderDescription(fingerprint=hashlib.sha256(blob).hexdigest(), fields=fields)
@@ -77,50 +96,57 @@ def describe_encoder(config: Config, resolved: ResolvedModel | None = None) -> E
 
 @dataclass
 class EncodedBatch:
-    """Results of one batch, on the host, in their stored dtypes (``None`` when not asked for)."""
+    """Results of one batch, on the host, as numpy arrays (``None`` when not asked for)."""
 
-    projected: Any
-    """(B, tokens, dim) projected features (numpy; a CPU torch tensor for bfloat16)."""
-    tower: Any
-    """(B, tokens, tower_dim) tower features before the projector (same types)."""
-    pooled: np.ndarray | None
-    """(B, dim) float32 mean over tokens of the first feature kind written."""
+    dtype: str
+    """Returned dtype of ``projected`` and ``tower`` (``float16``, ``float32`` or ``bfloat16``)."""
+    projected: np.ndarray | None = None
+    """(B, tokens, dim) projected features; bfloat16 as its ``uint16`` bit pattern."""
+    tower: np.ndarray | None = None
+    """(B, tokens, tower_dim) tower features before the projector (same dtype)."""
+    pooled: np.ndarray | None = None
+    """(B, dim) float32 mean over tokens of the first feature kind returned."""
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """The first feature kind returned: ``projected``, else ``tower``."""
+        return self.projected if self.projected is not None else self.tower
 
 
-_FAST_PATH_LOCK = threading.Lock()
-_MIN_OVERLAP_CHUNK = 16  # a single batch is split for copy/compute overlap only into pieces this big
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A device tensor as a host numpy array (bfloat16 as its uint16 bit pattern: numpy has no bfloat16)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 @dataclass
-class _FastPath:
-    """How a FeatureEncoder runs its model (built once, at the first encode or warm-up)."""
+class FastPath:
+    """How a :class:`FeatureEncoder` runs its model: built once, when the encoder is built."""
 
     transforms: dict[str, int]
     """Load-time transforms applied to the tower (name → layers changed)."""
-    compiled: Any
+    compiled: Any = None
     """``torch.compile``d :meth:`FeatureEncoder._run_model`, or None (eager)."""
-    buckets: tuple[int, ...]
+    buckets: tuple[int, ...] = ()
     """Static batch sizes of the compiled graphs (empty when eager)."""
-    overlap_chunks: int
+    overlap_chunks: int = 1
     """Sub-batches a single GPU batch of ``encode_pixels`` is split into for copy/compute overlap."""
     cudagraphs: bool = False
     """The compile mode replays CUDA graphs: outputs live in the graph's pool and are cloned."""
-
-
-def _host(t: torch.Tensor | None) -> Any:
-    """A result on the host: numpy, or a CPU torch tensor for bfloat16 (numpy has no bfloat16)."""
-    if t is None:
-        return None
-    t = t.cpu()
-    return t if t.dtype == torch.bfloat16 else t.numpy()
+    stats: dict[str, int] = field(default_factory=dict)
+    """Counters (batches run)."""
 
 
 class FeatureEncoder:
     """One CLIPVisionTower + projector replica with its preprocessing.
 
     ``encode_pre`` (CPU, one image: decode guard + resize/crop to uint8), ``encode_core`` (device:
-    uint8 batch → normalized → tower → projector), ``encode_post`` (device → host, stored dtype,
-    pooling), ``warmup``. ``encode_pixels`` chains core and post over batches of ``batch_size``.
+    uint8 batch → normalized → tower → projector), ``encode_post`` (device → host numpy, returned
+    dtype, pooling), ``warmup``. ``encode_pixels`` chains core and post over batches of
+    ``encoder.batch_size``; ``prepare_many`` + ``encode_prepared`` are the bytes-in path (with the
+    opt-in nvJPEG route when ``decode.nvjpeg`` is on).
     """
 
     def __init__(
@@ -130,39 +156,42 @@ class FeatureEncoder:
         *,
         modules: tuple[torch.nn.Module, torch.nn.Module] | None = None,
     ) -> None:
-        """Resolve (unless ``resolved`` is given) and load the model; ``modules`` = (tower, projector)
-        already built (benchmarks with random weights) skips loading."""
+        """Resolve (unless ``resolved`` is given) and load the model, then set up its fast path;
+        ``modules`` = (tower, projector) already built (benchmarks with random weights) skips loading."""
         self.config = config
+        self.settings = config.encoder
         self.resolved = resolved or resolve_model(config.model)
         self.description = describe_encoder(config, self.resolved)
         self.spec = preprocess_spec(self.resolved)
         self.preprocessor = Preprocessor(self.spec, config.decode)
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
-        self.output_dtype = OUTPUT_DTYPES[output_dtype_name(config)]
-        if config.job.features not in FEATURE_KINDS:
-            raise ConfigError(f"Unknown features {config.job.features!r}; valid values are {FEATURE_KINDS}")
+        self.output_dtype_name = output_dtype_name(config)
+        self.output_dtype = DTYPE_NAMES[self.output_dtype_name]
+        self.normalizer = Normalizer(self.spec, self.device)
         started = time.perf_counter()
         if modules is not None:
             self.tower, self.projector = modules
-            return
-        self.tower, self.projector = load_model_modules(
-            self.resolved,
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=config.model.attn_implementation,
-            local_files_only=config.model.local_files_only,
-        )
-        logger.info(
-            "Loaded %s encoder (%s, layer %d, %s, %s) on %s in %.1fs",
-            self.resolved.format,
-            self.resolved.vision_tower,
-            self.resolved.select_layer,
-            self.resolved.projector_type,
-            self.dtype,
-            self.device,
-            time.perf_counter() - started,
-        )
+        else:
+            self.tower, self.projector = load_model_modules(
+                self.resolved,
+                dtype=self.dtype,
+                device=self.device,
+                attn_implementation=config.model.attn_implementation,
+                local_files_only=config.model.local_files_only,
+            )
+            logger.info(
+                "Loaded %s encoder (%s, layer %d, %s, %s) on %s in %.1fs",
+                self.resolved.format,
+                self.resolved.vision_tower,
+                self.resolved.select_layer,
+                self.resolved.projector_type,
+                self.dtype,
+                self.device,
+                time.perf_counter() - started,
+            )
+        self.fast = self._build_fast_path()
+        self.gpu_decoder = self._build_gpu_decoder()
 
     # -- shapes ----------------------------------------------------------------------------
 
@@ -194,31 +223,30 @@ class FeatureEncoder:
 
     @torch.inference_mode()
     def encode_core(
-        self, pixels: np.ndarray | torch.Tensor, features: str | None = None
+        self, pixels: np.ndarray | torch.Tensor, features: FeatureKind | None = None
     ) -> dict[str, torch.Tensor]:
         """uint8 ``(B,3,H,W)`` → ``{"projected": ..., "tower": ...}`` on the device, in the compute dtype."""
-        features = features or self.config.job.features
-        fast = self._fast_path()
+        features = features or self.settings.features
         batch = self._as_tensor(pixels)
         if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        return self._forward_device(batch, features, fast)
+        return self._forward_device(batch, features)
 
     @torch.inference_mode()
     def encode_post(self, out: dict[str, torch.Tensor], pooled: bool | None = None) -> EncodedBatch:
-        """Device tensors → host arrays in the stored dtype (+ float32 mean over tokens)."""
-        pooled = self.config.job.pooled if pooled is None else pooled
+        """Device tensors → host numpy arrays in the returned dtype (+ float32 mean over tokens)."""
+        pooled = self.settings.pooled if pooled is None else pooled
         stored = self._device_outputs(out, pooled)
-        return EncodedBatch(**{name: _host(stored.get(name)) for name in ("projected", "tower", "pooled")})
+        return EncodedBatch(self.output_dtype_name, **{name: _host_array(t) for name, t in stored.items()})
 
     def encode_pixels(
         self,
-        pixels: np.ndarray,
+        pixels: np.ndarray | torch.Tensor,
         *,
         batch_size: int | None = None,
-        features: str | None = None,
+        features: FeatureKind | None = None,
         pooled: bool | None = None,
     ) -> EncodedBatch:
         """Encode N preprocessed uint8 images in batches; results concatenated in order.
@@ -229,34 +257,68 @@ class FeatureEncoder:
         """
         from .model.fast import overlapped_map
 
-        batch_size = batch_size or self.config.job.batch_size
-        features = features or self.config.job.features
-        pooled = self.config.job.pooled if pooled is None else pooled
+        batch_size = batch_size or self.settings.batch_size
+        features = features or self.settings.features
+        pooled = self.settings.pooled if pooled is None else pooled
         n = len(pixels)
         if n == 0:
             return self._empty(features, pooled)
-        fast = self._fast_path()
         step = batch_size
-        if self.device.type == "cuda" and n <= batch_size and fast.overlap_chunks > 1:
-            step = max(_MIN_OVERLAP_CHUNK, math.ceil(n / fast.overlap_chunks))
+        if self.device.type == "cuda" and n <= batch_size and self.fast.overlap_chunks > 1:
+            step = max(_MIN_OVERLAP_CHUNK, math.ceil(n / self.fast.overlap_chunks))
         host = self._as_tensor(pixels)
         chunks = (host[i : i + step] for i in range(0, n, step))
         with torch.inference_mode():
             parts = list(
                 overlapped_map(
                     chunks,
-                    lambda batch: self._device_outputs(self._forward_device(batch, features, fast), pooled),
+                    lambda batch: self._device_outputs(self._forward_device(batch, features), pooled),
                     self.device,
                 )
             )
+        out = {
+            name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+            for name in parts[0]
+        }
+        return EncodedBatch(self.output_dtype_name, **{name: _host_array(t) for name, t in out.items()})
 
-        def cat(name: str) -> Any:
-            tensors = [p[name] for p in parts if name in p]
-            if not tensors:
-                return None
-            return _host(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+    def prepare_many(
+        self, datas: Sequence[bytes], names: Sequence[str | None] | None = None
+    ) -> list[PreparedImage | DecodeError]:
+        """Bytes → prepared images (or each input's ``DecodeError``), in order. With ``decode.nvjpeg``
+        and a CUDA device, baseline JPEGs are decoded on the device in one batch (their pixels are
+        device tensors); every other input takes the exact CPU path."""
+        names = list(names) if names is not None else [None] * len(datas)
+        if self.gpu_decoder is not None:
+            return [
+                r if isinstance(r, DecodeError) else PreparedImage(r.pixels, r.width, r.height, r.format)  # type: ignore[arg-type]
+                for r in self.gpu_decoder(datas, names)
+            ]
+        out: list[PreparedImage | DecodeError] = []
+        for data, name in zip(datas, names, strict=True):
+            try:
+                out.append(self.preprocessor(data, name))
+            except DecodeError as exc:
+                out.append(exc)
+        return out
 
-        return EncodedBatch(projected=cat("projected"), tower=cat("tower"), pooled=cat("pooled"))
+    def encode_prepared(
+        self,
+        prepared: Sequence[PreparedImage],
+        *,
+        pooled: bool | None = None,
+        features: FeatureKind | None = None,
+    ) -> EncodedBatch:
+        """:meth:`encode_pixels` of prepared images (host numpy or device tensor pixels)."""
+        if not prepared:
+            return self._empty(
+                features or self.settings.features, self.settings.pooled if pooled is None else pooled
+            )
+        if any(isinstance(p.pixels, torch.Tensor) for p in prepared):
+            stack = torch.stack([self._as_tensor(p.pixels).to(self.device) for p in prepared])
+        else:
+            stack = np.stack([p.pixels for p in prepared])
+        return self.encode_pixels(stack, pooled=pooled, features=features)
 
     def warmup(self, batch_size: int | None = None) -> float:
         """Run the model on blank batches (allocations, kernels, compilation). Returns seconds.
@@ -265,9 +327,8 @@ class FeatureEncoder:
         bucket, so that no request or shard pays for a compilation later.
         """
         started = time.perf_counter()
-        fast = self._fast_path()
-        if fast.compiled is not None:
-            for size in fast.buckets:
+        if self.fast.compiled is not None:
+            for size in self.fast.buckets:
                 self.encode_core(
                     torch.zeros((size, *self.input_shape), dtype=torch.uint8, device=self.device)
                 )
@@ -277,49 +338,38 @@ class FeatureEncoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
-        if fast.compiled is not None:
+        if self.fast.compiled is not None:
             logger.info(
-                "Compiled %d batch buckets %s in %.1fs", len(fast.buckets), list(fast.buckets), seconds
+                "Compiled %d batch buckets %s in %.1fs",
+                len(self.fast.buckets),
+                list(self.fast.buckets),
+                seconds,
             )
         return seconds
 
+    def close(self) -> None:
+        """Release the model (its device memory and compiled graphs); the encoder is unusable after."""
+        self.tower = self.projector = None  # type: ignore[assignment]
+        if self.fast.compiled is not None:
+            torch._dynamo.reset()  # compiled graphs hold the weights too
+        self.fast = FastPath(transforms={})
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- fast path (private) -----------------------------------------------------------------
 
-    def _fast_path(self) -> _FastPath:
-        """Apply the load-time transforms and set up compilation, once (thread-safe)."""
-        fast = getattr(self, "_fast_state", None)
-        if fast is None:
-            with _FAST_PATH_LOCK:
-                fast = getattr(self, "_fast_state", None)
-                if fast is None:
-                    fast = self._build_fast_path()
-                    self._fast_state = fast
-        return fast
-
-    def _build_fast_path(self) -> _FastPath:
+    def _build_fast_path(self) -> FastPath:
         from .model import fast as fastpath
 
         cfg = self.config.model
-        overlap = int(cfg.overlap_chunks)
-        if overlap < 1:
-            raise ConfigError(f"model.overlap_chunks must be >= 1, got {cfg.overlap_chunks!r}")
-        if cfg.compile_mode not in fastpath.COMPILE_MODES:
-            valid = [m for m in fastpath.COMPILE_MODES if m]
-            raise ConfigError(f"Unknown model.compile_mode {cfg.compile_mode!r}; valid: {valid} or null")
-        try:
-            buckets = fastpath.validate_buckets(cfg.batch_buckets)
-        except ValueError as exc:
-            raise ConfigError(f"model.batch_buckets: {exc}") from None
         transforms = fastpath.apply_fast_path(self.tower, qkv=cfg.fuse_qkv, quick_gelu=cfg.fold_quick_gelu)
-        compiled = None
+        compiled, buckets = None, ()
         if cfg.compile:
-            if not buckets:
-                sizes = (self.config.job.batch_size, self.config.serve.max_batch_size)
-                buckets = fastpath.default_buckets(sizes, overlap)
+            buckets = self.settings.batch_buckets or fastpath.default_buckets(
+                (self.settings.batch_size,), cfg.overlap_chunks
+            )
             fastpath.ensure_recompile_limit(2 * len(buckets) + 4)
             compiled = fastpath.compile_static(self._run_model, cfg.compile_mode)
-        else:
-            buckets = ()
         logger.info(
             "Encoder fast path on %s (%s): transforms %s, %s, overlap_chunks %d",
             self.device,
@@ -328,17 +378,25 @@ class FeatureEncoder:
             f"torch.compile({cfg.compile_mode or 'default'}) buckets {list(buckets)}"
             if compiled
             else "eager",
-            overlap,
+            cfg.overlap_chunks,
         )
-        graph_modes = ("reduce-overhead", "max-autotune")
-        cudagraphs = compiled is not None and self.device.type == "cuda" and cfg.compile_mode in graph_modes
-        return _FastPath(
+        return FastPath(
             transforms=transforms,
             compiled=compiled,
-            buckets=buckets,
-            overlap_chunks=overlap,
-            cudagraphs=cudagraphs,
+            buckets=tuple(buckets),
+            overlap_chunks=cfg.overlap_chunks,
+            cudagraphs=compiled is not None
+            and self.device.type == "cuda"
+            and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES,
         )
+
+    def _build_gpu_decoder(self) -> Any:
+        if not self.config.decode.nvjpeg:
+            return None
+        from .images.gpu_decode import BatchedJpegDecoder
+
+        decoder = BatchedJpegDecoder(self.spec, self.config.decode, self.device, use_gpu=True)
+        return decoder if decoder.use_gpu else None
 
     def _run_model(self, values: torch.Tensor, project: bool, keep_tower: bool) -> dict[str, torch.Tensor]:
         """Tower (+ projector) on normalized pixels: what ``torch.compile`` captures."""
@@ -350,12 +408,13 @@ class FeatureEncoder:
             out["projected"] = self.projector(tower)
         return out
 
-    def _forward_device(self, batch: torch.Tensor, features: str, fast: _FastPath) -> dict[str, torch.Tensor]:
+    def _forward_device(self, batch: torch.Tensor, features: FeatureKind) -> dict[str, torch.Tensor]:
         """uint8 batch on the device → features in the compute dtype (padded to buckets when compiled)."""
-        if features not in FEATURE_KINDS:
-            raise ConfigError(f"Unknown features {features!r}; valid values are {FEATURE_KINDS}")
+        if self.tower is None:
+            raise ModelStateError("this FeatureEncoder was closed")
         project, keep_tower = features in ("projected", "both"), features in ("tower", "both")
-        values = normalize(batch, self.spec, dtype=torch.float32).to(self.dtype)
+        values = self.normalizer(batch, torch.float32).to(self.dtype)
+        fast = self.fast
         if fast.compiled is None or values.shape[0] == 0:
             return self._run_model(values, project, keep_tower)
         from .model.fast import run_bucketed
@@ -371,7 +430,7 @@ class FeatureEncoder:
         return run_bucketed(run, values, fast.buckets)
 
     def _device_outputs(self, out: dict[str, torch.Tensor], pooled: bool) -> dict[str, torch.Tensor]:
-        """Features in the stored dtype (+ float32 mean over tokens), still on the device."""
+        """Features in the returned dtype (+ float32 mean over tokens), still on the device."""
         result: dict[str, torch.Tensor] = {}
         first = out.get("projected", out.get("tower"))
         if pooled and first is not None:
@@ -381,17 +440,20 @@ class FeatureEncoder:
                 result[name] = out[name].to(self.output_dtype).contiguous()
         return result
 
-    def _empty(self, features: str, pooled: bool) -> EncodedBatch:
+    def _empty(self, features: FeatureKind, pooled: bool) -> EncodedBatch:
         """Zero-row results with the shapes and dtypes real ones have (e.g. a shard without a good image)."""
 
-        def tensor(dim: int) -> Any:
-            return _host(torch.zeros((0, self.num_tokens, dim), dtype=self.output_dtype))
+        def tensor(dim: int) -> np.ndarray:
+            return _host_array(torch.zeros((0, self.num_tokens, dim), dtype=self.output_dtype))
 
         projected = tensor(self.feature_dim) if features in ("projected", "both") else None
         tower = tensor(self.tower_dim) if features in ("tower", "both") else None
         pooled_dim = self.feature_dim if projected is not None else self.tower_dim
         return EncodedBatch(
-            projected=projected, tower=tower, pooled=np.zeros((0, pooled_dim), np.float32) if pooled else None
+            self.output_dtype_name,
+            projected=projected,
+            tower=tower,
+            pooled=np.zeros((0, pooled_dim), np.float32) if pooled else None,
         )
 
     @staticmethod
@@ -411,6 +473,8 @@ class FeatureEncoder:
             "num_tokens": self.num_tokens,
             "feature_dim": self.feature_dim,
             "tower_dim": self.tower_dim,
+            "output_dtype": self.output_dtype_name,
             "device": str(self.device),
             "resampler": resampler_name(self.spec.resample),
+            "decode_route": "nvjpeg" if self.gpu_decoder is not None else "cpu",
         }

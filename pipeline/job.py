@@ -6,7 +6,8 @@ the output location (``_job.json`` records the plan and the fingerprint).
 
 Run (Ray Data, streaming): one row per pending shard →
 ``decode_shard`` CPU tasks (read bytes, decode guard, preprocess to uint8; bad inputs become error
-records, never exceptions) → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
+records, never exceptions), each producing one typed :class:`~pipeline.records.DecodedShard` →
+:class:`EncodeShardActor`, an autoscaling actor pool where each actor
 holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the shard's ok images in
 batches and commits the shard's Parquet file itself (temporary name + rename locally, final-name
 PUT on object stores). Feature tensors therefore never travel back through the object store or
@@ -20,7 +21,6 @@ after writing everything it has).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,23 +34,20 @@ from typing import Any
 import numpy as np
 
 from .config import Config, config_to_dict
+from .constants import CONFIG_KEY, FINGERPRINT_KEY, JOB_FILE, SUCCESS_FILE
 from .encoder import FeatureEncoder, describe_encoder, preprocess_spec
 from .model import ResolvedModel, resolve_model
 from .model.errors import (
-    ConfigError,
     DecodeError,
     ErrorBudgetExceededError,
     ErrorCode,
     InputReadError,
     OutputError,
 )
+from .records import DecodedShard, rows_of_batch, rows_to_batch
+from .storage import join_path
 
 logger = logging.getLogger(__name__)
-
-JOB_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS"
-CONFIG_KEY = "llava_features.config"
-FINGERPRINT_KEY = "llava_features.fingerprint"
 
 
 @dataclass
@@ -109,40 +106,50 @@ class JobSummary:
 
 
 def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: ResolvedModel) -> dict[str, Any]:
-    """Read, decode and preprocess every input of the shard rows in ``batch``. Never raises for an input."""
-    from .preprocess import Preprocessor
+    """Read, decode and preprocess every input of the shard rows in ``batch`` into one
+    :class:`DecodedShard` row each. Never raises for an input.
+
+    With ``decode.nvjpeg`` the encoder decodes on its own device: inputs are only read here.
+    """
+    from .images.preprocess import Preprocessor
     from .storage import read_bytes
 
     preprocessor = Preprocessor(preprocess_spec(resolved), config.decode)
-    out: dict[str, list[Any]] = {"shard": [], "meta": [], "pixels": []}
-    for shard, items_json in zip(batch["shard"], batch["items"], strict=True):
-        items = json.loads(items_json)
+    device_decode = config.decode.nvjpeg
+    rows = []
+    for shard, image_ids, uris in zip(batch["shard"], batch["image_id"], batch["uri"], strict=True):
+        record = DecodedShard(shard=int(shard), data=[] if device_decode else None)
         datas = read_bytes(
-            [uri for _, uri in items],
+            [str(u) for u in uris],
             s3_endpoint=config.job.s3_endpoint,
             threads=config.job.decode_threads,
             max_bytes=config.decode.max_bytes,
         )
-        meta, ok_pixels = [], []
-        for (image_id, uri), data in zip(items, datas, strict=True):
-            row: dict[str, Any] = {"image_id": image_id, "uri": uri}
+        ok_pixels = []
+        for image_id, uri, data in zip(image_ids, uris, datas, strict=True):
+            image_id, uri = str(image_id), str(uri)
             try:
                 if isinstance(data, InputReadError):
                     raise data
+                if device_decode:
+                    record.data.append(data)  # type: ignore[union-attr]
+                    record.add_ok(image_id, uri)
+                    continue
                 prepared = preprocessor(data, uri)
                 ok_pixels.append(prepared.pixels)
-                row.update(ok=True, width=prepared.width, height=prepared.height)
+                record.add_ok(image_id, uri, prepared.width, prepared.height)
             except (DecodeError, InputReadError) as exc:
-                row.update(ok=False, code=str(exc.code), message=exc.message)
+                record.add_error(image_id, uri, str(exc.code), exc.message)
             except Exception as exc:  # a bug must not take the job down: record it on the row
                 logger.exception("Unexpected failure on %s", uri)
-                row.update(ok=False, code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")
-            meta.append(row)
-        pixels = np.stack(ok_pixels) if ok_pixels else np.zeros((0, 0, 0, 0), np.uint8)
-        out["shard"].append(int(shard))
-        out["meta"].append(json.dumps({"rows": meta, "shape": list(pixels.shape)}))
-        out["pixels"].append(pixels.tobytes())
-    return {k: np.array(v, dtype=object) if k != "shard" else np.array(v) for k, v in out.items()}
+                record.add_error(image_id, uri, str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+        if ok_pixels:
+            record.pixels = np.stack(ok_pixels)
+        else:
+            spec = preprocessor.spec
+            record.pixels = np.zeros((0, 3, spec.crop_height, spec.crop_width), np.uint8)
+        rows.append(record.to_row())
+    return rows_to_batch(rows)
 
 
 # -- stage 2: encode + commit (actor pool) ----------------------------------------------------
@@ -164,43 +171,50 @@ class EncodeShardActor:
         ensure_registered()
         self.config = config
         self.encoder = FeatureEncoder(config, resolved)
-        self.encoder.warmup(min(config.job.batch_size, 8))
+        self.encoder.warmup(min(config.encoder.batch_size, 8))
         self.fs, self.out_path = resolve_filesystem(output, s3_endpoint=config.job.s3_endpoint)
         self.metadata = metadata
         self.lock = threading.Lock()
 
+    def _encode(self, record: DecodedShard) -> Any:
+        """The shard's features (the inputs that fail the device decode become error rows)."""
+        if record.data is None:
+            with self.lock:
+                return self.encoder.encode_pixels(record.pixels)
+        ok_rows = np.flatnonzero(record.ok)
+        with self.lock:
+            prepared = self.encoder.prepare_many(record.data, [record.uri[i] for i in ok_rows])
+            good = [p for p in prepared if not isinstance(p, DecodeError)]
+            encoded = self.encoder.encode_prepared(good)
+        for row, result in zip(ok_rows, prepared, strict=True):
+            if isinstance(result, DecodeError):
+                record.ok[row] = False
+                record.error_code[row], record.error_message[row] = str(result.code), result.message
+            else:
+                record.width[row], record.height[row] = result.width, result.height
+        return encoded
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .sink import ShardRows, build_table, write_shard
 
-        summaries: dict[str, list[Any]] = {"shard": [], "rows": [], "ok": [], "errors": []}
+        summaries = []
         job = self.config.job
-        for shard, meta_json, blob in zip(batch["shard"], batch["meta"], batch["pixels"], strict=True):
-            meta = json.loads(meta_json)
-            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(meta["shape"])
-            with self.lock:
-                encoded = self.encoder.encode_pixels(pixels)
-            rows = ShardRows()
-            errors: Counter[str] = Counter()
-            for r in meta["rows"]:
-                if r["ok"]:
-                    rows.add_ok(r["image_id"], r["uri"], width=r["width"], height=r["height"])
-                else:
-                    rows.add_error(r["image_id"], r["uri"], r["code"], r["message"])
-                    errors[r["code"]] += 1
+        for row in rows_of_batch(batch):
+            record = DecodedShard.from_row(row)
+            encoded = self._encode(record)
+            rows = ShardRows.from_record(record)
             table = build_table(
                 rows,
                 features=encoded.projected,
                 tower_features=encoded.tower,
                 pooled=encoded.pooled,
+                dtype=encoded.dtype,
                 tensor_format=job.tensor_format,
                 metadata=self.metadata,
             )
-            write_shard(table, self.out_path, int(shard), filesystem=self.fs, compression=job.compression)
-            summaries["shard"].append(int(shard))
-            summaries["rows"].append(len(rows))
-            summaries["ok"].append(rows.num_ok)
-            summaries["errors"].append(json.dumps(errors))
-        return {k: np.array(v, dtype=object if k == "errors" else None) for k, v in summaries.items()}
+            write_shard(table, self.out_path, record.shard, filesystem=self.fs, compression=job.compression)
+            summaries.append({"shard": record.shard, "rows": len(rows), "ok": rows.num_ok})
+        return rows_to_batch(summaries)
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -227,7 +241,7 @@ def _check_output(
 
     if output_is_empty(output, s3_endpoint=s3_endpoint):
         return
-    existing = _read_json(fs, f"{out_path}/{JOB_FILE}")
+    existing = _read_json(fs, join_path(out_path, JOB_FILE))
     if not resume:
         raise OutputError(
             f"Output {output} is not empty. Pass --resume to continue the job that wrote it, or choose "
@@ -283,14 +297,7 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
     """Encode every input under ``input_uri`` into a Parquet dataset at ``output_uri``."""
     from .storage import ensure_output_dir, list_inputs, plan_fingerprint, plan_shards, resolve_filesystem
 
-    job = config.job
-    if job.features not in ("projected", "tower", "both"):
-        raise ConfigError(f"Unknown --features {job.features!r}; valid values are projected, tower, both")
-    if not 0.0 <= job.max_error_fraction <= 1.0:
-        raise ConfigError(f"max_error_fraction must be within [0, 1], got {job.max_error_fraction}")
-    lo, hi = job.actors
-    if not 1 <= lo <= hi:
-        raise ConfigError(f"--actors MIN,MAX needs 1 <= MIN <= MAX, got {lo},{hi}")
+    job = config.job  # every value was checked (types, ranges) when the config was loaded
 
     resolved = resolve_model(config.model)
     description = describe_encoder(config, resolved)
@@ -310,8 +317,8 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
     fs, out_path = resolve_filesystem(output_uri, s3_endpoint=job.s3_endpoint)
     _check_output(fs, out_path, output_uri, job_record, resume, job.s3_endpoint)
     ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
-    if _read_json(fs, f"{out_path}/{JOB_FILE}") is None:
-        _write_json(fs, f"{out_path}/{JOB_FILE}", job_record)
+    if _read_json(fs, join_path(out_path, JOB_FILE)) is None:
+        _write_json(fs, join_path(out_path, JOB_FILE), job_record)
 
     from .sink import committed_shards, remove_stale_temp_files
 
@@ -350,7 +357,9 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
         raise OutputError(f"Output {output_uri} holds {total} rows for {len(items)} inputs: it is incomplete")
     if not summary.error_budget_exceeded:
         _write_json(
-            fs, f"{out_path}/{SUCCESS_FILE}", {**asdict(summary), "finished": datetime.now(UTC).isoformat()}
+            fs,
+            join_path(out_path, SUCCESS_FILE),
+            {**asdict(summary), "finished": datetime.now(UTC).isoformat()},
         )
     return summary
 
@@ -410,7 +419,10 @@ def _run_pipeline(
     from ray.data import ActorPoolStrategy
 
     ds = ray.data.from_items(
-        [{"shard": s.index, "items": json.dumps([[i.image_id, i.uri] for i in s.items])} for s in pending],
+        [
+            {"shard": s.index, "image_id": [i.image_id for i in s.items], "uri": [i.uri for i in s.items]}
+            for s in pending
+        ],
         override_num_blocks=len(pending),
     )
     ds = ds.map_batches(
@@ -450,63 +462,6 @@ def _run_pipeline(
             seen.add(int(shard))
             summary.read += int(rows)
             summary.shards_written += 1
-
-
-# -- CLI --------------------------------------------------------------------------------------
-
-
-def _actors(value: str) -> tuple[int, int]:
-    parts = value.split(",")
-    try:
-        lo, hi = (int(parts[0]), int(parts[-1]))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX (or N), got {value!r}") from None
-    return lo, hi
-
-
-def add_encode_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``encode`` subcommand's job options (model options are added by the CLI)."""
-    p.add_argument(
-        "--input", required=True, help="local dir/glob, s3:// or gs:// prefix, or a .parquet/.csv manifest"
-    )
-    p.add_argument(
-        "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
-    )
-    p.add_argument(
-        "--features",
-        choices=["projected", "tower", "both"],
-        help="which features to write (default projected)",
-    )
-    p.add_argument("--pooled", action="store_true", default=None, help="also write the mean over tokens")
-    p.add_argument("--batch-size", type=int, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, help="inputs per output file (the unit of resume)")
-    p.add_argument(
-        "--num-gpus-per-actor", type=float, help="GPUs per encoder actor (default 1 when GPUs exist)"
-    )
-    p.add_argument("--actors", type=_actors, help="MIN,MAX encoder actors (autoscaling pool)")
-    p.add_argument(
-        "--max-error-fraction", type=float, help="fail the job above this fraction of bad inputs (0.01)"
-    )
-    p.add_argument("--tensor-format", choices=["binary", "fixed_shape_tensor"], help="tensor column encoding")
-    p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
-    p.add_argument("--limit", type=int, help="encode only the first N inputs")
-    p.add_argument("--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-
-
-def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``job`` section overrides given to ``encode`` on the command line (None = not given)."""
-    return {
-        "features": args.features,
-        "pooled": args.pooled,
-        "batch_size": args.batch_size,
-        "shard_size": args.shard_size,
-        "num_gpus_per_actor": args.num_gpus_per_actor,
-        "actors": args.actors,
-        "max_error_fraction": args.max_error_fraction,
-        "tensor_format": args.tensor_format,
-        "limit": args.limit,
-        "s3_endpoint": args.s3_endpoint,
-    }
 
 
 def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededError | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .constants import shard_index
 from .model.errors import ConfigError, InputReadError
 from .tensors import BFloat16As, TensorSpec, ensure_registered, numpy_to_torch, tensor_spec, valid_mask
 from .tensors import to_numpy as _to_numpy
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FeatureSet", "list_output_files", "read_features", "read_metadata", "resolve_path"]
 
-_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _INTERNAL_KEYS = frozenset({"ARROW:schema", "pandas"})
 _T = TypeVar("_T")
 
@@ -96,8 +95,8 @@ def resolve_path(
 
 def _sort_key(path: str) -> tuple[int, int, str]:
     name = path.rsplit("/", 1)[-1]
-    m = _PART_RE.match(name)
-    return (0, int(m.group(1)), name) if m else (1, 0, name)
+    index = shard_index(name)
+    return (0, index, name) if index is not None else (1, 0, name)
 
 
 def list_output_files(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:

@@ -43,7 +43,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -55,9 +54,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .model.errors import ConfigError
-from .tensors import (
+from .constants import (
+    COMPRESSIONS,
+    LAYOUT_KEY,
+    LAYOUT_VERSION,
+    SHARD_TEMP_PATTERN,
+    STATUS_ERROR,
+    STATUS_OK,
     TENSOR_FORMATS,
+    shard_file_name,
+)
+from .constants import shard_index as parse_shard_index
+from .model.errors import ConfigError
+from .storage import join_path
+from .tensors import (
     as_numpy_tensor,
     ensure_registered,
     make_tensor_array,
@@ -67,27 +77,18 @@ from .tensors import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "COMPRESSIONS",
-    "CONFIG_KEY",
     "DEFAULT_ROW_GROUP_BYTES",
-    "FINGERPRINT_KEY",
-    "LAYOUT_KEY",
-    "LAYOUT_VERSION",
     "METADATA_COLUMNS",
-    "STATUS_ERROR",
-    "STATUS_OK",
     "ShardRows",
     "build_table",
     "committed_shards",
     "ensure_registered",
     "remove_stale_temp_files",
-    "shard_indices_to_write",
     "shard_name",
     "write_shard",
 ]
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
+shard_name = shard_file_name
 METADATA_COLUMNS: tuple[str, ...] = (
     "image_id",
     "uri",
@@ -99,17 +100,9 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 """The non-tensor columns of every shard, in order."""
 
-CONFIG_KEY = "llava_features.config"
-FINGERPRINT_KEY = "llava_features.fingerprint"
-LAYOUT_KEY = "llava_features.layout"
-LAYOUT_VERSION = "1"
-
-COMPRESSIONS: tuple[str, ...] = ("none", "snappy", "lz4", "zstd", "gzip", "brotli")
 DEFAULT_ROW_GROUP_BYTES = 256 * 1024 * 1024
 """Target size of a row group (about 54 rows of 576x4096 float16 features)."""
 
-_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
-_TEMP_RE = re.compile(r"^\.part-(\d{6,})\.parquet\.[0-9a-f]+\.tmp$")
 _PAGE_BYTES = 1024 * 1024
 _OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
@@ -138,6 +131,20 @@ class ShardRows:
     error_message: list[str | None] = field(default_factory=list)
     width: list[int | None] = field(default_factory=list)
     height: list[int | None] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, record: Any) -> ShardRows:
+        """The rows of a :class:`~pipeline.records.DecodedShard` (width/height null where unknown)."""
+        rows = cls()
+        for i, ok in enumerate(record.ok):
+            size = {"width": int(record.width[i]) or None, "height": int(record.height[i]) or None}
+            if ok:
+                rows.add_ok(record.image_id[i], record.uri[i], **size)
+            else:
+                rows.add_error(
+                    record.image_id[i], record.uri[i], record.error_code[i], record.error_message[i], **size
+                )
+        return rows
 
     def add_ok(self, image_id: str, uri: str, *, width: int | None = None, height: int | None = None) -> None:
         """Append an input that was encoded."""
@@ -208,13 +215,15 @@ class ShardRows:
 # --------------------------------------------------------------------------------------------
 
 
-def _scatter_tensor(values: Any, ok: np.ndarray, tensor_format: str, name: str) -> pa.ChunkedArray:
+def _scatter_tensor(
+    values: Any, ok: np.ndarray, tensor_format: str, name: str, stored_dtype: str | None = None
+) -> pa.ChunkedArray:
     """Full-length tensor column: ``values`` (ok rows only) at the ok rows, zeroed nulls elsewhere.
 
     Zero-copy: every run of consecutive ok rows is one chunk viewing ``values``; runs of error
     rows are null chunks over zeros.
     """
-    data, dtype = as_numpy_tensor(values)
+    data, dtype = as_numpy_tensor(values, stored_dtype)
     if data.ndim < 2:
         raise ValueError(f"{name} must be an (ok_rows, *shape) array, got shape {data.shape}")
     if data.shape[0] != int(ok.sum()):
@@ -259,14 +268,17 @@ def build_table(
     features: Any | None,
     tower_features: Any | None = None,
     pooled: Any | None = None,
+    dtype: str | None = None,
     tensor_format: str = "binary",
     metadata: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """The Arrow table of one shard (schema in this module's docstring).
 
     ``features``, ``tower_features`` (``(ok_rows, tokens, dim)``) and ``pooled``
-    (``(ok_rows, D)``) hold only the ok rows, in order; they are numpy arrays (float16/float32)
-    or torch tensors (bfloat16 too, with ``tensor_format="binary"``). They are scattered into
+    (``(ok_rows, D)``) hold only the ok rows, in order; they are numpy arrays (float16/float32,
+    or uint16 bits with ``dtype="bfloat16"``, as the encoder returns them) or torch tensors
+    (bfloat16 too, with ``tensor_format="binary"``); ``dtype`` names the stored dtype when the
+    arrays alone do not say it. They are scattered into
     full-length columns that are null on error rows, without copying the feature data, so the
     arrays must stay unchanged until the table is written. A column passed as ``None`` is left
     out; for a shard with no ok row pass an empty ``(0, tokens, dim)`` array so that every shard
@@ -289,7 +301,7 @@ def build_table(
     fields = list(_METADATA_FIELDS)
     for name, values in (("features", features), ("tower_features", tower_features)):
         if values is not None:
-            col = _scatter_tensor(values, ok, tensor_format, name)
+            col = _scatter_tensor(values, ok, tensor_format, name, dtype)
             arrays.append(col)
             fields.append(pa.field(name, col.type))
     if pooled is not None:
@@ -306,17 +318,6 @@ def build_table(
 # --------------------------------------------------------------------------------------------
 # Writing a shard
 # --------------------------------------------------------------------------------------------
-
-
-def shard_name(shard_index: int) -> str:
-    """File name of a committed shard: ``part-000012.parquet``."""
-    if shard_index < 0:
-        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
-    return f"part-{shard_index:06d}.parquet"
-
-
-def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
 def _row_bytes(typ: pa.DataType) -> int:
@@ -408,7 +409,7 @@ def write_shard(
     An existing shard of the same index is replaced. Row groups hold about ``row_group_bytes``;
     ``compression`` (``none`` by default) applies to every column.
     """
-    final = _join(output, shard_name(shard_index))
+    final = join_path(output, shard_name(shard_index))
     kind = filesystem.type_name
     start = time.perf_counter()
     if kind in _OBJECT_STORES:
@@ -420,7 +421,7 @@ def write_shard(
             raise
     else:
         filesystem.create_dir(output, recursive=True)
-        tmp = _join(output, f".{shard_name(shard_index)}.{uuid.uuid4().hex}.tmp")
+        tmp = join_path(output, f".{shard_name(shard_index)}.{uuid.uuid4().hex}.tmp")
         try:
             _write_parquet(table, tmp, filesystem, compression, row_group_bytes)
             if kind == "local":
@@ -462,9 +463,9 @@ def committed_shards(output: str, filesystem: pafs.FileSystem) -> set[int]:
     """
     found: set[int] = set()
     for info in _list(output, filesystem):
-        m = _PART_RE.match(info.base_name)
-        if m:
-            found.add(int(m.group(1)))
+        index = parse_shard_index(info.base_name)
+        if index is not None:
+            found.add(index)
     return found
 
 
@@ -480,7 +481,7 @@ def remove_stale_temp_files(
     now = time.time()
     removed: list[str] = []
     for info in _list(output, filesystem):
-        if not _TEMP_RE.match(info.base_name):
+        if not SHARD_TEMP_PATTERN.match(info.base_name):
             continue
         if (
             older_than_s is not None
@@ -497,9 +498,3 @@ def remove_stale_temp_files(
     if removed:
         logger.info("removed %d stale temp file(s) from %s", len(removed), output)
     return removed
-
-
-def shard_indices_to_write(total: int, output: str, filesystem: pafs.FileSystem) -> list[int]:
-    """Shard indices in ``range(total)`` not committed yet (the resume plan)."""
-    done = committed_shards(output, filesystem)
-    return [i for i in range(total) if i not in done]

@@ -19,8 +19,9 @@ SDK's default chain); an explicit ``s3_endpoint`` (``--s3-endpoint``) wins over 
 For GCS, ``STORAGE_EMULATOR_HOST`` selects an emulator (anonymous); otherwise Google's default
 credentials are used.
 
-Ray workers should receive a :class:`StorageSpec` (or plain URIs plus ``s3_endpoint``) and build
-their filesystems themselves, instead of receiving filesystem objects.
+Workers receive plain URIs plus the ``s3_endpoint`` setting (and the storage environment, which
+the job forwards) and build their filesystems themselves (:func:`resolve_filesystem`, cached per
+process); filesystem objects never cross the Ray hop.
 """
 
 from __future__ import annotations
@@ -50,16 +51,14 @@ __all__ = [
     "MANIFEST_EXTENSIONS",
     "InputItem",
     "Shard",
-    "StorageSpec",
     "ensure_output_dir",
     "is_image_path",
-    "join_uri",
+    "join_path",
     "list_inputs",
     "output_is_empty",
     "plan_fingerprint",
     "plan_shards",
     "read_bytes",
-    "read_one",
     "resolve_filesystem",
     "split_uri",
 ]
@@ -227,63 +226,11 @@ def resolve_filesystem(
     return _filesystem_for(scheme, path, s3_endpoint, s3_region), path
 
 
-@dataclass(frozen=True)
-class StorageSpec:
-    """A picklable description of a storage location; workers call :meth:`filesystem` to rebuild it.
-
-    Build it with :meth:`from_uri` on the driver: that pins the S3 endpoint and region taken from
-    the driver's environment, so workers use the same ones even where their environment lacks
-    them. Credentials are never stored: each worker gets them from its own environment.
-    """
-
-    uri: str
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
-
-    @classmethod
-    def from_uri(cls, uri: str, *, s3_endpoint: str | None = None) -> StorageSpec:
-        """Validate ``uri`` and pin the effective S3 endpoint and region (for s3:// URIs)."""
-        scheme, _ = split_uri(uri)
-        if scheme != "s3":
-            return cls(uri=uri, s3_endpoint=s3_endpoint)
-        endpoint = _effective_s3_endpoint(s3_endpoint)
-        if endpoint:
-            _parse_endpoint(endpoint, "S3 endpoint")
-        return cls(uri=uri, s3_endpoint=endpoint, s3_region=_effective_s3_region(None, endpoint))
-
-    @property
-    def scheme(self) -> str:
-        """``"local"``, ``"s3"`` or ``"gs"``."""
-        return split_uri(self.uri)[0]
-
-    @property
-    def path(self) -> str:
-        """The path inside :meth:`filesystem` (absolute local path, or ``bucket/key``)."""
-        return split_uri(self.uri)[1]
-
-    def filesystem(self) -> pafs.FileSystem:
-        """The pyarrow filesystem (built, or reused from this process's cache)."""
-        return self.resolve()[0]
-
-    def resolve(self) -> tuple[pafs.FileSystem, str]:
-        """``(filesystem, path)``, as :func:`resolve_filesystem`."""
-        return resolve_filesystem(self.uri, s3_endpoint=self.s3_endpoint, s3_region=self.s3_region)
-
-    def join(self, name: str) -> StorageSpec:
-        """The spec of ``name`` under this location, with the same settings."""
-        return StorageSpec(join_uri(self.uri, name), self.s3_endpoint, self.s3_region)
-
-
-def join_uri(base: str, name: str) -> str:
-    """``base/name``, keeping ``base``'s scheme (``s3://b/p`` + ``x.parquet`` → ``s3://b/p/x.parquet``)."""
+def join_path(folder: str, name: str) -> str:
+    """``folder/name`` for a path inside a filesystem (``bucket/prefix`` or an absolute local path):
+    the one way paths are joined, for inputs and outputs alike."""
     name = name.lstrip("/")
-    if not base:
-        return name
-    if not name:
-        return base
-    if base.endswith("://"):
-        return base + name
-    return base.rstrip("/") + "/" + name
+    return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,21 +508,6 @@ def _read(uri: str, get_filesystem: _FilesystemGetter, max_bytes: int | None) ->
     return bytes(data)
 
 
-def read_one(
-    uri: str,
-    *,
-    s3_endpoint: str | None = None,
-    s3_region: str | None = None,
-    max_bytes: int | None = None,
-) -> bytes:
-    """The bytes of one object; raises InputReadError (code ``read_failed``) naming the uri and cause.
-
-    With ``max_bytes``, larger objects raise InputReadError with code ``too_large`` after reading
-    at most ``max_bytes + 1`` bytes.
-    """
-    return _read(uri, lambda scheme, path: _filesystem_for(scheme, path, s3_endpoint, s3_region), max_bytes)
-
-
 def read_bytes(
     uris: Sequence[str],
     *,
@@ -588,7 +520,8 @@ def read_bytes(
 
     Never raises for an input: a missing or unreadable object (or an unsupported URI) gives an
     :class:`InputReadError` in its slot. One filesystem per scheme and bucket is built and reused.
-    ``max_bytes`` as in :func:`read_one`.
+    With ``max_bytes``, larger objects give an InputReadError with code ``too_large`` after reading
+    at most ``max_bytes + 1`` bytes.
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from .constants import OUTPUT_DTYPES, TENSOR_FORMATS
 from .model.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -82,11 +83,8 @@ __all__ = [
 EXTENSION_NAME = "llava_features.tensor"
 """Arrow extension name of :class:`TensorType` (stored in ``ARROW:extension:name``)."""
 
-SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "float32", "bfloat16")
-"""dtypes a tensor column may hold."""
-
-TENSOR_FORMATS: tuple[str, ...] = ("binary", "fixed_shape_tensor")
-"""Values of ``JobConfig.tensor_format``."""
+SUPPORTED_DTYPES: tuple[str, ...] = OUTPUT_DTYPES
+"""dtypes a tensor column may hold (the encoder's output dtypes)."""
 
 # Little-endian numpy dtype of the stored elements (bfloat16: its raw bits).
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {

@@ -1,18 +1,13 @@
-"""The benchmark harness and the encoder's fast path, on CPU.
+"""The benchmark harness (``pipeline/bench/``), on CPU.
 
-- ``bench encoder --tiny`` through ``pipeline.cli.main`` writes sane JSON;
-- the FLOP count of ViT-L/14-336 layer -2 + mlp2x_gelu is ANCHORS.md's 389.5 GFLOP (±1 %);
-- load-time transforms (fused QKV, folded quick_gelu) match the unfused tower in float32;
-- batch buckets: planning, padding and slicing (with compile replaced by eager), and a real
-  ``torch.compile`` run (marked slow);
-- GPU JPEG decode falls back to the exact CPU path without torchvision/CUDA, and its device
-  resize stays within the documented tolerance of the CPU path.
+- ``bench encoder --tiny`` through ``llava_features.cli.main`` writes sane JSON;
+- the FLOP count of ViT-L/14-336 layer -2 + mlp2x_gelu is the H100 anchor's 389.5 GFLOP (±1 %);
+- dispatch to the other benchmarks (including the ones the command line passes in), ``all``;
+- timing helpers, the pipeline benchmark.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import json
 import sys
 import types
@@ -22,27 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from llava_features import cli as top_cli
+from llava_features.cli import main as cli_main
 from pipeline.bench import cli as bench_cli
 from pipeline.bench.common import (
     KNOWN_TOWERS,
     bench_arch,
     encoder_flops,
-    photo_images,
     print_table,
     time_callable,
     tiny_arch,
     write_json,
 )
-from pipeline.cli import main as cli_main
 from pipeline.config import Config, load_config
-from pipeline.model import CLIPVisionTower
-from pipeline.model import fast as fastpath
-from pipeline.model.errors import DecodeError
-from pipeline.model.tiny import TINY_VISION
-from pipeline.preprocess import Preprocessor, PreprocessSpec
 
 REPO = Path(__file__).resolve().parent.parent
 VIT_L = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -179,12 +167,13 @@ def test_bench_dispatches_to_external_modules_with_supported_options(monkeypatch
 
 def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_path):
     monkeypatch.setitem(bench_cli._EXTERNAL, "preprocess", ("no_such_module_for_bench", "bench_preprocess"))
-    monkeypatch.setitem(bench_cli._EXTERNAL, "serve", ("no_such_module_for_bench", "bench_serve"))
+    # The endpoint's benchmark is passed in by the command line (pipeline may not import deployments).
+    monkeypatch.setitem(top_cli.BENCH_EXTERNAL, "serve", ("no_such_module_for_bench", "bench_serve"))
     calls: list[dict] = []
     _fake_bench_module(monkeypatch, calls)
-    monkeypatch.setitem(bench_cli.RUNNERS, "encoder", lambda args, config, workdir: {"ok": True})
+    monkeypatch.setitem(bench_cli.RUNNERS, "encoder", lambda args, config, workdir, table: {"ok": True})
 
-    def broken(args, config, workdir):
+    def broken(args, config, workdir, table):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(bench_cli.RUNNERS, "pipeline", broken)
@@ -215,308 +204,6 @@ def test_timing_json_and_table_helpers(tmp_path, capsys):
     assert json.loads(path.read_text()) == {"x": None, "y": 1.5, "z": [1, 2]}
     text = print_table([{"a": 1, "b": 1234.5}], [("a", "A", ""), ("b", "B", ",.1f")], title="t")
     assert "1,234.5" in text and capsys.readouterr().out.startswith("t\n")
-
-
-# -- fast-path transforms ---------------------------------------------------------------------
-
-
-def _tower(vision: dict, seed: int = 0, attn: str = "sdpa") -> CLIPVisionTower:
-    torch.manual_seed(seed)
-    model = CLIPVisionModel._from_config(
-        CLIPVisionConfig(**vision), attn_implementation=attn, dtype=torch.float32
-    )
-    return CLIPVisionTower.from_model(model.eval(), {"mm_vision_select_layer": -2})
-
-
-VIT_L_NARROW = {**VIT_L, "num_hidden_layers": 3, "image_size": 112}  # real widths, few layers/tokens
-
-
-@pytest.mark.parametrize("vision", [TINY_VISION, VIT_L_NARROW], ids=["tiny", "vit-l-width"])
-@pytest.mark.parametrize(
-    ("qkv", "gelu"), [(True, False), (False, True), (True, True)], ids=["qkv", "gelu", "both"]
-)
-def test_fast_transforms_match_unfused_tower_float32(vision, qkv, gelu):
-    ref = _tower(vision)
-    fast = copy.deepcopy(ref)
-    done = fastpath.apply_fast_path(fast, qkv=qkv, quick_gelu=gelu)
-    layers = vision["num_hidden_layers"]
-    assert done == {**({"fuse_qkv": layers} if qkv else {}), **({"fold_quick_gelu": layers} if gelu else {})}
-    x = torch.randn(
-        2, 3, vision["image_size"], vision["image_size"], generator=torch.Generator().manual_seed(1)
-    )
-    with torch.inference_mode():
-        want, got = ref.encode(x), fast.encode(x)
-    assert got.shape == want.shape
-    assert (got - want).abs().max().item() <= 1e-5
-    # Applying again changes nothing.
-    assert set(fastpath.apply_fast_path(fast, qkv=qkv, quick_gelu=gelu).values()) == {0}
-
-
-def test_fused_qkv_module_types_and_eager_tower_left_alone():
-    tower = _tower(TINY_VISION)
-    fastpath.fuse_qkv(tower)
-    attn = tower._core.encoder.layers[0].self_attn
-    assert isinstance(attn, fastpath.FusedQKVAttention)
-    assert attn.qkv.weight.shape == (3 * 32, 32)
-    eager = _tower(TINY_VISION, attn="eager")
-    assert fastpath.fuse_qkv(eager) == 0
-    folded = fastpath.fold_quick_gelu(tower)
-    assert folded == 3 and isinstance(tower._core.encoder.layers[0].mlp, fastpath.SiLUFoldedMLP)
-
-
-def test_fast_transforms_bfloat16_error_unchanged():
-    """In bf16 (after loading in bf16, as the product does) the transforms add no visible error."""
-    ref32 = _tower(VIT_L_NARROW)
-    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
-    plain = copy.deepcopy(ref32).to(torch.bfloat16)
-    fast = copy.deepcopy(plain)
-    fastpath.apply_fast_path(fast, qkv=True, quick_gelu=True)
-    with torch.inference_mode():
-        want = ref32.encode(x)
-        err_plain = ((plain.encode(x.bfloat16()).float() - want).norm() / want.norm()).item()
-        err_fast = ((fast.encode(x.bfloat16()).float() - want).norm() / want.norm()).item()
-    assert err_fast < 2e-2
-    assert err_fast <= err_plain * 1.1
-
-
-# -- buckets, padding, encoder paths ----------------------------------------------------------
-
-
-def test_bucket_plan_and_defaults():
-    assert fastpath.bucket_plan(0, (4, 8)) == []
-    assert fastpath.bucket_plan(8, (4, 8)) == [8]
-    assert fastpath.bucket_plan(300, (32, 128, 256)) == [256, 32, 32]
-    assert fastpath.bucket_plan(130, (32, 128, 256)) == [128, 32]
-    assert fastpath.bucket_plan(3, (4, 8)) == [4]
-    assert fastpath.bucket_plan(21, (4, 8)) == [8, 8, 8]  # same work as 8+8+4+4, fewer calls
-    for n in range(1, 70):
-        plan = fastpath.bucket_plan(n, (2, 8, 32))
-        assert 0 <= sum(plan) - n < 2  # the smallest bucket is 2: at most one padded row
-        assert sum(plan[:-1]) < n  # every piece holds at least one image
-    assert fastpath.default_buckets((256,), 2) == (32, 128, 256)
-    assert fastpath.default_buckets((256, 32), 2) == (4, 16, 32, 128, 256)
-    with pytest.raises(ValueError):
-        fastpath.validate_buckets((0, 4))
-
-
-def test_run_bucketed_pads_and_slices():
-    seen = []
-
-    def fn(x):
-        seen.append(x.shape[0])
-        return {"y": x * 2, "s": x.sum(dim=1)}
-
-    x = torch.arange(21 * 3, dtype=torch.float32).view(21, 3)
-    out = fastpath.run_bucketed(fn, x, (4, 8))
-    assert seen == fastpath.bucket_plan(21, (4, 8)) and all(s in (4, 8) for s in seen)
-    torch.testing.assert_close(out["y"], x * 2)
-    torch.testing.assert_close(out["s"], x.sum(dim=1))
-    assert fastpath.pad_batch(x[:3], 4)[3].abs().sum() == 0
-
-
-def test_overlapped_map_cpu_is_an_ordered_loop():
-    chunks = [torch.full((2, 3), float(i)) for i in range(4)]
-    out = list(fastpath.overlapped_map(chunks, lambda b: {"v": b + 1}, torch.device("cpu")))
-    assert [o["v"][0, 0].item() for o in out] == [1.0, 2.0, 3.0, 4.0]
-
-
-def _tiny_encoder(variant: str, **model_over):
-    from pipeline.bench.common import random_modules
-    from pipeline.bench.encoder import _make_encoder
-
-    arch = tiny_arch()
-    cfg = Config()
-    cfg = replace(cfg, job=replace(cfg.job, features="both", pooled=True))
-    enc = _make_encoder(
-        cfg, arch, random_modules(arch), torch.device("cpu"), torch.float32, variant, (4, 8), None
-    )
-    if model_over:
-        enc.config = replace(enc.config, model=replace(enc.config.model, **model_over))
-    enc.config = replace(enc.config, job=replace(enc.config.job, features="both", pooled=True))
-    return enc
-
-
-def test_encoder_fast_path_matches_plain_and_keeps_outputs():
-    pixels = np.random.default_rng(0).integers(0, 256, (11, 3, 56, 56), dtype=np.uint8)
-    plain, fast = _tiny_encoder("plain"), _tiny_encoder("fast")
-    a, b = plain.encode_pixels(pixels, batch_size=4), fast.encode_pixels(pixels, batch_size=4)
-    assert fast._fast_path().transforms == {"fuse_qkv": 3, "fold_quick_gelu": 3}
-    for name, shape in (("projected", (11, 16, 64)), ("tower", (11, 16, 32)), ("pooled", (11, 64))):
-        x, y = getattr(a, name), getattr(b, name)
-        assert isinstance(y, np.ndarray) and y.shape == shape and y.flags.c_contiguous
-        np.testing.assert_allclose(x, y, atol=1e-5)
-    # encode_core + encode_post give the same as encode_pixels.
-    post = fast.encode_post(fast.encode_core(pixels[:4]))
-    np.testing.assert_allclose(post.projected, b.projected[:4], atol=1e-6)
-    empty = fast.encode_pixels(np.zeros((0, 3, 56, 56), np.uint8))
-    assert empty.projected.shape == (0, 16, 64) and empty.projected.dtype == b.projected.dtype
-    assert empty.tower.shape == (0, 16, 32) and empty.tower.dtype == b.tower.dtype
-    assert empty.pooled.shape == (0, 64) and empty.pooled.dtype == np.float32
-
-
-def test_encoder_bucket_padding_with_compile_stubbed(monkeypatch):
-    """The compiled path's buckets/padding/slicing, with torch.compile replaced by the eager function."""
-    monkeypatch.setattr(fastpath, "compile_static", lambda fn, mode=None: fn)
-    pixels = np.random.default_rng(1).integers(0, 256, (21, 3, 56, 56), dtype=np.uint8)
-    ref = _tiny_encoder("fast").encode_pixels(pixels, batch_size=8)
-    enc = _tiny_encoder("compiled")
-    seen = []
-    run_model = enc._run_model
-
-    def spy(values, project, keep_tower):
-        seen.append(values.shape[0])
-        return run_model(values, project, keep_tower)
-
-    monkeypatch.setattr(enc, "_run_model", spy)
-    assert enc.warmup() >= 0
-    assert seen == [4, 8]  # one pass per bucket at warm-up
-    seen.clear()
-    got = enc.encode_pixels(pixels, batch_size=8)
-    assert seen == [8, 8, 8]  # 8 + 8 + 5 (padded to 8)
-    np.testing.assert_allclose(got.projected, ref.projected, atol=1e-5)
-    np.testing.assert_allclose(got.pooled, ref.pooled, atol=1e-5)
-    seen.clear()
-    enc.encode_core(pixels[:3])
-    assert seen == [4]
-
-
-def test_encoder_rejects_bad_fast_path_settings():
-    enc = _tiny_encoder("fast", overlap_chunks=0)
-    from pipeline.model.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="overlap_chunks"):
-        enc.warmup()
-    enc = _tiny_encoder("fast", compile_mode="fastest")
-    with pytest.raises(ConfigError, match="compile_mode"):
-        enc.warmup()
-
-
-@pytest.mark.slow
-def test_torch_compile_with_buckets_on_cpu():
-    pixels = np.random.default_rng(2).integers(0, 256, (11, 3, 56, 56), dtype=np.uint8)
-    ref = _tiny_encoder("fast").encode_pixels(pixels, batch_size=8)
-    enc = _tiny_encoder("compiled")
-    enc.warmup()
-    got = enc.encode_pixels(pixels, batch_size=8)
-    np.testing.assert_allclose(got.projected, ref.projected, atol=1e-4)
-
-
-# -- GPU JPEG decode: fallback and tolerance --------------------------------------------------
-
-
-def _jpeg(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=92, **kw)
-    return buf.getvalue()
-
-
-def _pil_decode_fn(fail_on: set[int] | None = None):
-    """A stand-in for torchvision's batched decode_jpeg: PIL on the CPU; refuses inputs by length."""
-    fail_on = fail_on or set()
-
-    def decode(datas, device):
-        out = []
-        for t in datas:
-            if len(t) in fail_on:
-                raise RuntimeError("nvjpeg refused this one")
-            img = Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB")
-            out.append(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()).to(device))
-        return out
-
-    return decode
-
-
-def test_gpu_decode_falls_back_to_the_exact_cpu_path():
-    from pipeline.gpu_decode import BatchedJpegDecoder, gpu_decode_available, load_decode_jpeg
-
-    assert not gpu_decode_available("cpu")
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        assert load_decode_jpeg() is None
-    spec = PreprocessSpec(size=56, crop_height=56, crop_width=56)
-    decoder = BatchedJpegDecoder(spec, device="cpu", use_gpu=True)  # asked for, unavailable: CPU route
-    assert not decoder.use_gpu
-    photo = photo_images(1, 48, 64)[0]
-    png = io.BytesIO()
-    Image.fromarray(photo).save(png, format="PNG")
-    datas = [_jpeg(photo), png.getvalue(), b"not an image", _jpeg(photo)[:200]]
-    results = decoder(datas, names=["a.jpg", "b.png", "c", "d.jpg"])
-    pre = Preprocessor(spec)
-    for data, result in zip(datas[:2], results[:2], strict=True):
-        assert result.route == "cpu"
-        np.testing.assert_array_equal(result.pixels.numpy(), pre(data).pixels)
-    for data, result in zip(datas[2:], results[2:], strict=True):
-        assert isinstance(result, DecodeError)
-        with pytest.raises(DecodeError) as expected:
-            pre(data)
-        assert result.code == expected.value.code
-    batch, ok = BatchedJpegDecoder.stack(results)
-    assert ok == [0, 1] and tuple(batch.shape) == (2, 3, 56, 56)
-
-
-def test_gpu_route_logic_with_a_stand_in_decoder(monkeypatch):
-    # pipeline.decode writes the guard's limit into PIL's process-wide bomb check: restore it.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-    from pipeline.config import DecodeConfig
-    from pipeline.gpu_decode import BatchedJpegDecoder
-
-    spec = PreprocessSpec()  # 336 px, pad
-    photos = photo_images(3, 120, 160, seed=4)
-    good = [_jpeg(p) for p in photos]
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotated: must take the CPU route (nvJPEG ignores EXIF)
-    rotated = _jpeg(photos[0], exif=exif.tobytes())
-    cmyk = io.BytesIO()
-    Image.fromarray(photos[1]).convert("CMYK").save(cmyk, format="JPEG")
-    refused = good[2]
-    datas = [good[0], good[1], rotated, cmyk.getvalue(), refused, b"\xff\xd8garbage"]
-    decoder = BatchedJpegDecoder(spec, device="cpu", decode_fn=_pil_decode_fn({len(refused)}))
-    assert decoder.use_gpu
-    results = decoder(datas)
-    assert [getattr(r, "route", None) for r in results[:5]] == ["gpu", "gpu", "cpu", "cpu", "cpu"]
-    assert isinstance(results[5], DecodeError)
-    assert decoder.stats == {"gpu": 2, "cpu": 3, "gpu_failed": 1}
-    pre = Preprocessor(spec)
-    for data, result in zip(datas[:5], results[:5], strict=True):
-        ref = pre(data)
-        assert (result.width, result.height) == (ref.width, ref.height)
-        diff = np.abs(result.pixels.numpy().astype(int) - ref.pixels.astype(int))
-        if result.route == "cpu":
-            assert diff.max() == 0
-        else:
-            assert diff.max() <= 12 and diff.mean() < 0.5
-    # Guard limits apply on the GPU route too: too many pixels → the CPU guard's error.
-    small = BatchedJpegDecoder(
-        spec, DecodeConfig(max_image_pixels=100), device="cpu", decode_fn=_pil_decode_fn()
-    )
-    result = small([good[0]])[0]
-    assert isinstance(result, DecodeError) and str(result.code) == "too_large"
-
-
-@pytest.mark.parametrize("aspect", ["pad", "crop", "square"])
-def test_device_resize_within_tolerance_of_pil(aspect):
-    from pipeline.gpu_decode import prepare_on_device
-
-    spec = PreprocessSpec(aspect_ratio=aspect)
-    pre = Preprocessor(spec)
-    images = (
-        photo_images(4, 480, 640, seed=7)
-        + photo_images(2, 400, 300, seed=8)
-        + photo_images(1, 200, 150, seed=9)
-    )
-    means = []
-    for arr in images:
-        ref = pre.pixels(Image.fromarray(arr)).astype(int)
-        got = prepare_on_device(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), spec).numpy()
-        assert got.shape == ref.shape
-        diff = np.abs(got.astype(int) - ref)
-        # PIL rounds (and clips) to uint8 between its two passes, torch does not: rare differences
-        # of several levels at high-contrast edges, mostly when upscaling; ≤ 1 level elsewhere.
-        assert diff.max() <= 12
-        assert (diff > 2).mean() < 1e-3
-        means.append(diff.mean())
-    assert float(np.mean(means)) < 0.3
 
 
 # -- pipeline benchmark -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main as cli_main
+from llava_features.cli import main as cli_main
 from pipeline.config import Config, config_to_dict, load_config
 from pipeline.encoder import describe_encoder
 from pipeline.model import resolve_device, resolve_dtype, resolve_model

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.job import SUCCESS_FILE, run_job
+from pipeline.constants import SUCCESS_FILE
+from pipeline.job import run_job
 from tests.corpus import write_real_photos
 
 pytestmark = pytest.mark.slow

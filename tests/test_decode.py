@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import DecodedImage, decode_image, to_rgb
+from pipeline.images.decode import DecodedImage, decode_image, to_rgb
 from pipeline.model.errors import DECODE_ERROR_CODES, DecodeError, ErrorCode
 from tests.corpus import encode, expected_rgb, png_bytes, real_photos, write_bad_corpus
 
@@ -180,6 +180,7 @@ def test_to_rgb_every_mode():
 
 def test_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    before = Image.MAX_IMAGE_PIXELS
     loads: list[object] = []
     original = ImageFile.ImageFile.load
 
@@ -203,17 +204,26 @@ def test_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         assert _code(data, config) == "too_large"
     assert loads == []
-    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own check follows the config
+    assert before == Image.MAX_IMAGE_PIXELS  # decoding never writes PIL's process-wide limit
     decode_image(encode(Image.new("RGB", (40, 20)), "PNG"), config=config)  # 800 pixels: fine
     assert len({id(image) for image in loads}) == 1
 
 
-def test_max_image_pixels_is_set_from_config(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+def test_pil_limit_is_raised_once_explicitly_never_per_decode(monkeypatch):
+    """PIL's process-wide bomb check never disagrees with ours: building a decoder (a Preprocessor)
+    raises it to the guard's limit, once; decoding itself never writes it; it is never lowered."""
+    from pipeline.images.preprocess import Preprocessor
+    from pipeline.images.spec import PreprocessSpec
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # PIL's default; restored afterwards
     decode_image(encode(Image.new("RGB", (8, 8)), "PNG"), config=DecodeConfig(max_image_pixels=123_456_789))
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    Preprocessor(PreprocessSpec(), DecodeConfig(max_image_pixels=123_456_789))
     assert Image.MAX_IMAGE_PIXELS == 123_456_789
-    decode_image(encode(Image.new("RGB", (8, 8)), "PNG"))
-    assert DecodeConfig().max_image_pixels == Image.MAX_IMAGE_PIXELS
+    Preprocessor(PreprocessSpec(), DecodeConfig(max_image_pixels=1000))  # a stricter guard: ours refuses
+    assert Image.MAX_IMAGE_PIXELS == 123_456_789
+    Preprocessor(PreprocessSpec())
+    assert DecodeConfig().max_image_pixels <= Image.MAX_IMAGE_PIXELS
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main as cli_main
+from llava_features.cli import main as cli_main
 from pipeline.config import load_config
+from pipeline.constants import JOB_FILE, SUCCESS_FILE
 from pipeline.encoder import FeatureEncoder
-from pipeline.job import JOB_FILE, SUCCESS_FILE, run_job
+from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
 from pipeline.reader import read_features
 from tests.corpus import write_bad_corpus, write_real_photos
@@ -53,9 +55,15 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
     return manifest, expected
 
 
-def _config(model: Path, **job):
+_ENCODER_KEYS = ("features", "pooled", "output_dtype", "batch_size")
+
+
+def _config(model: Path, **settings):
+    """The tiny model in float32; ``settings`` go to the encoder section or the job section."""
+    encoder = {k: v for k, v in settings.items() if k in _ENCODER_KEYS}
+    job = {"shard_size": 4, **{k: v for k, v in settings.items() if k not in _ENCODER_KEYS}}
     return load_config(
-        None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "job": {"shard_size": 4, **job}}
+        None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "encoder": encoder, "job": job}
     )
 
 
@@ -284,7 +292,7 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "llava_features",
         *_encode_args(tiny_llava, images, out, "--shard-size", "1", "--max-error-fraction", "0"),
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -408,3 +416,22 @@ def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, t
     assert summary.ok == 2 and (out / SUCCESS_FILE).exists()
     assert not list(out.glob(".*.tmp"))
     assert pq.read_table(out).num_rows == 2
+
+
+def test_decode_on_the_encoder_device_gives_the_same_rows(ray_local, tiny_llava, corpus, tmp_path):
+    """``decode.nvjpeg``: decode tasks only read, the encoder actors decode. Without CUDA the route
+    falls back to the exact CPU path inside the actor: the same rows, codes and features as the
+    default route (the fingerprint names the route, as every opt-in deviation's must)."""
+    folder, expected = corpus
+    default = run_job(_config(tiny_llava, max_error_fraction=1.0), str(folder), str(tmp_path / "cpu"))
+    config = _config(tiny_llava, max_error_fraction=1.0)
+    config = replace(config, decode=replace(config.decode, nvjpeg=True))
+    device = run_job(config, str(folder), str(tmp_path / "device"))
+    assert device.fingerprint != default.fingerprint
+    assert (device.ok, device.errors) == (default.ok, default.errors)
+    a = read_features(str(tmp_path / "cpu"), status=None)
+    b = read_features(str(tmp_path / "device"), status=None)
+    for column in ("image_id", "status", "error_code", "width", "height"):
+        assert a.table.column(column).to_pylist() == b.table.column(column).to_pylist(), column
+    np.testing.assert_array_equal(a.features, b.features)
+    assert sum(code is None for code in expected.values()) == default.ok

@@ -21,18 +21,13 @@ from pipeline.model import (
     load_model_modules,
     resolve_model,
 )
-from pipeline.model.checkpoint import _Source, read_tensors
+from pipeline.model.checkpoints.files import CheckpointSource as _Source
+from pipeline.model.checkpoints.files import read_tensors
 from pipeline.model.errors import CheckpointError, ErrorCode, MissingWeightError, ShapeMismatchError
 from pipeline.model.tiny import TINY_VISION
+from tests.reference import seed_forward
 
 TOL = 1e-5
-
-
-def seed_forward(model: CLIPVisionModel, images: torch.Tensor, layer: int, feature: str) -> torch.Tensor:
-    """LLaVA's original tower forward: the full model, all hidden states, select, drop CLS."""
-    out = model(images, output_hidden_states=True)
-    feats = out.hidden_states[layer]
-    return feats[:, 1:] if feature == "patch" else feats
 
 
 @pytest.fixture(scope="module")
@@ -323,14 +318,14 @@ def test_product_encoder_path_matches_seed(tiny_models, reference_model):
 
     from pipeline.config import load_config
     from pipeline.encoder import FeatureEncoder
-    from pipeline.preprocess import normalize
+    from pipeline.images.normalize import normalize
 
     encoder = FeatureEncoder(
         load_config(
             None,
             {
                 "model": {"checkpoint": str(tiny_models["llava"]), "dtype": "float32"},
-                "job": {"features": "both"},
+                "encoder": {"features": "both"},
             },
         )
     )

@@ -10,22 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench.preprocess import bench_preprocess, llava_reference, reference_processor
+from pipeline.bench.preprocess import bench_preprocess
 from pipeline.config import DecodeConfig
+from pipeline.images import native
+from pipeline.images.normalize import normalize
+from pipeline.images.passes import expand2square
+from pipeline.images.passes import hf_center_crop as _hf_center_crop
+from pipeline.images.passes import pass_model as _pass_model
+from pipeline.images.preprocess import PreparedImage, Preprocessor
+from pipeline.images.spec import PreprocessSpec, resize_output_size
 from pipeline.model.errors import ConfigError, DecodeError
-from pipeline.preprocess import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    PreparedImage,
-    Preprocessor,
-    PreprocessSpec,
-    _hf_center_crop,
-    _pass_model,
-    expand2square,
-    normalize,
-    resize_output_size,
-)
 from tests.corpus import encode, real_photos
+from tests.reference import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, llava_reference, reference_processor
 
 TOL = 1e-5
 
@@ -109,13 +105,11 @@ def test_resize_output_size_matches_transformers():
 def test_fast_routes_are_bit_identical_to_plain_pil(compiled, monkeypatch):
     """Every route (the compiled resampler, or PIL's passes called one at a time) gives exactly PIL's
     resize + crop for many geometries and filters."""
-    import pipeline.preprocess as preprocess
-
     assert _pass_model(3) is not None  # the installed Pillow passed the probe: fast routes are on
     if not compiled:
-        monkeypatch.setattr(preprocess, "_compiled_resampler", lambda resample: None)
+        monkeypatch.setattr(native, "compiled_resampler", lambda resample: None)
     else:
-        assert preprocess.resampler_name(3).startswith("compiled")
+        assert native.resampler_name(3).startswith("compiled")
     rng = np.random.default_rng(42)
     noise = Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8))
     for trial in range(120):
@@ -146,10 +140,10 @@ def test_fast_routes_are_bit_identical_to_plain_pil(compiled, monkeypatch):
 
 def test_plain_route_when_pillow_is_not_decomposable(photos, monkeypatch):
     """If the probe fails on some Pillow build, every image takes the plain (reference) route."""
-    import pipeline.preprocess as preprocess
+    import pipeline.images.preprocess as images_preprocess
 
-    monkeypatch.setattr(preprocess, "_pass_model", lambda resample: None)
-    monkeypatch.setattr(preprocess, "_compiled_resampler", lambda resample: None)
+    monkeypatch.setattr(images_preprocess, "pass_model", lambda resample: None)
+    monkeypatch.setattr(native, "compiled_resampler", lambda resample: None)
     processor = reference_processor(224)
     images = [photos["rocket"], photos["coins"], photos["astronaut"].resize((300, 500))]
     for aspect_ratio in ("pad", "crop"):

@@ -1,4 +1,4 @@
-"""The compiled resampler (pipeline/_resample.c): bit-identical to Pillow's resize, every kernel."""
+"""The compiled resampler (pipeline/images/_resample.c): bit-identical to Pillow's resize, every kernel."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.preprocess as preprocess
-from pipeline.preprocess import Preprocessor, PreprocessSpec, expand2square, resampler_name
+from pipeline.images import native, passes
+from pipeline.images.native import resampler_name
+from pipeline.images.passes import expand2square
+from pipeline.images.preprocess import Preprocessor
+from pipeline.images.spec import PreprocessSpec, resize_output_size
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def resample_module():
-    module = preprocess._compiled_resampler(3)
-    assert module is not None, "pipeline._resample is not built (pip install -e . builds it)"
+    module = native.compiled_resampler(3)
+    assert module is not None, "pipeline.images._resample is not built (pip install -e . builds it)"
     return module
 
 
@@ -37,9 +40,9 @@ def test_the_compiled_resampler_is_built_and_used(resample_module):
 def _window(module, image, out_hw, window, resample, canvas=None, background=(0, 0, 0)):
     """``module.resize_window`` on a PIL image; canvas=(side, side) for expand2square."""
     canvas = canvas or (image.height, image.width)
-    model = preprocess._pass_model(resample)
+    model = passes.pass_model(resample)
     hfirst = model.horizontal_first(canvas[1], canvas[0], out_hw[1], out_hw[0])
-    return preprocess._compiled_window(module, image, canvas, background, out_hw, window, resample, hfirst)
+    return native.compiled_window(module, image, canvas, background, out_hw, window, resample, hfirst)
 
 
 def _check_random_geometries(module, trials: int, seed: int) -> int:
@@ -63,7 +66,7 @@ def _check_random_geometries(module, trials: int, seed: int) -> int:
         source = expand2square(image, background) if pad else image
         if pad:
             ow = oh  # expand2square then a square resize, as LLaVA does
-        model = preprocess._pass_model(resample)
+        model = passes.pass_model(resample)
         if pad and not model.horizontal_first(source.width, source.height, ow, oh):
             continue
         top, left = int(rng.integers(0, oh)), int(rng.integers(0, ow))
@@ -88,9 +91,9 @@ def test_portable_kernels_are_bit_identical_too():
     """The same checks with the SIMD kernels switched off (what a CPU without AVX2 runs)."""
     code = textwrap.dedent(
         """
-        import pipeline.preprocess as preprocess
+        from pipeline.images import native
         from tests.test_resample import _check_random_geometries
-        module = preprocess._compiled_resampler(3)
+        module = native.compiled_resampler(3)
         assert module is not None and module.SIMD == 0, module
         print("checked", _check_random_geometries(module, trials=80, seed=11))
         """
@@ -112,7 +115,7 @@ def test_end_to_end_pixels_match_plain_pillow_for_photos_sizes(resample_module):
             for aspect_ratio in ("pad", "crop"):
                 spec = PreprocessSpec(size=size, crop_height=size, crop_width=size, aspect_ratio=aspect_ratio)
                 square = expand2square(image, spec.background) if aspect_ratio == "pad" else image
-                new_h, new_w = preprocess.resize_output_size(square.height, square.width, size)
+                new_h, new_w = resize_output_size(square.height, square.width, size)
                 plain = np.asarray(square.resize((new_w, new_h), 3))
                 top, left = (new_h - size) // 2, (new_w - size) // 2
                 want = plain[top : top + size, left : left + size].transpose(2, 0, 1)
@@ -162,7 +165,9 @@ def test_a_copy_of_the_sources_without_the_build_uses_the_installed_build(tmp_pa
     """What `ray job submit --working-dir .` gives the workers: the sources minus .gitignore'd build
     outputs, first on sys.path. The preprocessing still finds the installed package's build."""
     shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("*.so", "*.pyd"))
-    code = "import pipeline, pipeline.preprocess as p; print(pipeline.__file__); print(p.resampler_name(3))"
+    code = (
+        "import pipeline, pipeline.images.native as n; print(pipeline.__file__); print(n.resampler_name(3))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120

@@ -197,6 +197,25 @@ def test_status_mapping_and_helpers():
     for bad in ("https://example.com/cat.jpg", "hello", "data:image/png,rawtext", 42):
         with pytest.raises(RequestError):
             H.image_from_data_url(bad)
+    # Strict data URLs: only image media types, only the base64 alphabet (nothing dropped silently).
+    jpeg = base64.b64encode(IMAGES["b.jpg"]).decode()
+    for bad, why in [
+        ("data:image/png;base64,@@@@", "'@' at position 0 is not in the base64 alphabet"),
+        (f"data:image/jpeg;base64,{jpeg[:40]} {jpeg[40:]}", "' ' at position 40"),
+        (f"data:text/plain;base64,{jpeg}", "media type is 'text/plain'"),
+        (f"data:;base64,{jpeg}", "media type is 'missing'"),
+        ("data:image/png;base64,abc", "invalid base64 data"),  # padding
+    ]:
+        with pytest.raises(RequestError, match=why) as info:
+            H.image_from_data_url(bad, "input[3]")
+        assert info.value.code == ErrorCode.BAD_REQUEST and "input[3]" in info.value.message
+    assert H.image_from_data_url(f"data:image/jpeg;base64,{jpeg}") == IMAGES["b.jpg"]
+    # bfloat16 features (uint16 bit patterns) leave as float32, exactly.
+    values = np.array([1.0, -2.5, 3.140625, 0.0], dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)
+    widened = H.response_array(bits, "bfloat16")
+    assert widened.dtype == np.float32 and np.array_equal(widened, values)
+    assert H.response_array(arr, "float16") is arr
 
 
 def test_build_args_and_deployment_options(tmp_path, monkeypatch):
@@ -226,7 +245,7 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
     """`llava-features serve --model PATH --port P` with RAY_ADDRESS unset: own local Ray, serves, stops."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tiny_llava), "--port", str(port)]
+    cmd = [sys.executable, "-m", "llava_features", "serve", "--model", str(tiny_llava), "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 150
@@ -385,6 +404,26 @@ def test_request_errors(main, local_encoder):
         400,
         "bad_request",
     )
+    deep = b"[" * 1000 + b"]" * 1000  # Python's JSON reader recurses: a RecursionError, not a 500
+    body = _assert_error(
+        main.post("/v1/embeddings", content=deep, headers={"content-type": "application/json"}),
+        400,
+        "bad_request",
+    )
+    assert "nested too deeply" in body["error"]["message"]
+    _ok(main)
+    body = _assert_error(
+        main.post("/v1/embeddings", json={"model": "m", "input": ["data:image/png;base64,@@@@"]}),
+        400,
+        "bad_request",
+    )
+    assert "base64 alphabet" in body["error"]["message"]
+    jpeg_url = _data_url(IMAGES["b.jpg"], "text/plain")
+    body = _assert_error(
+        main.post("/v1/embeddings", json={"model": "m", "input": [jpeg_url]}), 400, "bad_request"
+    )
+    assert "media type" in body["error"]["message"]
+    _ok(main)
     truncated = IMAGES["b.jpg"][:300]
     try:
         local_encoder.encode_pre(truncated)
@@ -395,6 +434,62 @@ def test_request_errors(main, local_encoder):
     )
     assert "input[0]" in body["error"]["message"]
     _ok(main)
+
+
+@pytest.fixture(scope="module")
+def dtype_apps(serve_cluster, tiny_llava, apps) -> dict[str, str]:
+    """``main`` (float16, the default) plus one application per other output dtype."""
+    out = {"float16": apps["main"]}
+    for dtype in ("float32", "bfloat16"):
+        args = tiny_app_args(tiny_llava, max_batch_size=8, request_timeout_s=60)
+        args["encoder"] = {"output_dtype": dtype}
+        out[dtype] = serve_cluster.deploy(f"out-{dtype}", f"/{dtype}", args)
+    return out
+
+
+@slow
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_every_route_in_every_output_dtype(dtype_apps, tiny_llava, dtype):
+    """Each encoding route and /healthz answer 200 with the in-process encoder's numbers, whatever
+    ``encoder.output_dtype`` is (bfloat16 leaves as float32, widened exactly)."""
+    config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "encoder": {"output_dtype": dtype}})
+    local = FeatureEncoder(config)
+    served_dtype = np.float32 if dtype == "bfloat16" else np.dtype(dtype)
+    names = ["a.png", "b.jpg"]
+    want = {}
+    for name in names:
+        out = local.encode_pixels(local.encode_pre(IMAGES[name]).pixels[None], pooled=True)
+        assert out.dtype == dtype and isinstance(out.projected, np.ndarray)
+        want[name] = (H.response_array(out.projected[0], dtype), out.pooled[0])
+    tolerance = 2**-7 if dtype == "bfloat16" else 2**-10  # one ulp of the stored dtype, relative
+    with httpx.Client(base_url=dtype_apps[dtype], timeout=60) as client:
+
+        def check(got: np.ndarray, name: str) -> None:
+            ref = want[name][0]
+            assert got.dtype == served_dtype and got.shape == ref.shape, (got.dtype, got.shape)
+            scale = np.abs(ref).astype(np.float32) + 1e-3
+            assert np.all(np.abs(got.astype(np.float32) - ref.astype(np.float32)) <= tolerance * scale)
+
+        r = client.post("/v1/features", content=IMAGES["a.png"], headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        check(H.load_npy(r.content), "a.png")
+        r = client.post("/v1/features?format=json", content=IMAGES["b.jpg"])
+        assert r.status_code == 200, r.text
+        check(H.decode_array_payload(r.json()), "b.jpg")
+        r = client.post("/v1/features?pooled=true", content=IMAGES["a.png"])
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(H.load_npy(r.content), want["a.png"][1], rtol=1e-5, atol=1e-6)
+        r = client.post("/v1/features:batch", files=[("file", (n, IMAGES[n])) for n in names])
+        assert r.status_code == 200, r.text
+        for name, item in zip(names, r.json(), strict=True):
+            assert item["ok"], item
+            check(H.decode_array_payload(item), name)
+        r = client.post("/v1/embeddings", json={"model": "m", "input": [_data_url(IMAGES["a.png"])]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], want["a.png"][1], rtol=1e-5, atol=1e-6)
+        r = client.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        assert client.get("/v1/models").json()["data"][0]["output_dtype"] == dtype
 
 
 @slow
@@ -528,7 +623,7 @@ def test_overload_503_with_retry_after(apps, strict):
 
 @slow
 def test_bench_serve_runs(serve_cluster, tiny_llava):
-    from pipeline.bench.serve import bench_serve
+    from deployments.bench import bench_serve
 
     config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "serve": {"max_batch_size": 8}})
     figures = bench_serve(

@@ -18,12 +18,10 @@ import pytest
 import torch
 
 from pipeline.bench.sink import bench_sink
+from pipeline.constants import CONFIG_KEY, FINGERPRINT_KEY, LAYOUT_KEY
 from pipeline.model.errors import ConfigError, ErrorCode, InputReadError
 from pipeline.reader import FeatureSet, list_output_files, read_features, read_metadata
 from pipeline.sink import (
-    CONFIG_KEY,
-    FINGERPRINT_KEY,
-    LAYOUT_KEY,
     METADATA_COLUMNS,
     ShardRows,
     build_table,

@@ -17,15 +17,13 @@ from pipeline.storage import (
     IMAGE_EXTENSIONS,
     InputItem,
     Shard,
-    StorageSpec,
     ensure_output_dir,
-    join_uri,
+    join_path,
     list_inputs,
     output_is_empty,
     plan_fingerprint,
     plan_shards,
     read_bytes,
-    read_one,
     resolve_filesystem,
 )
 
@@ -88,9 +86,8 @@ def test_resolve_s3_endpoint_and_region(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://127.0.0.1:2")
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
-    spec = StorageSpec.from_uri("s3://bucket/p")
-    assert (spec.s3_endpoint, spec.s3_region) == ("https://127.0.0.1:2", "eu-west-3")
-    assert StorageSpec.from_uri("s3://b", s3_endpoint="http://h:3").s3_endpoint == "http://h:3"
+    assert storage._effective_s3_endpoint(None) == "https://127.0.0.1:2"
+    assert storage._effective_s3_endpoint("http://h:3") == "http://h:3"
     assert resolve_filesystem("s3://bucket/p")[0].region == "eu-west-3"
 
 
@@ -118,28 +115,21 @@ def test_gcs_construction_without_network(monkeypatch: pytest.MonkeyPatch) -> No
     assert storage.split_uri("gs://b/img.JPG") == ("gs", "b/img.JPG")
 
 
-def test_storage_spec_is_picklable(tmp_path: Path) -> None:
-    spec = StorageSpec.from_uri(str(tmp_path))
-    clone = pickle.loads(pickle.dumps(spec))
-    assert clone == spec
-    assert isinstance(clone.filesystem(), pafs.LocalFileSystem)
-    assert clone.path == str(tmp_path)
-    assert clone.join("a.parquet").uri == f"{tmp_path}/a.parquet"
-    s3 = StorageSpec.from_uri("s3://b/p", s3_endpoint="http://127.0.0.1:9")
-    clone = pickle.loads(pickle.dumps(s3))
-    assert (clone.scheme, clone.path) == ("s3", "b/p")
-    assert isinstance(clone.filesystem(), pafs.S3FileSystem)
+def test_filesystems_are_rebuilt_from_uris_in_a_worker_process(tmp_path: Path) -> None:
+    """Workers get URIs (plus the s3_endpoint setting) and build their filesystems themselves."""
+    fs, path = pickle.loads(pickle.dumps(resolve_filesystem(str(tmp_path))))
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
+    fs, path = resolve_filesystem("s3://b/p", s3_endpoint="http://127.0.0.1:9")
+    assert isinstance(pickle.loads(pickle.dumps(fs)), pafs.S3FileSystem) and path == "b/p"
 
 
-def test_join_uri() -> None:
-    assert join_uri("s3://b/p", "x.parquet") == "s3://b/p/x.parquet"
-    assert join_uri("s3://b/p/", "/x.parquet") == "s3://b/p/x.parquet"
-    assert join_uri("s3://b", "d/x") == "s3://b/d/x"
-    assert join_uri("gs://b/p", "x") == "gs://b/p/x"
-    assert join_uri("/out", "x") == "/out/x"
-    assert join_uri("/", "x") == "/x"
-    assert join_uri("out", "x") == "out/x"
-    assert join_uri("file:///out", "x") == "file:///out/x"
+def test_join_path() -> None:
+    assert join_path("b/p", "x.parquet") == "b/p/x.parquet"
+    assert join_path("b/p/", "/x.parquet") == "b/p/x.parquet"
+    assert join_path("b", "d/x") == "b/d/x"
+    assert join_path("/out", "x") == "/out/x"
+    assert join_path("/", "x") == "/x"
+    assert join_path("", "x") == "x"
 
 
 # ------------------------------------------------------------------------------------------
@@ -319,15 +309,14 @@ def test_read_bytes_local(image_tree: Path) -> None:
     assert isinstance(read_bytes([str(image_tree)])[0], InputReadError)
 
 
-def test_read_one_and_max_bytes(image_tree: Path) -> None:
-    assert read_one(str(image_tree / "top.jpeg")) == b"top.jpeg"
-    with pytest.raises(InputReadError, match="nope.jpg") as info:
-        read_one(str(image_tree / "nope.jpg"))
-    assert info.value.code == ErrorCode.READ_FAILED
-    assert read_one(str(image_tree / "top.jpeg"), max_bytes=8) == b"top.jpeg"
-    with pytest.raises(InputReadError) as info:
-        read_one(str(image_tree / "top.jpeg"), max_bytes=7)
-    assert info.value.code == ErrorCode.TOO_LARGE
+def test_read_bytes_errors_and_max_bytes(image_tree: Path) -> None:
+    assert read_bytes([str(image_tree / "top.jpeg")]) == [b"top.jpeg"]
+    (missing,) = read_bytes([str(image_tree / "nope.jpg")])
+    assert isinstance(missing, InputReadError) and "nope.jpg" in missing.message
+    assert missing.code == ErrorCode.READ_FAILED
+    assert read_bytes([str(image_tree / "top.jpeg")], max_bytes=8) == [b"top.jpeg"]
+    (big,) = read_bytes([str(image_tree / "top.jpeg")], max_bytes=7)
+    assert isinstance(big, InputReadError) and big.code == ErrorCode.TOO_LARGE
     with pytest.raises(ConfigError):
         read_bytes(["x"], threads=0)
 
@@ -502,15 +491,12 @@ def test_s3_read_bytes_missing(s3_server, s3_bucket: str) -> None:  # type: igno
         assert isinstance(err, InputReadError)
         assert err.code == ErrorCode.READ_FAILED
         assert uris[slot] in err.message
-    assert read_one(uris[0], s3_endpoint=endpoint) == b"top.jpg"
-    with pytest.raises(InputReadError, match="missing.jpg"):
-        read_one(uris[1], s3_endpoint=endpoint)
 
 
-def test_s3_spec_in_a_subprocess_like_worker(s3_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
-    spec = StorageSpec.from_uri(f"s3://{s3_bucket}/imgs", s3_endpoint=s3_server.endpoint_url)
-    clone = pickle.loads(pickle.dumps(spec))
-    fs, path = clone.resolve()
+def test_s3_filesystem_rebuilt_like_a_worker(s3_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
+    fs, path = pickle.loads(
+        pickle.dumps(resolve_filesystem(f"s3://{s3_bucket}/imgs", s3_endpoint=s3_server.endpoint_url))
+    )
     names = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     assert f"{s3_bucket}/imgs/a/1.jpg" in names
 

@@ -1,11 +1,12 @@
 """``llava-features bench {encoder,pipeline,preprocess,sink,serve,all}``.
 
 ``encoder`` and ``pipeline`` live in this package's :mod:`~pipeline.bench.encoder` and
-:mod:`~pipeline.bench.pipeline`; ``preprocess``, ``sink`` and ``serve`` dispatch (lazily) to
-``pipeline.bench.preprocess.bench_preprocess``, ``pipeline.bench.sink.bench_sink`` and
-``pipeline.bench.serve.bench_serve``, passing the options their signatures accept (plus any
-``--opt KEY=VALUE``). ``all`` runs every benchmark whose module is present and records the
-others as skipped. ``--json PATH`` writes every result with the environment; a short table is
+:mod:`~pipeline.bench.pipeline`; ``preprocess`` and ``sink`` dispatch (lazily) to
+``pipeline.bench.preprocess.bench_preprocess`` and ``pipeline.bench.sink.bench_sink``, passing the
+options their signatures accept (plus any ``--opt KEY=VALUE``). ``serve`` measures the online
+endpoint, which this package may not import: the command line (the layer above) passes it in
+(``main(args, external={"serve": ("deployments.bench", "bench_serve")})``). ``all`` runs every
+benchmark that can run here (the endpoint's needs Ray Serve) and records the others as skipped. ``--json PATH`` writes every result with the environment; a short table is
 printed either way.
 
 Examples::
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
+
 logger = logging.getLogger(__name__)
 
 TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "all")
@@ -35,8 +38,8 @@ ORDER = ("encoder", "pipeline", "preprocess", "sink", "serve")
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
     "sink": ("pipeline.bench.sink", "bench_sink"),
-    "serve": ("pipeline.bench.serve", "bench_serve"),
 }
+"""Benchmarks of this package dispatched by name: target → (module, function)."""
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -87,10 +90,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-sizes", type=_int_list, help="e.g. 32,128,256 (default: that on a GPU; 8,32 tiny CPU)"
     )
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="our compute dtype")
+    g.add_argument("--dtype", choices=COMPUTE_DTYPES, help="our compute dtype")
     g.add_argument(
         "--seed-dtype",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=COMPUTE_DTYPES,
         help="the seed path's dtype (auto: float16 on a GPU, our dtype on a CPU)",
     )
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -98,9 +101,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a shared CPU)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile with static batch buckets")
-    g.add_argument(
-        "--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-    )
+    g.add_argument("--compile-mode", choices=COMPILE_MODES)
     g.add_argument(
         "--no-fast", action="store_true", help="no load-time transforms (fused QKV, folded quick_gelu)"
     )
@@ -198,11 +199,16 @@ def call_supported(
     return fn(*positional, **kwargs)
 
 
-def _external(name: str) -> Callable[[argparse.Namespace, Any, Path], dict[str, Any]]:
-    def run(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+Runner = Callable[[argparse.Namespace, Any, Path, dict[str, tuple[str, str]]], dict[str, Any]]
+
+
+def _external(name: str) -> Runner:
+    def run(
+        args: argparse.Namespace, config: Any, workdir: Path, table: dict[str, tuple[str, str]]
+    ) -> dict[str, Any]:
         from .common import bench_arch, loadable_config
 
-        module_name, func_name = _EXTERNAL[name]
+        module_name, func_name = table[name]
         fn = getattr(importlib.import_module(module_name), func_name)
         params = inspect.signature(fn).parameters
         candidates: dict[str, Any] = {
@@ -260,37 +266,43 @@ def _print_generic(name: str, result: dict[str, Any]) -> None:
         print(f"  {key}: {json.dumps(value, default=str)[:400]}")
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace, Any, Path], dict[str, Any]]] = {
-    "encoder": _run_encoder,
-    "pipeline": _run_pipeline,
+def _local(run: Callable[[argparse.Namespace, Any, Path], dict[str, Any]]) -> Runner:
+    return lambda args, config, workdir, table: run(args, config, workdir)
+
+
+RUNNERS: dict[str, Runner] = {
+    "encoder": _local(_run_encoder),
+    "pipeline": _local(_run_pipeline),
     "preprocess": _external("preprocess"),
     "sink": _external("sink"),
     "serve": _external("serve"),
 }
 
 
-def _available(name: str) -> str | None:
-    """None when benchmark ``name`` can run here, else why not."""
-    if name in _EXTERNAL:
-        module_name, func_name = _EXTERNAL[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            return f"{module_name} is not available ({exc})"
-        if not hasattr(module, func_name):
-            return f"{module_name} has no {func_name}"
-    if name == "pipeline":
-        try:
-            importlib.import_module("pipeline.job")
-        except ModuleNotFoundError as exc:
-            return f"pipeline.job is not available ({exc})"
+def _available(name: str, table: dict[str, tuple[str, str]]) -> str | None:
+    """None when benchmark ``name`` can run here, else why not (a module it needs cannot be imported)."""
+    needs = {"pipeline": ("pipeline.job", None)}.get(name) or table.get(name)
+    if needs is None:
+        return None if name in ("encoder",) else f"no module provides the {name!r} benchmark"
+    module_name, func_name = needs
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"{module_name} is not available ({exc})"
+    if func_name is not None and not hasattr(module, func_name):
+        return f"{module_name} has no {func_name}"
     return None
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the selected benchmark(s); 0 on success, 1 when one of ``all`` failed, 2 on bad usage."""
+def main(args: argparse.Namespace, external: dict[str, tuple[str, str]] | None = None) -> int:
+    """Run the selected benchmark(s); 0 on success, 1 when one of ``all`` failed, 2 on bad usage.
+
+    ``external``: benchmarks of layers above this package (``{"serve": (module, function)}``), given
+    by the caller.
+    """
     from .common import environment, write_json
 
+    table = {**_EXTERNAL, **(external or {})}
     config = None
     if args.config:
         from ..config import load_config
@@ -308,7 +320,7 @@ def main(args: argparse.Namespace) -> int:
     status = 0
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
         for name in targets:
-            reason = _available(name)
+            reason = _available(name, table)
             if reason is not None:
                 if args.target != "all":
                     logger.error("bench %s: %s", name, reason)
@@ -317,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
                 results[name] = {"skipped": reason}
                 continue
             try:
-                results[name] = RUNNERS[name](args, config, Path(tmp))
+                results[name] = RUNNERS[name](args, config, Path(tmp), table)
             except Exception as exc:
                 if args.target != "all":
                     raise

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -32,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..model.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, hidden_state_index, projector_depth
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,9 +40,6 @@ if TYPE_CHECKING:
     from ..model import ResolvedModel
 
 logger = logging.getLogger(__name__)
-
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 KNOWN_TOWERS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": {
@@ -260,27 +258,13 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
 # -- FLOPs ------------------------------------------------------------------------------------
 
 
-def layers_needed(select_layer: int, num_layers: int) -> int:
-    """Encoder layers that hidden state ``select_layer`` depends on (``hidden_states[i]`` is the
-    output of layer ``i - 1``; index 0 is the embeddings)."""
-    index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
-    if not 0 <= index <= num_layers:
-        raise ValueError(f"select_layer {select_layer} out of range for {num_layers} layers")
-    return index
-
-
 def projector_flops(projector_type: str, tokens: int, mm_hidden_size: int, hidden_size: int | None) -> float:
     """Multiply-adds ×2 of ``linear``, ``mlp{N}x_gelu`` or ``identity`` on ``tokens`` rows."""
-    if projector_type == "identity":
+    depth = projector_depth(projector_type)
+    if depth == 0:
         return 0.0
     if hidden_size is None:
         raise ValueError(f"projector {projector_type!r} needs hidden_size")
-    if projector_type == "linear":
-        return 2.0 * tokens * mm_hidden_size * hidden_size
-    match = re.match(r"^mlp(\d+)x_gelu$", projector_type)
-    if not match:
-        raise ValueError(f"unknown projector type {projector_type!r}")
-    depth = int(match.group(1))
     return (
         2.0 * tokens * mm_hidden_size * hidden_size + (depth - 1) * 2.0 * tokens * hidden_size * hidden_size
     )
@@ -301,8 +285,8 @@ def encoder_flops(
     QKV projection, attention scores ``QKᵀ``, ``attn·V``, output projection and the two MLP
     GEMMs (T = patches + 1 CLS tokens); then the projector on the selected tokens. Element-wise
     work (norms, softmax, activations, residuals) is not counted. For CLIP ViT-L/14-336, layer
-    -2 (23 layers) and ``mlp2x_gelu`` 1024→4096: 390.2 GFLOP (ANCHORS.md's 389.5 leaves out the
-    patch embedding, 0.69 GFLOP).
+    -2 (23 layers) and ``mlp2x_gelu`` 1024→4096: 390.2 GFLOP (the H100 anchor's 389.5 in
+    docs/benchmarks.md leaves out the patch embedding, 0.69 GFLOP).
     """
     d = int(vision_config["hidden_size"])
     inter = int(vision_config["intermediate_size"])
@@ -312,7 +296,7 @@ def encoder_flops(
     channels = int(vision_config.get("num_channels", 3))
     patches = (image // patch) ** 2
     t = patches + 1
-    used = layers_needed(select_layer, num_layers)
+    used = hidden_state_index(select_layer, num_layers)
     per_layer = {
         "qkv": 2.0 * t * d * 3 * d,
         "scores": 2.0 * t * t * d,

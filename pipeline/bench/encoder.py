@@ -82,6 +82,9 @@ def _make_encoder(
     variant: str,
     batch_sizes: Sequence[int],
     compile_mode: str | None,
+    *,
+    features: str = "projected",
+    pooled: bool = False,
 ) -> Any:
     from ..encoder import FeatureEncoder
     from ..model import CLIPVisionTower
@@ -101,10 +104,15 @@ def _make_encoder(
         fold_quick_gelu=fast,
         compile=variant == "compiled",
         compile_mode=compile_mode,
+    )
+    encoder_cfg = replace(
+        config.encoder,
+        features=features,
+        pooled=pooled,
+        batch_size=max(batch_sizes),
         batch_buckets=tuple(sorted(set(batch_sizes))) if variant == "compiled" else (),
     )
-    job_cfg = replace(config.job, features="projected", pooled=False, batch_size=max(batch_sizes))
-    cfg = replace(config, model=model_cfg, job=job_cfg)
+    cfg = replace(config, model=model_cfg, encoder=encoder_cfg)
     return FeatureEncoder(cfg, bench_resolved(arch), modules=(tower, proj))
 
 
@@ -125,7 +133,7 @@ def _reference_features(master: tuple[Any, Any], arch: BenchArch, pixels: Any, s
     """Seed path in float32 on ``device`` with TF32 off: the numerical reference."""
     import torch
 
-    from ..preprocess import normalize
+    from ..images.normalize import normalize
 
     model, projector = (copy.deepcopy(m).to(device=device, dtype=torch.float32) for m in master)
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -218,7 +226,7 @@ def _measure_seed(
     """The seed path at every batch size (+ its error vs the float32 reference)."""
     import torch
 
-    from ..preprocess import normalize
+    from ..images.normalize import normalize
 
     model, projector = (copy.deepcopy(m).to(device=dev, dtype=dtype) for m in master)
 

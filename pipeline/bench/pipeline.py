@@ -83,7 +83,7 @@ def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repea
     pool = np.stack(unique)
     reps = -(-n // len(pool))
     pixels = np.concatenate([pool] * reps)[:n] if reps > 1 else pool[:n]
-    warm_s = encoder.warmup(config.job.batch_size)
+    warm_s = encoder.warmup(config.encoder.batch_size)
 
     def run() -> None:
         for start in range(0, n, shard_size):
@@ -108,12 +108,9 @@ def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repea
         "device": str(encoder.device),
         "dtype": str(encoder.dtype).removeprefix("torch."),
     }
-    encoder.tower, encoder.projector = None, None  # release the device memory before the job runs
-    encoder._fast_state = None
-    if config.model.compile:
-        torch._dynamo.reset()  # compiled graphs hold the weights too
+    encoder.close()  # release the device memory (and compiled graphs) before the job runs
     gc.collect()
-    if encoder.device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
 
@@ -172,7 +169,7 @@ def bench_pipeline(
         cfg = loadable_config(base, tiny=tiny, workdir=root / "model")
         if tiny and batch_size is None:
             batch_size = 16
-        batch = int(batch_size or cfg.job.batch_size)
+        batch = int(batch_size or cfg.encoder.batch_size)
         shard = int(shard_size or (batch if not cuda else max(batch, cfg.job.shard_size)))
         n = int(images or 8 * shard)
         model_over: dict[str, Any] = {"device": str(dev)}
@@ -180,10 +177,15 @@ def bench_pipeline(
             model_over["dtype"] = dtype
         if compile is not None:
             model_over["compile"] = compile
-        job_over: dict[str, Any] = {"batch_size": batch, "shard_size": shard, "features": "projected"}
+        job_over: dict[str, Any] = {"shard_size": shard}
         if actors:
             job_over["actors"] = tuple(actors)
-        cfg = replace(cfg, model=replace(cfg.model, **model_over), job=replace(cfg.job, **job_over))
+        cfg = replace(
+            cfg,
+            model=replace(cfg.model, **model_over),
+            encoder=replace(cfg.encoder, batch_size=batch, features="projected"),
+            job=replace(cfg.job, **job_over),
+        )
         repeats = repeats if repeats is not None else 3
 
         images_dir = root / "images"

@@ -18,16 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..decode import decode_image
-from ..preprocess import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    Preprocessor,
-    PreprocessSpec,
-    expand2square,
-    normalize,
-    resampler_name,
-)
+from ..images.decode import decode_image
+from ..images.native import resampler_name
+from ..images.normalize import normalize
+from ..images.passes import expand2square
+from ..images.preprocess import Preprocessor
+from ..images.spec import PreprocessSpec
+from ..model.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +58,9 @@ def reference_processor(size: int = 336, crop_size: int | None = None) -> Any:
 
 
 def llava_reference(images: Sequence[Image.Image], processor: Any, aspect_ratio: str) -> torch.Tensor:
-    """LLaVA's ``process_images`` (llava/mm_utils.py) for ``pad`` and the default (non-pad) path."""
+    """LLaVA's ``process_images`` (llava/mm_utils.py) for ``pad`` and the default (non-pad) path:
+    the baseline this benchmark times (the tests check the product against their own reference,
+    ``tests/llava_reference.py``, so that a mistake here could not hide one in the product)."""
     if aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in processor.image_mean)
         out = [

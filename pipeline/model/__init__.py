@@ -1,7 +1,7 @@
 """The model core: pure torch + transformers (never imports ray, PIL or pyarrow).
 
 ``CLIPVisionTower`` and ``build_vision_projector`` follow LLaVA's own names and semantics;
-``resolve_model``/``load_model_modules`` read the supported checkpoint layouts.
+``resolve_model``/``load_model_modules`` read the supported checkpoint layouts (``checkpoints/``).
 
 Names are resolved lazily so that ``pipeline.model.errors`` and ``pipeline.model.config`` (pure
 Python) can be imported by CPU-only workers without loading torch or transformers.
@@ -13,10 +13,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FORMATS": "checkpoint",
-    "ResolvedModel": "checkpoint",
-    "load_model_modules": "checkpoint",
-    "resolve_model": "checkpoint",
+    "LAYOUTS": "checkpoints",
+    "ResolvedModel": "checkpoints",
+    "load_model_modules": "checkpoints",
+    "resolve_model": "checkpoints",
     "ModelConfig": "config",
     "ErrorCode": "errors",
     "LlavaFeaturesError": "errors",

@@ -104,6 +104,12 @@ class ShapeMismatchError(CheckpointError):
     default_code = ErrorCode.SHAPE_MISMATCH
 
 
+class ModelStateError(LlavaFeaturesError, RuntimeError):
+    """The model is used in a state that does not allow it (not loaded yet, an unexpected module structure)."""
+
+    default_code = ErrorCode.INTERNAL
+
+
 class DecodeError(LlavaFeaturesError):
     """An input could not be turned into an RGB image. ``code`` is one of DECODE_ERROR_CODES."""
 

@@ -13,7 +13,10 @@ Transforms (applied once, in place, to a loaded :class:`~pipeline.model.tower.CL
   activation is one fused SiLU kernel in eager mode instead of three element-wise passes
   (``mul``, ``sigmoid``, ``mul``) over the largest activation of the layer.
 
-Each is checked against the unfused tower in float32 (max |Δ| ≤ 1e-5) in ``tests/test_bench.py``.
+Each checks the structure it replaces (module types, shapes, the activation's values) and runs
+the first replacement against the original on a random input, failing loudly (naming the
+transformers version) when the tower is not what it expects. Tested against the unfused tower in
+float32 (max |Δ| ≤ 1e-5) in ``tests/test_fast.py``.
 
 Static shapes for ``torch.compile``: :func:`default_buckets`, :func:`bucket_plan` (which padded
 batch sizes cover ``n`` images with the least padded work) and :func:`pad_batch`.
@@ -26,6 +29,7 @@ CPU it is a plain loop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import deque
@@ -36,28 +40,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import COMPILE_MODES, QUICK_GELU_ALPHA
+from .errors import ConfigError, ModelStateError
+from .tower import CLIPVisionTower
+
 logger = logging.getLogger(__name__)
 
-QUICK_GELU_ALPHA = 1.702
-"""``quick_gelu(z) = z * sigmoid(1.702 z)`` (CLIP's activation)."""
-
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PROBE_TOLERANCE = 1e-4
+"""Largest relative difference (float32 weights) between a transformed module and the one it replaces;
+for half-precision weights, 8 epsilons of their dtype (the fold rounds its scaled weights once)."""
 
 
 # -- transforms -------------------------------------------------------------------------------
 
 
-def _core(tower: Any) -> Any:
-    """The module holding ``encoder.layers`` (a CLIPVisionTower, a CLIPVisionModel or its core)."""
-    core = getattr(tower, "_core", None)
-    if core is not None:
-        return core
-    model = getattr(tower, "vision_tower", tower)
-    return getattr(model, "vision_model", model)
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
-def _layers(tower: Any) -> Sequence[nn.Module]:
-    return list(_core(tower).encoder.layers)
+def _structure_error(transform: str, what: str) -> ModelStateError:
+    return ModelStateError(
+        f"{transform}: {what} (transformers {_transformers_version()}); this transform does not know this "
+        f"tower's structure: set model.{transform}: false"
+    )
+
+
+def _layers(tower: CLIPVisionTower) -> Sequence[nn.Module]:
+    return list(tower.vision_core.encoder.layers)
+
+
+def _linear(module: nn.Module, name: str, shape: tuple[int, int], transform: str) -> nn.Linear:
+    linear = getattr(module, name, None)
+    if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != shape:
+        found = (
+            type(linear).__name__
+            if linear is None or not isinstance(linear, nn.Linear)
+            else (f"Linear({linear.in_features}, {linear.out_features})")
+        )
+        raise _structure_error(
+            transform,
+            f"expected {type(module).__name__}.{name} to be Linear({shape[1]}, {shape[0]}), found {found}",
+        )
+    return linear
+
+
+def _probe(original: nn.Module, replacement: nn.Module, width: int, transform: str) -> None:
+    """Both modules on the same random input, in float32 on the CPU: the replacement must agree."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, width, generator=gen)
+    with torch.no_grad():
+        a = copy.deepcopy(original).float().cpu()(x)
+        b = copy.deepcopy(replacement).float().cpu()(x)
+    a = a[0] if isinstance(a, tuple) else a
+    b = b[0] if isinstance(b, tuple) else b
+    err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    dtype = next(replacement.parameters()).dtype
+    tolerance = (
+        PROBE_TOLERANCE if dtype == torch.float32 else max(PROBE_TOLERANCE, 8 * torch.finfo(dtype).eps)
+    )
+    if not err <= tolerance:
+        raise _structure_error(
+            transform,
+            f"the transformed {type(original).__name__} differs from the original (relative error {err:.2e})",
+        )
 
 
 class FusedQKVAttention(nn.Module):
@@ -69,7 +116,7 @@ class FusedQKVAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, scale: float, *, bias: bool = True) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -79,10 +126,20 @@ class FusedQKVAttention(nn.Module):
 
     @classmethod
     def from_attention(cls, attn: nn.Module) -> FusedQKVAttention:
-        """Build from a ``CLIPAttention`` (weights copied, on its device and dtype)."""
-        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+        """Build from a ``CLIPAttention`` (weights copied, on its device and dtype); its structure is checked."""
+        embed_dim, num_heads, scale = (getattr(attn, k, None) for k in ("embed_dim", "num_heads", "scale"))
+        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or not isinstance(scale, float):
+            raise _structure_error(
+                "fuse_qkv", f"{type(attn).__name__} has no integer embed_dim/num_heads and float scale"
+            )
+        shape = (embed_dim, embed_dim)
+        q, k, v, o = (
+            _linear(attn, name, shape, "fuse_qkv") for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
         has_bias = q.bias is not None
-        fused = cls(attn.embed_dim, attn.num_heads, float(attn.scale), bias=has_bias)
+        if any((m.bias is not None) != has_bias for m in (k, v)):
+            raise _structure_error("fuse_qkv", "q_proj, k_proj and v_proj do not all have (or lack) a bias")
+        fused = cls(embed_dim, num_heads, float(scale), bias=has_bias)
         fused.to(device=q.weight.device, dtype=q.weight.dtype)
         with torch.no_grad():
             fused.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight], dim=0))
@@ -91,6 +148,8 @@ class FusedQKVAttention(nn.Module):
             fused.out_proj.weight.copy_(o.weight)
             if o.bias is not None:
                 fused.out_proj.bias.copy_(o.bias)
+            else:
+                fused.out_proj.bias = None
         fused.requires_grad_(False)
         fused.train(attn.training)
         return fused
@@ -99,7 +158,7 @@ class FusedQKVAttention(nn.Module):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
         if kwargs.get("causal_attention_mask") is not None:
-            raise ValueError("FusedQKVAttention is for the vision tower: no causal mask")
+            raise ConfigError("FusedQKVAttention is for the vision tower: no causal mask")
         batch, tokens, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh), strided views
@@ -130,7 +189,11 @@ class SiLUFoldedMLP(nn.Module):
                     out.bias.copy_((linear.bias.float() * b_scale).to(linear.bias.dtype))
             return out.requires_grad_(False)
 
-        folded = cls(scaled(mlp.fc1, alpha, alpha), scaled(mlp.fc2, 1.0 / alpha, 1.0))
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
+            raise _structure_error("fold_quick_gelu", f"{type(mlp).__name__} has no fc1/fc2 Linear layers")
+        _linear(mlp, "fc2", (fc1.in_features, fc1.out_features), "fold_quick_gelu")
+        folded = cls(scaled(fc1, alpha, alpha), scaled(fc2, 1.0 / alpha, 1.0))
         folded.train(mlp.training)
         return folded
 
@@ -138,48 +201,72 @@ class SiLUFoldedMLP(nn.Module):
         return self.fc2(F.silu(self.fc1(hidden_states)))
 
 
-def _is_quick_gelu(act: Any) -> bool:
-    return type(act).__name__ == "QuickGELUActivation"
+def _check_quick_gelu(act: Any) -> None:
+    """The activation the fold replaces must compute ``z * sigmoid(1.702 z)``."""
+    z = torch.linspace(-6, 6, 97)
+    try:
+        with torch.no_grad():
+            got = act(z)
+    except Exception as exc:
+        raise _structure_error(
+            "fold_quick_gelu", f"the MLP's activation_fn cannot be evaluated ({exc})"
+        ) from exc
+    want = z * torch.sigmoid(QUICK_GELU_ALPHA * z)
+    if not isinstance(got, torch.Tensor) or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise _structure_error(
+            "fold_quick_gelu", f"the MLP's activation_fn {type(act).__name__} is not quick_gelu"
+        )
 
 
-def fuse_qkv(tower: Any) -> int:
+def fuse_qkv(tower: CLIPVisionTower) -> int:
     """Replace every layer's ``self_attn`` by a :class:`FusedQKVAttention`; returns how many.
 
     Only towers using SDPA are transformed (an ``eager`` tower keeps its explicit softmax path).
+    The first replacement is checked numerically against the module it replaces.
     """
-    attn_impl = getattr(
-        getattr(getattr(tower, "vision_tower", tower), "config", None), "_attn_implementation", "sdpa"
-    )
+    attn_impl = getattr(tower.config, "_attn_implementation", "sdpa")
     if attn_impl != "sdpa":
         logger.info("fuse_qkv: tower uses %r attention, left unchanged", attn_impl)
         return 0
     count = 0
     for layer in _layers(tower):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or isinstance(attn, FusedQKVAttention) or not hasattr(attn, "q_proj"):
+        if isinstance(attn, FusedQKVAttention):
             continue
-        layer.self_attn = FusedQKVAttention.from_attention(attn)
+        if attn is None:
+            raise _structure_error("fuse_qkv", f"{type(layer).__name__} has no self_attn")
+        fused = FusedQKVAttention.from_attention(attn)
+        if count == 0:
+            _probe(attn, fused, fused.embed_dim, "fuse_qkv")
+        layer.self_attn = fused
         count += 1
     return count
 
 
-def fold_quick_gelu(tower: Any) -> int:
-    """Replace every quick_gelu MLP by a :class:`SiLUFoldedMLP`; returns how many."""
+def fold_quick_gelu(tower: CLIPVisionTower) -> int:
+    """Replace every quick_gelu MLP by a :class:`SiLUFoldedMLP`; returns how many (0 when the tower's
+    ``hidden_act`` is not ``quick_gelu``). The activation and the first fold are checked numerically."""
+    act_name = getattr(tower.config, "hidden_act", None)
+    if act_name != "quick_gelu":
+        logger.info("fold_quick_gelu: the tower's activation is %r, left unchanged", act_name)
+        return 0
     count = 0
     for layer in _layers(tower):
         mlp = getattr(layer, "mlp", None)
-        if (
-            mlp is None
-            or isinstance(mlp, SiLUFoldedMLP)
-            or not _is_quick_gelu(getattr(mlp, "activation_fn", None))
-        ):
+        if isinstance(mlp, SiLUFoldedMLP):
             continue
-        layer.mlp = SiLUFoldedMLP.from_mlp(mlp)
+        if mlp is None:
+            raise _structure_error("fold_quick_gelu", f"{type(layer).__name__} has no mlp")
+        _check_quick_gelu(getattr(mlp, "activation_fn", None))
+        folded = SiLUFoldedMLP.from_mlp(mlp)
+        if count == 0:
+            _probe(mlp, folded, folded.fc1.in_features, "fold_quick_gelu")
+        layer.mlp = folded
         count += 1
     return count
 
 
-def apply_fast_path(tower: Any, *, qkv: bool = True, quick_gelu: bool = False) -> dict[str, int]:
+def apply_fast_path(tower: CLIPVisionTower, *, qkv: bool = True, quick_gelu: bool = False) -> dict[str, int]:
     """Apply the selected transforms in place; returns ``{transform: layers changed}``."""
     done: dict[str, int] = {}
     if qkv:
@@ -208,7 +295,7 @@ def validate_buckets(buckets: Iterable[int]) -> tuple[int, ...]:
     """Sorted unique positive bucket sizes; ValueError for anything else."""
     values = tuple(buckets)
     if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in values):
-        raise ValueError(f"batch buckets must be positive integers, got {list(values)}")
+        raise ConfigError(f"batch buckets must be positive integers, got {list(values)}")
     return tuple(sorted(set(values)))
 
 
@@ -289,8 +376,8 @@ def ensure_recompile_limit(graphs: int) -> None:
 
 def compile_static(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
     """``torch.compile(fn, dynamic=False)``: one graph per input shape (per batch bucket)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"Unknown compile mode {mode!r}; valid: {[m for m in COMPILE_MODES if m]}")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"Unknown compile mode {mode!r}; valid: {list(COMPILE_MODES)}")
     return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
-from .config import validate_projector_type
-
-_MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
+from .constants import projector_depth
+from .errors import ConfigError
 
 
 class IdentityMap(nn.Module):
@@ -37,21 +35,18 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     An unknown type raises ``ValueError`` naming the valid ones.
     """
     projector_type = _get(config, "mm_projector_type", "linear")
-    validate_projector_type(projector_type)
+    depth = projector_depth(projector_type)
     if projector_type == "identity":
         return IdentityMap()
     mm_hidden_size = _get(config, "mm_hidden_size")
     hidden_size = _get(config, "hidden_size")
     if mm_hidden_size is None or hidden_size is None:
-        raise ValueError(
+        raise ConfigError(
             f"Projector {projector_type!r} needs mm_hidden_size and hidden_size, got "
             f"mm_hidden_size={mm_hidden_size!r}, hidden_size={hidden_size!r}"
         )
     if projector_type == "linear":
         return nn.Linear(mm_hidden_size, hidden_size)
-    match = _MLP_GELU.match(projector_type)
-    assert match is not None  # validated above
-    depth = int(match.group(1))
     modules: list[nn.Module] = [nn.Linear(mm_hidden_size, hidden_size)]
     for _ in range(1, depth):
         modules.append(nn.GELU())

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from .constants import CHECKPOINT_LAYOUTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, WEIGHT_FORMATS
+from .errors import ConfigError
 from .projector import build_vision_projector
 
 logger = logging.getLogger(__name__)
 
-TINY_FORMATS = ("llava", "llava-hf", "clip")
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TINY_FORMATS = CHECKPOINT_LAYOUTS
 
 TINY_VISION = {
     "hidden_size": 32,
@@ -115,9 +115,9 @@ def make_tiny_model(
     Returns the path to pass as ``--model`` (for ``clip``: the YAML config to pass as ``--config``).
     """
     if fmt not in TINY_FORMATS:
-        raise ValueError(f"Unknown tiny model format {fmt!r}; valid formats are {TINY_FORMATS}")
-    if weights not in ("safetensors", "bin"):
-        raise ValueError(f"Unknown weights format {weights!r}; valid formats are ('safetensors', 'bin')")
+        raise ConfigError(f"Unknown tiny model format {fmt!r}; valid formats are {TINY_FORMATS}")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"Unknown weights format {weights!r}; valid formats are {WEIGHT_FORMATS}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tower, projector, processor = _tiny_parts(seed)

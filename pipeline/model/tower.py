@@ -16,18 +16,16 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .config import SELECT_FEATURES
+from .constants import SELECT_FEATURES, TORCH_DTYPE_NAMES, hidden_state_index
+from .errors import ConfigError, ModelStateError
 
 logger = logging.getLogger(__name__)
 
 LIST_BATCH_SIZE = 64
 """Largest batch formed from a list input (equal shapes are stacked up to this many)."""
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPE_NAMES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in TORCH_DTYPE_NAMES}
+"""``torch.dtype`` of each concrete compute/storage dtype name."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -46,7 +44,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown dtype {dtype!r}; valid values are {sorted(DTYPE_NAMES)} or 'auto'"
         ) from None
 
@@ -169,7 +167,7 @@ class CLIPVisionTower(nn.Module):
         self.select_layer: int = int(_arg(args, "mm_vision_select_layer"))
         self.select_feature: str = _arg(args, "mm_vision_select_feature", "patch") or "patch"
         if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(
+            raise ConfigError(
                 f"Unexpected select feature: {self.select_feature!r}; valid values are {SELECT_FEATURES}"
             )
         self._device, self._dtype = device, dtype
@@ -181,16 +179,23 @@ class CLIPVisionTower(nn.Module):
         model.eval()
         self.vision_tower = model
         core = getattr(model, "vision_model", model)  # transformers < 5 nests the modules
-        num_layers = len(core.encoder.layers)
-        index = self.select_layer if self.select_layer >= 0 else num_layers + 1 + self.select_layer
-        if not 0 <= index <= num_layers:
-            raise ValueError(
-                f"mm_vision_select_layer={self.select_layer} is out of range for a tower with "
-                f"{num_layers} layers (valid: {-(num_layers + 1)}..{num_layers})"
-            )
+        try:
+            index = hidden_state_index(self.select_layer, len(core.encoder.layers))
+        except ConfigError as exc:
+            raise ConfigError(f"mm_vision_{exc.message}") from None
         self._core = core
         self._layers_needed = index  # hidden_states[index] is the output of layer index-1
         self.is_loaded = True
+
+    @property
+    def vision_core(self) -> nn.Module:
+        """The ``CLIPVisionTransformer`` (embeddings, ``pre_layrnorm``, ``encoder.layers``) the tower runs."""
+        return self._core
+
+    @property
+    def layers_used(self) -> list[nn.Module]:
+        """The encoder layers the selected hidden state depends on (the ones :meth:`encode` runs)."""
+        return list(self._core.encoder.layers[: self._layers_needed])
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -205,7 +210,7 @@ class CLIPVisionTower(nn.Module):
             return image_features[:, 1:]
         if self.select_feature == "cls_patch":
             return image_features
-        raise ValueError(f"Unexpected select feature: {self.select_feature}")
+        raise ConfigError(f"Unexpected select feature: {self.select_feature}")
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Selected features of a normalized ``(B,3,H,W)`` batch already on the tower's device and
@@ -222,7 +227,7 @@ class CLIPVisionTower(nn.Module):
         """Features of a ``(B,3,H,W)`` batch (→ ``(B,N,D)``) or of a list of ``(3,H,W)`` images
         (→ a list of ``(1,N,D)``), each in its input's dtype."""
         if not self.is_loaded:
-            raise RuntimeError(f"{self.vision_tower_name} is not loaded; call load_model() first")
+            raise ModelStateError(f"{self.vision_tower_name} is not loaded; call load_model() first")
         if isinstance(images, list):
             return self._forward_list(images)
         features = self.encode(images.to(device=self.device, dtype=self.dtype))

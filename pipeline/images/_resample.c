@@ -19,7 +19,7 @@
  * they read. The padding of expand2square is never materialised: rows of the padded square that
  * hold only the background colour are resampled once and copied.
  *
- * The Python side (pipeline/preprocess.py) checks this module against the installed Pillow
+ * The Python side (pipeline/images/native.py) checks this module against the installed Pillow
  * before using it and falls back to Pillow's own resize when they disagree.
  */
 #define PY_SSIZE_T_CLEAN
@@ -656,7 +656,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_resample",
-    "Exact vectorised PIL resampling for LLaVA preprocessing (see pipeline/preprocess.py).", -1,
+    "Exact vectorised PIL resampling for LLaVA preprocessing (see pipeline/images/native.py).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

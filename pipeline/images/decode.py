@@ -13,9 +13,11 @@ Checks, in order (each is cheap and happens before the next, costlier step):
    else ``not_an_image``.
 3. ``too_large`` when the size *declared by the header* exceeds ``max_image_pixels`` and
    ``too_small`` when a side is shorter than ``min_side``: refused before any pixel is decoded,
-   so a decompression bomb costs a header parse. PIL's own bomb check
-   (``Image.MAX_IMAGE_PIXELS``) is set from the same config value so the two never disagree;
-   ours is authoritative (PIL only raises at twice its limit).
+   so a decompression bomb costs a header parse. Ours is authoritative; PIL's own bomb check
+   (the process-wide ``Image.MAX_IMAGE_PIXELS``: a warning above it, an error above twice it)
+   is raised to our limit once, explicitly, by whoever builds a decoder
+   (:func:`raise_pil_pixel_limit`, called by :class:`~pipeline.images.preprocess.Preprocessor`),
+   so that the two never disagree; it is never lowered.
 4. Full decode (``img.load()``) inside the guard, with ``ImageFile.LOAD_TRUNCATED_IMAGES`` left
    untouched (False): a file cut short is ``truncated``; any other decoder failure is ``corrupt``.
 5. EXIF orientation (``ImageOps.exif_transpose``; a broken EXIF block is ignored, not fatal).
@@ -45,12 +47,12 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .config import DecodeConfig
-from .model.errors import DecodeError, ErrorCode
+from ..config import DecodeConfig
+from ..model.errors import DecodeError, ErrorCode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodedImage", "decode_image", "to_rgb"]
+__all__ = ["DecodedImage", "decode_image", "raise_pil_pixel_limit", "to_rgb"]
 
 _DEFAULT_CONFIG = DecodeConfig()
 
@@ -71,6 +73,20 @@ class DecodedImage:
     """Height in pixels, after EXIF orientation."""
     format: str
     """PIL format name of the input (``JPEG``, ``PNG``, ``WEBP``, ``GIF``, ``BMP``, ``TIFF``; MPO is ``JPEG``)."""
+
+
+def raise_pil_pixel_limit(max_image_pixels: int) -> None:
+    """Raise PIL's process-wide decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) to at least
+    ``max_image_pixels``, so that PIL never warns about or refuses an image our guard accepts.
+
+    Our check (the declared size against ``DecodeConfig.max_image_pixels``, before decoding) is
+    the authoritative one. The limit is only ever raised, never lowered, and a disabled limit
+    (None) stays disabled. Call it when building a decoder, not per image.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_image_pixels:
+        logger.debug("raising PIL.Image.MAX_IMAGE_PIXELS from %s to %s", current, max_image_pixels)
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
 def decode_image(
@@ -118,12 +134,6 @@ def _decode(data: bytes | bytearray | memoryview, name: str | None, cfg: DecodeC
             code=ErrorCode.TOO_LARGE,
             name=name,
         )
-
-    # Keep PIL's own decompression-bomb check consistent with ours (PIL warns above the limit
-    # and raises above twice it; ours below refuses anything above it, before decoding).
-    # Written per call, not at import: the limit comes from the config of this call.
-    if cfg.max_image_pixels != Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
 
     allowed = _allowed_formats(tuple(cfg.allowed_formats))
     img = _open(data, name, allowed, cfg.max_image_pixels)

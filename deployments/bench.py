@@ -1,8 +1,7 @@
 """Benchmark of the online endpoint against the encoder called in-process.
 
-:func:`bench_serve` deploys the Serve application locally (looked up by its import path,
-``deployments.app:build_app``: ``pipeline`` never imports ``deployments``), then measures over
-HTTP on 127.0.0.1:
+:func:`bench_serve` deploys the Serve application locally (:func:`deployments.app.build_app`),
+then measures over HTTP on 127.0.0.1:
 
 - latency of one image at concurrency 1 (p50/p99/mean),
 - throughput at ``concurrency`` parallel clients,
@@ -14,7 +13,6 @@ difference is the cost of HTTP, Ray Serve and the queueing for dynamic batching.
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import math
@@ -29,20 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, config_to_dict
+from pipeline.config import Config
 
 logger = logging.getLogger(__name__)
 
-APP_BUILDER = "deployments.app:build_app"
-"""Import path of the Serve application builder (the layer above ``pipeline``)."""
 BENCH_APP_NAME = "llava-features-bench"
-DEFAULT_ENCODER_CPUS = 1.0
-"""CPUs of an encoder replica unless ``ray_actor_options`` says otherwise (as in deployments.app)."""
-
-
-def _import_attr(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _free_port() -> int:
@@ -115,7 +104,7 @@ def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, thre
     ``threads`` torch threads (what Ray gives a replica: OMP_NUM_THREADS = floor(num_cpus))."""
     import torch
 
-    from ..encoder import FeatureEncoder
+    from pipeline.encoder import FeatureEncoder
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -126,7 +115,7 @@ def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, thre
 
 
 def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warmup: int) -> dict[str, float]:
-    batch = max(1, config.serve.max_batch_size)
+    batch = max(1, config.serve.max_batch_size)  # what the endpoint's dynamic batches hold at most
 
     def one() -> None:
         encoder.encode_pixels(encoder.encode_pre(image).pixels[None], batch_size=1)
@@ -235,7 +224,9 @@ def bench_serve(
     import ray
     from ray import serve
 
-    from ..model.errors import ConfigError
+    from pipeline.model.errors import ConfigError
+
+    from .app import DEFAULT_ENCODER_CPUS, ENCODER_DEPLOYMENT, build_app, deployable_args
 
     if requests < 1 or concurrency < 1:
         raise ConfigError("requests and concurrency must be >= 1")
@@ -266,10 +257,7 @@ def bench_serve(
     else:
         port = running_port
     try:
-        build_app = _import_attr(APP_BUILDER)
-        args: dict[str, Any] = {
-            k: v for k, v in config_to_dict(config).items() if k in ("model", "decode", "job", "serve")
-        }
+        args = deployable_args(config)
         if ray_actor_options:
             args["ray_actor_options"] = ray_actor_options
         t0 = time.perf_counter()
@@ -287,7 +275,7 @@ def bench_serve(
             )
         )
         stats = (
-            serve.get_deployment_handle("FeaturesEncoder", app_name=BENCH_APP_NAME).stats.remote().result()
+            serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME).stats.remote().result()
         )
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]

@@ -1,7 +1,7 @@
 """Optional batched GPU JPEG decode (nvJPEG through torchvision) with resize/crop on the device.
 
 For when CPU decode is the bottleneck (a 640×480 JPEG: ~300 decodes/s per CPU core with PIL,
-~10,000/s batched on an H100 with nvJPEG + a bicubic resize, see ANCHORS.md).
+~10,000/s batched on an H100 with nvJPEG + a bicubic resize; docs/benchmarks.md).
 
 :class:`BatchedJpegDecoder` takes encoded inputs and returns, per input, uint8 ``(3, H, W)``
 pixels on the device (the same shape :class:`~pipeline.preprocess.Preprocessor` produces) or the
@@ -39,10 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import DecodeConfig
-from .model import resolve_device
-from .model.errors import DecodeError
-from .preprocess import Preprocessor, PreprocessSpec, resize_output_size
+from ..config import DecodeConfig
+from ..model import resolve_device
+from ..model.errors import DecodeError
+from .preprocess import Preprocessor
+from .spec import PreprocessSpec, resize_output_size
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,67 @@
+"""The product layer's vocabulary: what the encoder returns, how outputs are laid out and named.
+
+Pure Python, defined once: the config sections validate against these, the encoder, the sink,
+the reader, the job and the endpoint import them from here. (The model's own vocabulary — select
+modes, aspect ratios, compute dtypes, projector types — is :mod:`pipeline.model.constants`.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+FeatureKind = Literal["projected", "tower", "both"]
+"""Which features the encoder returns: the projector's output, the tower's selected hidden state, or both."""
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+
+OutputDtype = Literal["float16", "float32", "bfloat16"]
+"""dtype features are returned and stored in (bfloat16 travels as its uint16 bit pattern)."""
+OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
+
+TensorFormat = Literal["binary", "fixed_shape_tensor"]
+"""Parquet encoding of tensor columns: our ``llava_features.tensor`` extension over raw bytes, or
+Arrow's canonical ``arrow.fixed_shape_tensor``."""
+TENSOR_FORMATS: tuple[str, ...] = get_args(TensorFormat)
+
+Compression = Literal["none", "snappy", "lz4", "zstd", "gzip", "brotli"]
+"""Parquet compression codecs of the feature files."""
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+
+# -- output rows ---------------------------------------------------------------------------------
+
+STATUS_OK = "ok"
+"""``status`` of a row whose image was encoded."""
+STATUS_ERROR = "error"
+"""``status`` of a row whose input failed (``error_code`` says why)."""
+
+# -- output files ----------------------------------------------------------------------------------
+
+JOB_FILE = "_job.json"
+"""The plan, resolved config and encoder fingerprint of an output (written first)."""
+SUCCESS_FILE = "_SUCCESS"
+"""Counts and fingerprint of a finished output (written last)."""
+CONFIG_KEY = "llava_features.config"
+"""Parquet key-value metadata: the resolved config and encoder description (JSON)."""
+FINGERPRINT_KEY = "llava_features.fingerprint"
+"""Parquet key-value metadata: the encoder fingerprint of every row in the file."""
+LAYOUT_KEY = "llava_features.layout"
+"""Parquet key-value metadata: the version of the shard layout."""
+LAYOUT_VERSION = "1"
+
+SHARD_FILE_PATTERN = re.compile(r"^part-(\d{6,})\.parquet$")
+"""Name of a committed shard file; group 1 is the shard index."""
+SHARD_TEMP_PATTERN = re.compile(r"^\.part-(\d{6,})\.parquet\.[0-9a-f]+\.tmp$")
+"""Name of a shard file being written (hidden; local filesystems only)."""
+
+
+def shard_file_name(shard_index: int) -> str:
+    """File name of a committed shard: ``part-000012.parquet`` (matches :data:`SHARD_FILE_PATTERN`)."""
+    if shard_index < 0:
+        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
+    return f"part-{shard_index:06d}.parquet"
+
+
+def shard_index(file_name: str) -> int | None:
+    """The shard index of a committed shard's file name, None for any other name."""
+    match = SHARD_FILE_PATTERN.match(file_name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,150 @@
+"""The typed contract of the offline job's Ray Data hop: one :class:`DecodedShard` per shard.
+
+The decode stage (CPU tasks) turns a shard's inputs into a :class:`DecodedShard`; the encode stage
+(the actor pool) reads it back. Across the hop it is one Ray Data row of natural columns
+(:meth:`DecodedShard.to_row` / :meth:`DecodedShard.from_row`): scalars, per-input lists of
+strings (Arrow ``list<string>``), per-input numeric arrays and the uint8 pixels of the ok inputs
+as a tensor column ``(n_ok, 3, H, W)`` — no JSON strings, no raw blobs with hidden shapes.
+
+When the encoder decodes on its own device (``decode.nvjpeg``), the decode stage only reads:
+the record carries each readable input's encoded bytes (``data``) instead of pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import STATUS_ERROR, STATUS_OK
+
+__all__ = ["DecodedShard", "rows_of_batch", "rows_to_batch"]
+
+_STRING_COLUMNS = ("image_id", "uri", "error_code", "error_message")
+_NUMERIC_COLUMNS = {"ok": np.bool_, "width": np.int32, "height": np.int32}
+
+
+@dataclass
+class DecodedShard:
+    """One shard after the decode stage: per-input metadata in input order, and the ok inputs' pixels."""
+
+    shard: int
+    """Index of the shard (its output file is ``part-<shard>.parquet``)."""
+    image_id: list[str] = field(default_factory=list)
+    """Each input's id."""
+    uri: list[str] = field(default_factory=list)
+    """Where each input was read from."""
+    ok: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
+    """(n,) True where the input was decoded (or, with ``data``, read)."""
+    width: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """(n,) width of each decoded image (0 where unknown)."""
+    height: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """(n,) height of each decoded image (0 where unknown)."""
+    error_code: list[str] = field(default_factory=list)
+    """Each failed input's stable error code ("" where ok)."""
+    error_message: list[str] = field(default_factory=list)
+    """Each failed input's reason ("" where ok)."""
+    pixels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.uint8))
+    """(n_ok, 3, H, W) uint8 pixels of the ok inputs, in input order."""
+    data: list[bytes] | None = None
+    """The ok inputs' encoded bytes, when the encoder decodes them itself (then ``pixels`` is empty)."""
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    @property
+    def num_ok(self) -> int:
+        return int(self.ok.sum())
+
+    def add_ok(self, image_id: str, uri: str, width: int = 0, height: int = 0) -> None:
+        self._add(image_id, uri, True, width, height, "", "")
+
+    def add_error(self, image_id: str, uri: str, code: str, message: str) -> None:
+        self._add(image_id, uri, False, 0, 0, str(code), message)
+
+    def _add(
+        self, image_id: str, uri: str, ok: bool, width: int, height: int, code: str, message: str
+    ) -> None:
+        self.image_id.append(image_id)
+        self.uri.append(uri)
+        self.ok = np.append(self.ok, ok)
+        self.width = np.append(self.width, np.int32(width)).astype(np.int32)
+        self.height = np.append(self.height, np.int32(height)).astype(np.int32)
+        self.error_code.append(code)
+        self.error_message.append(message)
+
+    def statuses(self) -> list[str]:
+        return [STATUS_OK if ok else STATUS_ERROR for ok in self.ok]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` unless the columns line up and the pixels match the ok inputs."""
+        n = len(self.image_id)
+        for name in ("uri", "error_code", "error_message", "ok", "width", "height"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"DecodedShard.{name} has {len(getattr(self, name))} entries, image_id has {n}"
+                )
+        if self.data is not None:
+            if len(self.data) != self.num_ok:
+                raise ValueError(f"DecodedShard.data has {len(self.data)} inputs for {self.num_ok} ok inputs")
+        elif self.pixels.ndim != 4 or self.pixels.shape[0] != self.num_ok or self.pixels.dtype != np.uint8:
+            raise ValueError(
+                f"DecodedShard.pixels must be uint8 (ok inputs, 3, H, W) with {self.num_ok} rows, got "
+                f"{self.pixels.dtype} {self.pixels.shape}"
+            )
+
+    # -- across the Ray Data hop ---------------------------------------------------------------
+
+    def to_row(self) -> dict[str, Any]:
+        """The record as one Ray Data row (per-row values; see :func:`rows_to_batch`)."""
+        self.validate()
+        row: dict[str, Any] = {"shard": int(self.shard)}
+        row.update({name: list(getattr(self, name)) for name in _STRING_COLUMNS})
+        row.update({name: np.asarray(getattr(self, name), dtype) for name, dtype in _NUMERIC_COLUMNS.items()})
+        row["pixels"] = np.ascontiguousarray(self.pixels)
+        row["device_decode"] = self.data is not None  # a null column would not survive the hop as None
+        row["data"] = list(self.data) if self.data is not None else []
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> DecodedShard:
+        """The record of a row written by :meth:`to_row` (as Ray Data hands it back)."""
+        data = row["data"] if bool(row["device_decode"]) else None
+        record = cls(
+            shard=int(row["shard"]),
+            **{name: [str(v) for v in row[name]] for name in _STRING_COLUMNS},
+            # small per-input columns: owned copies (Ray hands out read-only views); the pixels stay views
+            **{name: np.array(row[name], dtype).reshape(-1) for name, dtype in _NUMERIC_COLUMNS.items()},
+            pixels=np.asarray(row["pixels"], np.uint8),
+            data=[bytes(d) for d in data] if data is not None else None,
+        )
+        record.validate()
+        return record
+
+
+def rows_to_batch(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """A numpy batch (``batch_format="numpy"``) of rows: each column an array with one entry per row
+    (lists as object entries, which Arrow stores as ``list<...>``; arrays stacked when they share a shape,
+    else object entries, which Ray Data stores as variable-shaped tensors)."""
+    batch: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], np.ndarray) and all(v.shape == values[0].shape for v in values):
+            batch[name] = np.stack(values)
+        elif isinstance(values[0], int | np.integer):
+            batch[name] = np.asarray(values, dtype=np.int64)
+        else:
+            column = np.empty(len(values), dtype=object)
+            for i, value in enumerate(values):  # element by element: numpy would broadcast lists
+                column[i] = value
+            batch[name] = column
+    return batch
+
+
+def rows_of_batch(batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """The rows of a numpy batch, each a ``{column: value}`` mapping."""
+    n = len(next(iter(batch.values())))
+    for i in range(n):
+        yield {name: column[i] for name, column in batch.items()}
