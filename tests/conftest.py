@@ -11,6 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 pytest_plugins = [
     "tests.fixtures.s3",
+    "tests.fixtures.gcs",
     "tests.fixtures.models",
     "tests.fixtures.serve",
 ]
