@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from .constants import shard_index
 from .model.errors import ConfigError, InputReadError
+from .storage import resolve_filesystem
 from .tensors import BFloat16As, TensorSpec, ensure_registered, numpy_to_torch, tensor_spec, valid_mask
 from .tensors import to_numpy as _to_numpy
 
@@ -81,16 +82,18 @@ class FeatureSet:
 def resolve_path(
     path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
 ) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path, an ``s3://``/``gs://``/... URI, or a path in ``filesystem``."""
+    """``(filesystem, path)`` for a local path, an ``s3://``/``gs://`` URI (the same filesystems, with
+    the same endpoint settings, as the job's: :func:`pipeline.storage.resolve_filesystem`), or a path
+    in ``filesystem``."""
     path = os.fspath(path)
     if filesystem is not None:
         return filesystem, path
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise InputReadError(f"Cannot open {path}: {exc}") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return resolve_filesystem(path)
+    except ConfigError as exc:
+        raise InputReadError(f"Cannot open {path}: {exc.message}") from exc
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise InputReadError(f"Cannot open {path}: {exc}") from exc
 
 
 def _sort_key(path: str) -> tuple[int, int, str]:

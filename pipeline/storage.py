@@ -619,7 +619,10 @@ def output_is_empty(output_uri: str, s3_endpoint: str | None = None) -> bool:
             return True
         if info.type != pafs.FileType.Directory:
             return False
-        return not fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        if fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)):
+            return False
+        # GCS lists only objects one level down, never the implied sub-folders of deeper ones.
+        return not fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise ConfigError(f"Cannot inspect the output location {output_uri}: {exc}") from exc
 

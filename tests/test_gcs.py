@@ -19,18 +19,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.constants import FINGERPRINT_KEY
 from pipeline.job import FORWARDED_ENV
 from pipeline.model.errors import ConfigError, ErrorCode, InputReadError
 from pipeline.reader import read_features, read_metadata, resolve_path
-from pipeline.sink import FINGERPRINT_KEY, ShardRows, build_table, committed_shards, write_shard
+from pipeline.sink import ShardRows, build_table, committed_shards, write_shard
 from pipeline.storage import (
     InputItem,
-    StorageSpec,
     ensure_output_dir,
     list_inputs,
     output_is_empty,
     read_bytes,
-    read_one,
     resolve_filesystem,
 )
 from tests.fixtures.gcs import GcsServer
@@ -131,7 +130,6 @@ def test_resolve_filesystem(gcs_env: GcsServer, monkeypatch: pytest.MonkeyPatch)
         gcs_env.host_port,
     )
     assert resolve_filesystem(f"gcs://{bucket}/x") == (fs, f"{bucket}/x")  # alias, same cached filesystem
-    assert StorageSpec.from_uri(f"gs://{bucket}/some").filesystem() is fs
     # Without a scheme, STORAGE_EMULATOR_HOST means http.
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_env.host_port)
     assert resolve_filesystem(f"gs://{bucket}")[0] is fs
@@ -257,9 +255,9 @@ def test_read_bytes(gcs_env: GcsServer) -> None:
     too_large = read_bytes([uris[0]], max_bytes=3)[0]
     assert isinstance(too_large, InputReadError)
     assert too_large.code == ErrorCode.TOO_LARGE
-    assert read_one(uris[0], max_bytes=6) == bodies[0]
-    with pytest.raises(InputReadError, match="missing.jpg"):
-        read_one(missing)
+    assert read_bytes([uris[0]], max_bytes=6) == [bodies[0]]
+    (gone,) = read_bytes([missing])
+    assert isinstance(gone, InputReadError) and "missing.jpg" in gone.message
 
     # Many concurrent readers, in order.
     many = [gcs_env.put_object(bucket, f"many/{i:02d}.png", f"image {i}") for i in range(24)]
@@ -283,16 +281,6 @@ def test_output_is_empty(gcs_env: GcsServer) -> None:
     assert not output_is_empty(f"gs://{bucket}/outx")  # an object at the location itself
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: output_is_empty lists gs:// folders with a non-recursive FileSelector, and "
-        "pyarrow's GcsFileSystem lists those with delimiter='/' but reports only items[], never the "
-        "prefixes[] (implied sub-folders), so a prefix whose objects all sit in sub-folders looks "
-        "empty and the job's 'output is not empty' guard lets it through; S3 reports such "
-        "sub-folders (CommonPrefixes) as directories"
-    ),
-)
 def test_output_with_objects_only_in_subfolders_is_not_empty(gcs_env: GcsServer) -> None:
     bucket = gcs_env.create_bucket()
     gcs_env.put_object(bucket, "out/previous-run/part-000000.parquet", b"x")
@@ -381,17 +369,6 @@ def test_failed_write_leaves_no_object(gcs_env: GcsServer, monkeypatch: pytest.M
     assert committed_shards(out, fs) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: pipeline.reader.resolve_path opens gs:// URIs with "
-        "pyarrow.fs.FileSystem.from_uri, which ignores STORAGE_EMULATOR_HOST (GcsOptions::FromUri "
-        "starts from GcsOptions::Defaults(): https, Google default credentials, no endpoint "
-        "override), so read_features/read_metadata/list_output_files('gs://...') go to "
-        "storage.googleapis.com while pipeline.storage honours the emulator; s3:// works because "
-        "the AWS SDK itself reads AWS_ENDPOINT_URL"
-    ),
-)
 def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
     bucket = gcs_env.create_bucket()
     fs, out = resolve_filesystem(f"gs://{bucket}/out")
