@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # The llava-features container image: the official Ray image with CUDA (the Ray and Python versions
-# the project is tested with) plus this package, with its compiled resampler (pipeline/_resample.c).
+# the project is tested with) plus this package, with its compiled resampler (pipeline/images/_resample.c).
 # The KubeRay manifests in configs/kuberay/ run it in every Ray container.
 #
 #   docker build -t registry.example.com/llava-features:0.1.0 .
@@ -23,7 +23,7 @@ ARG BASE_IMAGE=rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${CUDA_TAG}
 
 # -- build stage: the project's wheel, with the compiled resampler -------------------------------
 FROM ${BASE_IMAGE} AS build
-# A C compiler and the Python headers for pipeline/_resample.c. The CUDA images keep g++ (they are
+# A C compiler and the Python headers for pipeline/images/_resample.c. The CUDA images keep g++ (they are
 # built on NVIDIA's devel images) and conda's Python ships its headers, but install the toolchain
 # anyway: a no-op where it is present, and needed on a CPU base.
 RUN sudo apt-get update \
@@ -34,6 +34,7 @@ WORKDIR /home/ray/build
 COPY --chown=ray:users pyproject.toml setup.py README.md ./
 COPY --chown=ray:users pipeline ./pipeline
 COPY --chown=ray:users deployments ./deployments
+COPY --chown=ray:users llava_features ./llava_features
 # setup.py only warns when the extension cannot be built (the package then falls back to Pillow);
 # an image must not ship that silently, so the build fails if the wheel lacks it.
 RUN <<EOF
@@ -46,8 +47,8 @@ import zipfile
 
 (wheel,) = glob.glob("/home/ray/wheels/llava_features-*.whl")
 names = zipfile.ZipFile(wheel).namelist()
-assert any(n.startswith("pipeline/_resample") and n.endswith(".so") for n in names), (
-    f"{wheel} holds no compiled pipeline._resample: see the build log above"
+assert any(n.startswith("pipeline/images/_resample") and n.endswith(".so") for n in names), (
+    f"{wheel} holds no compiled pipeline.images._resample: see the build log above"
 )
 PY
 EOF
@@ -70,10 +71,10 @@ python -m pip install --no-cache-dir /tmp/wheels/llava_features-*.whl
 rm -rf /tmp/wheels
 python - <<PY
 import ray
-from pipeline.preprocess import resampler_name
+from pipeline.images import resampler_name
 
 assert ray.__version__ == "${RAY_VERSION}", f"pip replaced the base image's Ray ${RAY_VERSION} by {ray.__version__}"
-assert resampler_name() != "pillow", "the compiled resampler pipeline._resample does not load"
+assert resampler_name() != "pillow", "the compiled resampler pipeline.images._resample does not load"
 print("llava-features image: Ray", ray.__version__, "| resize route:", resampler_name())
 PY
 EOF

@@ -348,10 +348,8 @@ def test_rayjob_entrypoint_is_our_encode_command():
     # Relative to the image's working directory, which holds a copy of configs/ (see the Dockerfile).
     config_file = REPO / ns.config
     assert config_file.is_file() and config_file.parent == REPO / "configs"
-    from pipeline.config import load_config
-    from pipeline.job import job_overrides
-
-    config = load_config(config_file, {"model": _cli().model_overrides(ns), "job": job_overrides(ns)})
+    ns.config = str(config_file)
+    config = _cli().load_cli_config(ns)  # exactly what `llava-features encode` loads
     assert config.model.checkpoint and config.model.local_files_only  # from the model volume, never a hub
     assert config.job.num_gpus_per_actor == 1
     placeholder = "s3://YOUR-BUCKET/"  # what a user edits (an invalid bucket name: fails fast)
