@@ -388,6 +388,30 @@ def test_projector_types_follow_builder():
         )
 
 
+def test_hidden_states_index_semantics(tiny_processor):
+    """hidden_states has num_layers + 1 entries: [0] is the embedding output AFTER pre_layrnorm, [-1] the
+    last encoder layer, equal to last_hidden_state (post_layernorm is only for the pooled output)."""
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(5)
+    tower = CLIPVisionModel(tiny_vision_config()).eval()
+    assert [name for name, _ in tower.named_children()] == [
+        "embeddings",
+        "pre_layrnorm",
+        "encoder",
+        "post_layernorm",
+    ]
+    pixels = R.process_images([photo("coffee")], tiny_processor, None)
+    with torch.no_grad():
+        out = tower(pixels, output_hidden_states=True)
+        embedded = tower.pre_layrnorm(tower.embeddings(pixels))
+    assert len(out.hidden_states) == 3 + 1
+    assert torch.equal(out.hidden_states[0], embedded)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert max_abs(out.hidden_states[-1], tower.post_layernorm(out.last_hidden_state)) > 0.1
+    assert torch.equal(R.clip_vision_tower_features(tower, pixels, 0, "cls_patch"), embedded)
+
+
 @pytest.mark.parametrize(
     ("strategy", "select_feature", "tokens"), [("default", "patch", 16), ("full", "cls_patch", 17)]
 )
