@@ -179,7 +179,8 @@ def process_anyres_image(image: Image.Image, processor, grid_pinpoints, check_si
         grid_pinpoints = expand_grid_pinpoints(
             grid_pinpoints, _processor_string_form_size(processor), check_size
         )
-    possible_resolutions = expand_grid_pinpoints(grid_pinpoints, 0)
+    # a list as it is, any other string through ast.literal_eval (the multiplier is unused then)
+    possible_resolutions = expand_grid_pinpoints(grid_pinpoints, patch_size=0)
     best_resolution = select_best_resolution(image.size, possible_resolutions)
     image_padded = resize_and_pad_image(image, best_resolution)
     patches = divide_to_patches(image_padded, processor.crop_size["height"])
