@@ -281,6 +281,36 @@ def clip_preprocess(
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+OPENAI_CLIP_MEAN = [
+    0.48145466,
+    0.4578275,
+    0.40821073,
+]  # openai/clip-vit-large-patch14-336 preprocessor_config.json
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_image_processor(size: int = 336, crop_size: int | None = None):
+    """The CLIP image processor LLaVA uses, built in code (no download): ``CLIPImageProcessor`` with
+    OpenAI's mean/std, or its PIL backend ``CLIPImageProcessorPil`` when transformers 5 would pick
+    the torchvision one (whose bicubic resize differs from PIL's): what LLaVA was trained with."""
+    from transformers import CLIPImageProcessor
+
+    crop = size if crop_size is None else crop_size
+    kwargs = {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": crop, "width": crop},
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }
+    processor = CLIPImageProcessor(**kwargs)
+    if getattr(processor, "backend", "pil") != "pil":
+        from transformers import CLIPImageProcessorPil
+
+        processor = CLIPImageProcessorPil(**kwargs)
+    return processor
+
+
 # --------------------------------------------------------------------------------------------------
 # Vision tower and projector
 # --------------------------------------------------------------------------------------------------

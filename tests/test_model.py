@@ -25,7 +25,7 @@ from pipeline.model.checkpoints.files import CheckpointSource as _Source
 from pipeline.model.checkpoints.files import read_tensors
 from pipeline.model.errors import CheckpointError, ErrorCode, MissingWeightError, ShapeMismatchError
 from pipeline.model.tiny import TINY_VISION
-from tests.reference import seed_forward
+from tests.llava_reference import clip_vision_tower_features as seed_forward
 
 TOL = 1e-5
 

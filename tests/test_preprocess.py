@@ -21,7 +21,9 @@ from pipeline.images.preprocess import PreparedImage, Preprocessor
 from pipeline.images.spec import PreprocessSpec, resize_output_size
 from pipeline.model.errors import ConfigError, DecodeError
 from tests.corpus import encode, real_photos
-from tests.reference import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, llava_reference, reference_processor
+from tests.llava_reference import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tests.llava_reference import clip_image_processor as reference_processor
+from tests.llava_reference import process_images as llava_reference
 
 TOL = 1e-5
 
