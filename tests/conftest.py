@@ -12,5 +12,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
+    "tests.fixtures.ray_cluster",  # before serve, which imports it
     "tests.fixtures.serve",
 ]
