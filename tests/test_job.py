@@ -26,6 +26,7 @@ from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
 from pipeline.reader import read_features
 from tests.corpus import write_bad_corpus, write_real_photos
+from tests.fixtures.ray_cluster import local_ray
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray (4 CPUs, no dashboard) on free ports and its own temp dir (see ``local_ray``)."""
     import ray
 
-    ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING"):
+        yield ray
 
 
 @pytest.fixture(scope="module")
