@@ -58,6 +58,14 @@ def _int_tuple(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _layers(value: str) -> int | tuple[int, ...]:
+    """``N`` or ``N,M,...`` (several hidden layers, concatenated)."""
+    layers = _int_tuple(value)
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {value!r}")
+    return layers[0] if len(layers) == 1 else layers
+
+
 def _base_type(annotation: Any) -> Any:
     """``X`` of ``X | None``; any other annotation as it is."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -87,6 +95,8 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
         kwargs.update(type=_pair, metavar="MIN,MAX")
     elif base == tuple[int, ...]:
         kwargs.update(type=_int_tuple, metavar="N,N,...")
+    elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
+        kwargs.update(type=_layers, metavar="N[,N...]")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -105,7 +115,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 MODEL_OPTIONS = ("select_layer", "select_feature", "projector_type", "image_aspect_ratio", "dtype", "device")
-ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size")
+ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size", "anyres_output")
 JOB_OPTIONS = (
     "shard_size",
     "num_gpus_per_actor",
@@ -117,6 +127,10 @@ JOB_OPTIONS = (
     "s3_endpoint",
 )
 SERVE_OPTIONS = ("host", "port")
+DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
+"""The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
+EXIT_MISMATCH = 4
+"""Exit status of ``verify`` when our features differ from the reference's."""
 
 
 def _add_settings(p: argparse.ArgumentParser, **sections: tuple[str, ...]) -> None:
@@ -208,6 +222,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import DTYPE_REL_TOLERANCE, FLOAT32_REL_TOLERANCE, images_in, sample_images, verify
+
+    config = load_cli_config(args)
+    images = images_in(args.images, args.limit) if args.images else sample_images()
+    report = verify(config, images)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({**dataclasses.asdict(report), "passed": report.passed}, indent=2, default=str))
+        return 0 if report.passed else EXIT_MISMATCH
+    print(f"checkpoint layout: {report.layout}; reference: {report.reference}")
+    half = report.compute_dtype != "float32"
+    tolerances = f"float32 relative error <= {FLOAT32_REL_TOLERANCE:g}"
+    print(
+        "tolerances: " + tolerances + (f", {report.compute_dtype} <= {DTYPE_REL_TOLERANCE:g}" if half else "")
+    )
+    dtype_column = f"rel {report.compute_dtype}" if half else ""
+    print(f"{'image':24} {'shape':>16} {'max |Δ| f32':>12} {'rel f32':>10} {dtype_column:>14}  verdict")
+    for c in report.checks:
+        if c.error is not None:
+            print(f"{c.name[:24]:24} {'':>16} {'':>12} {'':>10} {'':>14}  FAIL: {c.error}")
+            continue
+        rel_half = f"{c.dtype_rel_error:.2e}" if c.dtype_rel_error is not None else ""
+        shape = "x".join(map(str, c.shape))
+        verdict = "ok" if c.passed else "FAIL"
+        print(f"{c.name[:24]:24} {shape:>16} {c.max_abs:12.2e} {c.rel_error:10.2e} {rel_half:>14}  {verdict}")
+    print(
+        "verdict: " + ("identical to the reference (within the tolerances)" if report.passed else "MISMATCH")
+    )
+    return 0 if report.passed else EXIT_MISMATCH
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.launch import serve_forever
 
@@ -225,7 +272,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.bench.cli import add_bench_arguments
-    from pipeline.model.constants import CHECKPOINT_LAYOUTS, WEIGHT_FORMATS
+    from pipeline.model.constants import TINY_FORMATS, WEIGHT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="llava-features",
@@ -237,14 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demo)")
     p.add_argument("directory")
-    p.add_argument("--format", choices=list(CHECKPOINT_LAYOUTS), default="llava")
+    p.add_argument("--format", choices=list(TINY_FORMATS), default="llava")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_make_tiny_model)
 
     p = sub.add_parser("info", help="print the resolved model, config and fingerprint")
     _add_model_args(p)
-    _add_settings(p, encoder=ENCODER_OPTIONS)
+    _add_settings(p, encoder=ENCODER_OPTIONS, decode=DECODE_OPTIONS)
     p.set_defaults(handler=_cmd_info)
 
     p = sub.add_parser("encode", help="offline job: images → Parquet feature tables (Ray Data)")
@@ -256,8 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
     )
     p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
-    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS)
+    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS, decode=DECODE_OPTIONS)
     p.set_defaults(handler=_cmd_encode)
+
+    p = sub.add_parser(
+        "verify", help="compare our features with the checkpoint's reference path (transformers' or LLaVA's)"
+    )
+    _add_model_args(p)
+    p.add_argument("--images", help="a folder of images (default: the bundled sample photos and odd shapes)")
+    p.add_argument("--limit", type=int, default=16, help="at most this many images of --images")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_settings(p, encoder=("anyres_output",), decode=DECODE_OPTIONS)
+    p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("demo", help="run the offline job on the embedded default (tiny model, sample photos)")
     p.add_argument("--output", default="demo-output", help="output folder (replaced by each demo run)")
