@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test test-gpu demo lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml setup.py pipeline/images/_resample.c
 test: setup
 	$(PY) -m ruff check pipeline deployments llava_features tests
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The GPU tests (tests/gpu: CUDA vs the CPU reference, compile modes, streams, nvJPEG, memory; the
+# Ray-level ones where Ray is installed). Every one is skipped, with its reason, without CUDA.
+test-gpu: setup
+	$(PY) -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/llava-features demo
