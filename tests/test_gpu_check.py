@@ -301,4 +301,4 @@ def test_figures_and_markdown_from_results():
     assert "| encoder images/s, batch 256 (compiled) | ≥ 1,300 | 1,400 | yes |" in md
     assert "| job in process (no Ray), steady ÷ encoder-only | ≥ 0.85 | 0.80 | no |" in md
     assert "| 256 | 1,000.0 | 1,200.0 | 1,400.0 | 900.0 | 1,100.0 |" in md
-    assert "| 256 | 6.20 |" in md
+    assert "| 256 (default) | 6.20 | 16 GB |" in md
