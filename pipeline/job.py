@@ -155,6 +155,18 @@ def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: Reso
     return rows_to_batch(rows)
 
 
+def shard_batch(shards: Any) -> dict[str, np.ndarray]:
+    """The numpy batch of plan rows that :func:`decode_shard` receives for ``shards`` (a sequence of
+    :class:`~pipeline.storage.Shard`): ``shard`` indices and, per shard, the lists of ``image_id`` and
+    ``uri``. For running the job's stages in one process (the in-process benchmark, GPU tests)."""
+    ids = np.empty(len(shards), dtype=object)
+    uris = np.empty(len(shards), dtype=object)
+    for i, s in enumerate(shards):
+        ids[i] = [item.image_id for item in s.items]
+        uris[i] = [item.uri for item in s.items]
+    return {"shard": np.array([s.index for s in shards], dtype=np.int64), "image_id": ids, "uri": uris}
+
+
 # -- stage 2: encode + commit (actor pool) ----------------------------------------------------
 
 
@@ -417,6 +429,17 @@ def _decode_task_memory(config: Config, resolved: ResolvedModel) -> int:
     return _DECODE_WORKER_BASE_BYTES + config.job.shard_size * per_image
 
 
+def shard_metadata(job_record: dict[str, Any]) -> dict[str, str]:
+    """Key-value metadata of every shard file of a job (``job_record``: what ``_job.json`` holds):
+    the encoder fingerprint and the resolved config + encoder description as JSON."""
+    return {
+        FINGERPRINT_KEY: job_record["fingerprint"],
+        CONFIG_KEY: json.dumps(
+            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
+        ),
+    }
+
+
 def _run_pipeline(
     config: Config,
     resolved: ResolvedModel,
@@ -432,12 +455,7 @@ def _run_pipeline(
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if gpus == 0 and config.model.device == "auto":
         config = replace(config, model=replace(config.model, device="cpu"))
-    metadata = {
-        FINGERPRINT_KEY: job_record["fingerprint"],
-        CONFIG_KEY: json.dumps(
-            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
-        ),
-    }
+    metadata = shard_metadata(job_record)
     from ray.data import ActorPoolStrategy
 
     ds = ray.data.from_items(

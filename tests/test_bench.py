@@ -255,3 +255,26 @@ def test_bench_pipeline_tiny_end_to_end(tmp_path):
     assert result["job"]["ok"] == 48 and result["job"]["errors"] == {}
     assert result["encoder_only_images_per_s"] > 0 and result["job_images_per_s"] > 0
     assert result["job_steady_images_per_s"] > 0 and result["sink_mb_per_s"] > 0
+
+
+def test_profile_kernel_kinds_by_name():
+    from pipeline.bench.profile import kernel_kind
+
+    gemm = [
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT",
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn",
+        "triton_tem_fused_addmm_0",
+        "aten::addmm",
+    ]
+    attention = [
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>",
+        "fmha_cutlassF_bf16_aligned",
+    ]
+    other = [
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>",
+        "triton_per_fused_native_layer_norm_0",
+    ]
+    assert [kernel_kind(n) for n in gemm] == ["gemm"] * len(gemm)
+    assert [kernel_kind(n) for n in attention] == ["attention"] * len(attention)
+    assert [kernel_kind(n) for n in other] == ["other"] * len(other)

@@ -1,13 +1,15 @@
-"""``llava-features bench {encoder,pipeline,preprocess,sink,serve,all}``.
+"""``llava-features bench {encoder,pipeline,preprocess,sink,serve,profile,all}``.
 
-``encoder`` and ``pipeline`` live in this package's :mod:`~pipeline.bench.encoder` and
-:mod:`~pipeline.bench.pipeline`; ``preprocess`` and ``sink`` dispatch (lazily) to
+``encoder``, ``pipeline`` (``--in-process``: the job's stages without Ray) and ``profile`` (a per-op
+``torch.profiler`` table of ``encode_core``) live in this package's :mod:`~pipeline.bench.encoder`,
+:mod:`~pipeline.bench.pipeline` and :mod:`~pipeline.bench.profile`; ``preprocess`` and ``sink`` dispatch (lazily) to
 ``pipeline.bench.preprocess.bench_preprocess`` and ``pipeline.bench.sink.bench_sink``, passing the
 options their signatures accept (plus any ``--opt KEY=VALUE``). ``serve`` measures the online
 endpoint, which this package may not import: the command line (the layer above) passes it in
 (``main(args, external={"serve": ("deployments.bench", "bench_serve")})``). ``all`` runs every
-benchmark that can run here (the endpoint's needs Ray Serve) and records the others as skipped. ``--json PATH`` writes every result with the environment; a short table is
-printed either way.
+benchmark that can run here (the endpoint's needs Ray Serve) and records the others as skipped
+(``profile`` is not part of it). ``--json PATH`` writes every result with the environment; a short
+table is printed either way.
 
 Examples::
 
@@ -15,6 +17,9 @@ Examples::
     llava-features bench encoder --config configs/llava-v1.5-7b.yaml \\
         --batch-sizes 32,128,256 --compile --variants fast --json encoder.json   # GPU
     llava-features bench pipeline --config configs/llava-v1.5-7b.yaml --images 2048
+    llava-features bench pipeline --config configs/llava-v1.5-7b.yaml --in-process --images 1024
+    llava-features bench profile --config configs/llava-v1.5-7b.yaml --batch-sizes 256 \\
+        --table profile.txt --trace trace.json.gz
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "all")
+TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "profile", "all")
 ORDER = ("encoder", "pipeline", "preprocess", "sink", "serve")
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
@@ -129,6 +134,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=int, help="job shard size")
     g.add_argument("--actors", type=_actors, help="MIN,MAX encoder actors")
     g.add_argument("--workdir", help="keep generated images/checkpoints/outputs here (default: a temp dir)")
+    g.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the job's decode → encode → Parquet stages in this process, no Ray (vs encoder-only)",
+    )
+    g = parser.add_argument_group("profile")
+    g.add_argument("--table", metavar="PATH", help="write the per-op table (sorted by device time) here")
+    g.add_argument("--trace", metavar="PATH", help="write a Chrome trace here (.json, or .json.gz)")
     g = parser.add_argument_group("output")
     g.add_argument(
         "--opt",
@@ -173,6 +186,25 @@ def _run_pipeline(args: argparse.Namespace, config: Any, workdir: Path) -> dict[
     from .pipeline import bench_pipeline, print_pipeline_report
 
     width, height = args.image_size
+    if args.in_process:
+        from .pipeline import bench_pipeline_inprocess, print_inprocess_report
+
+        result = bench_pipeline_inprocess(
+            config,
+            tiny=args.tiny,
+            images=args.images,
+            width=width,
+            height=height,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=args.device,
+            dtype=args.dtype,
+            compile=True if args.compile else None,
+            repeats=args.repeats,
+            workdir=args.workdir,
+        )
+        print_inprocess_report(result)
+        return result
     result = bench_pipeline(
         config,
         tiny=args.tiny,
@@ -189,6 +221,26 @@ def _run_pipeline(args: argparse.Namespace, config: Any, workdir: Path) -> dict[
         workdir=args.workdir,
     )
     print_pipeline_report(result)
+    return result
+
+
+def _run_profile(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+    from .profile import bench_profile, print_profile_report
+
+    result = bench_profile(
+        config,
+        tiny=args.tiny,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size or (args.batch_sizes[-1] if args.batch_sizes else None),
+        batches=args.repeats or 3,
+        warmup=args.warmup if args.warmup is not None else 2,
+        variant="compiled" if args.compile else ("plain" if args.no_fast else "fast"),
+        compile_mode=args.compile_mode,
+        table=args.table,
+        trace=args.trace,
+    )
+    print_profile_report(result)
     return result
 
 
@@ -282,6 +334,7 @@ RUNNERS: dict[str, Runner] = {
     "preprocess": _external("preprocess"),
     "sink": _external("sink"),
     "serve": _external("serve"),
+    "profile": _local(_run_profile),
 }
 
 
@@ -289,7 +342,7 @@ def _available(name: str, table: dict[str, tuple[str, str]]) -> str | None:
     """None when benchmark ``name`` can run here, else why not (a module it needs cannot be imported)."""
     needs = {"pipeline": ("pipeline.job", None)}.get(name) or table.get(name)
     if needs is None:
-        return None if name in ("encoder",) else f"no module provides the {name!r} benchmark"
+        return None if name in ("encoder", "profile") else f"no module provides the {name!r} benchmark"
     module_name, func_name = needs
     try:
         module = importlib.import_module(module_name)

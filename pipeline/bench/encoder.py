@@ -97,7 +97,7 @@ def _default_batch_sizes(device_type: str, arch: BenchArch) -> tuple[int, ...]:
     return (8, 32) if arch.source == "tiny" else (2,)
 
 
-def _make_encoder(
+def make_bench_encoder(
     config: Any,
     arch: BenchArch,
     master: tuple[Any, Any],
@@ -112,7 +112,14 @@ def _make_encoder(
     resolved: Any = None,
     anyres_output: str | None = None,
     image_newline: Any = None,
+    fuse_qkv: bool | None = None,
+    fold_quick_gelu: bool | None = None,
+    output_dtype: str | None = None,
 ) -> Any:
+    """A :class:`FeatureEncoder` of ``variant`` (``plain``, ``fast``, ``compiled``) on copies of the random
+    ``master`` modules, on ``device`` in ``dtype``, for batches of ``batch_sizes`` (the compiled
+    variant's buckets). ``fuse_qkv`` / ``fold_quick_gelu`` set one load-time transform apart from
+    the variant's choice (both on unless ``plain``); ``output_dtype`` the returned dtype."""
     from ..encoder import FeatureEncoder
     from ..model import CLIPVisionTower
 
@@ -127,8 +134,8 @@ def _make_encoder(
         config.model,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
-        fuse_qkv=fast,
-        fold_quick_gelu=fast,
+        fuse_qkv=fast if fuse_qkv is None else fuse_qkv,
+        fold_quick_gelu=fast if fold_quick_gelu is None else fold_quick_gelu,
         compile=variant == "compiled",
         compile_mode=compile_mode,
     )
@@ -139,6 +146,7 @@ def _make_encoder(
         batch_size=max(batch_sizes),
         batch_buckets=tuple(sorted(set(batch_sizes))) if variant == "compiled" else (),
         anyres_output=anyres_output or config.encoder.anyres_output,
+        output_dtype=output_dtype or config.encoder.output_dtype,
     )
     cfg = replace(config, model=model_cfg, encoder=encoder_cfg)
     return FeatureEncoder(
@@ -209,17 +217,21 @@ def _measure_variant(
     import numpy as np
     import torch
 
-    encoder = _make_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
+    encoder = make_bench_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
     warm_s = encoder.warmup(max(sizes))
     logger.info("variant %s: warm-up %.1fs", variant, warm_s)
     out: dict[int, dict[str, Any]] = {}
     for b in sizes:
         pixels = _pixels(b, arch, dev, seed=b)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode():
             timing = time_callable(
                 lambda px=pixels: encoder.encode_core(px), dev, warmup=warmup, repeats=repeats
             )
         out[b] = {"images_per_s": b / timing.median_s, "timing": timing.as_dict(), "warmup_s": warm_s}
+        if dev.type == "cuda":  # weights, the compiled graphs' pools and this batch's activations
+            out[b]["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         if host_batches > 0:
             host = pixels.cpu().numpy()
             host = np.concatenate([host] * host_batches) if host_batches > 1 else host
@@ -482,7 +494,9 @@ def bench_encoder(
         rows[b].update(seed_rows[b])
     anyres = None
     if anyres_images > 0:
-        make = partial(_make_encoder, config, arch, master, dev, ours_dtype, names[0], sizes, compile_mode)
+        make = partial(
+            make_bench_encoder, config, arch, master, dev, ours_dtype, names[0], sizes, compile_mode
+        )
         anyres = _measure_anyres(
             make, arch, dev, images=anyres_images, batch_size=max(sizes), warmup=warmup, repeats=repeats
         )
