@@ -20,7 +20,7 @@ import pytest
 
 from llava_features.cli import main as cli_main
 from pipeline.config import load_config
-from pipeline.constants import JOB_FILE, SUCCESS_FILE
+from pipeline.constants import COMMITS_DIR, JOB_FILE, SUCCESS_FILE
 from pipeline.encoder import FeatureEncoder
 from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
@@ -233,7 +233,9 @@ def _many_images(folder: Path, n: int) -> Path:
 
 
 def _committed(out: Path) -> list[Path]:
-    return sorted(out.glob("part-*.parquet"))
+    """The output files of the committed units (those with a commit record)."""
+    units = {int(p.stem.split("-")[1]) for p in (out / COMMITS_DIR).glob("unit-*.json")}
+    return sorted(p for p in out.glob("part-*.parquet") if int(p.name.split("-")[1]) in units)
 
 
 def _encoder_actor_pid() -> int | None:
@@ -308,7 +310,7 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     summary = run_job(
         _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
     )
-    assert summary.shards_skipped == len(first) and summary.shards_written == 40 - len(first)
+    assert summary.units_skipped == len(first) and summary.shards_written == 40 - len(first)
     assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
     run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
     resumed = read_features(str(out))
@@ -390,9 +392,9 @@ def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_
     config = _config(tiny_llava, shard_size=2, pooled=True, features="both", max_error_fraction=1.0)
     summary = run_job(config, str(folder), str(out))
     assert summary.ok == 2 and summary.errors == {"empty": 1, "not_an_image": 1}
-    first = pq.read_table(out / "part-000000.parquet")  # the two bad files: no ok row
+    first = pq.read_table(out / "part-000000-00000.parquet")  # the two bad files: no ok row
     assert first.column("status").to_pylist() == ["error", "error"]
-    assert first.schema == pq.read_table(out / "part-000001.parquet").schema
+    assert first.schema == pq.read_table(out / "part-000001-00000.parquet").schema
     assert first.column("features").null_count == 2 and first.column("pooled").null_count == 2
 
 
