@@ -135,6 +135,7 @@ def tar_samples(
 ) -> Iterator[Sample]:
     """The samples of the tar of ``unit``, in member order, each with its image bytes or an error."""
     needed = _needed_exts(keep)
+    wanted = {c.lower() for c in keep}
     try:
         stream = open_input(unit.source, s3_endpoint=s3_endpoint, timeout_s=timeout_s)
     except InputReadError as exc:
@@ -178,8 +179,11 @@ def tar_samples(
                     else:
                         group.image = _read_member(tf, member)
                 elif ext == "json" and member.size <= _JSON_LIMIT:
+                    raw = _read_member(tf, member)
+                    if "json" in wanted:  # the sidecar itself is a carried column
+                        group.texts["json"] = raw.decode("utf-8", errors="replace")
                     try:
-                        meta = json.loads(_read_member(tf, member))
+                        meta = json.loads(raw)
                         group.meta = meta if isinstance(meta, dict) else None
                     except ValueError:
                         group.meta = None
