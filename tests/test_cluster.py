@@ -18,6 +18,7 @@ from pipeline.config import load_config
 from pipeline.constants import SUCCESS_FILE
 from pipeline.job import run_job
 from tests.corpus import write_real_photos
+from tests.datasets import write_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -41,18 +42,22 @@ def test_two_node_cluster(tiny_llava, tmp_path):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        photos = write_real_photos(tmp_path / "photos")
+        samples = write_shards(tmp_path / "shards", shards=4, per_shard=3)  # WebDataset tars
         config = load_config(
             None,
             {
                 "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
+                "input": {"keep_columns": ["caption"]},
                 "job": {"shard_size": 1, "actors": (2, 2), "max_error_fraction": 0.0},
             },
         )
-        summary = run_job(config, str(tmp_path / "photos"), str(tmp_path / "out"))
-        assert summary.ok == len(photos) and summary.shards_written == len(photos)
-        ids = pq.read_table(tmp_path / "out", columns=["image_id"]).column("image_id").to_pylist()
-        assert sorted(ids) == sorted(p.name for p in photos)
+        summary = run_job(config, f"{tmp_path}/shards/{{00000..00003}}.tar", str(tmp_path / "out"))
+        assert (
+            summary.ok == len(samples) and summary.shards_written == len(samples) and summary.units_total == 4
+        )
+        table = pq.read_table(tmp_path / "out", columns=["image_id", "caption"])
+        assert sorted(table.column("image_id").to_pylist()) == sorted(samples)
+        assert all(samples[r["image_id"]]["caption"] == r["caption"] for r in table.to_pylist())
     finally:
         ray.shutdown()
         cluster.shutdown()

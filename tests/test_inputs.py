@@ -369,3 +369,68 @@ def test_s3_webdataset_and_parquet_images(s3_server, tmp_path: Path):
     got = _samples(plan, s3_endpoint=endpoint, image_column="image", id_column="id")
     assert [(s.image_id, s.data) for _, _, s in got] == list(zip("abcd", images, strict=True))
     assert got[3][2].uri == f"s3://{bucket}/hf/data/train-0.parquet#3"
+
+
+# ------------------------------------------------------------------------------------------
+# encode --dry-run
+# ------------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_starts_no_ray(tiny_llava, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    pq.write_table(pa.table({"uri": [f"s3://b/{i}.jpg" for i in range(10)]}), tmp_path / "m.parquet")
+    write_shards(tmp_path / "shards", shards=3, per_shard=2)
+    code = (
+        "import json, sys\n"
+        "from llava_features.cli import main\n"
+        "rc = [main(argv) for argv in json.loads(sys.argv[1])]\n"
+        "print('RESULT', rc, sorted(m for m in ('ray', 'ray.data') if m in sys.modules))\n"
+    )
+    common = ["--model", str(tiny_llava), "--dtype", "float32", "--dry-run"]
+    runs = [
+        [
+            "encode",
+            "--input",
+            str(tmp_path / "m.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--shard-size",
+            "4",
+            *common,
+        ],
+        [
+            "encode",
+            "--input",
+            f"{tmp_path}/shards/{{00000..00002}}.tar",
+            "--output",
+            str(tmp_path / "out2"),
+            *common,
+        ],
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(runs)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.strip().splitlines()[-1] == "RESULT [0, 0] []", proc.stderr[-3000:]  # Ray never imported
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()  # nothing written
+    manifest, shards = out.split("input:")[1:3]
+    assert (
+        "(manifest: 1 file(s)" in manifest
+        and "units:         3\n" in manifest
+        and "rows:          10\n" in manifest
+    )
+    assert "shards:        3 (up to 4 rows each)" in manifest
+    assert "features [16, 64] (4.1 KB per row)" in manifest and "output bytes:  ~41.0 KB" in manifest
+    assert "(empty: a new job)" in manifest
+    assert (
+        "(webdataset: 3 file(s)" in shards and "rows:          0 known; 3 unit(s) counted when read" in shards
+    )
+    assert "shards:        at least 3" in shards

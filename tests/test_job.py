@@ -712,6 +712,11 @@ def test_resume_rewrites_exactly_the_incomplete_units(ray_local, tiny_llava, tmp
         out / "part-000001-00000.parquet", out / "part-000001-00007.parquet"
     )  # an older attempt's file
     (out / SUCCESS_FILE).unlink()
+    from pipeline.job import dry_run
+
+    assert dry_run(config, str(tmp_path / "shards"), str(out)).output_state.startswith(
+        "2 of 3 unit(s) committed: --resume continues it"
+    )
     again = run_job(config, str(tmp_path / "shards"), str(out), resume=True)
     assert (again.units_written, again.units_skipped, again.shards_written, again.read) == (1, 2, 3, 5)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
