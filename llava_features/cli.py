@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, serve")
+    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve")
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser

@@ -841,6 +841,8 @@ class DryRun:
     """Feature bytes per ok row (tokens × dim × itemsize of each stored tensor, + pooled)."""
     feature_shapes: dict[str, list[int]]
     output_state: str
+    plan_peak_rss_mb: float | None = None
+    """The driver's peak resident memory when planning ended (before the model is loaded)."""
 
     @property
     def estimated_bytes(self) -> int:
@@ -871,7 +873,8 @@ class DryRun:
                 f"output bytes:  ~{size}",
                 f"carried:       {', '.join(f'{c} ({t})' for c, t in plan.carried.items()) or 'none'}",
                 f"output:        {self.output} ({self.output_state})",
-                f"plan:          {plan.fingerprint[:16]} (planned in {self.plan_seconds:.2f} s)",
+                f"plan:          {plan.fingerprint[:16]} (planned in {self.plan_seconds:.2f} s"
+                + (f", driver peak RSS {self.plan_peak_rss_mb:.0f} MB)" if self.plan_peak_rss_mb else ")"),
             ]
         )
 
@@ -922,8 +925,6 @@ def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
 
     The plan is made first, before the model (and torch) is loaded to know the feature shapes.
     """
-    from .encoder import describe_encoder
-    from .model import resolve_model
     from .sink import committed_units
     from .storage import output_is_empty, resolve_filesystem
 
@@ -931,7 +932,11 @@ def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
     started = time.perf_counter()
     plan = make_plan(config, input_uri)
     plan_seconds = time.perf_counter() - started
+    plan_rss = peak_rss_mb()
     release_memory()
+    from .encoder import describe_encoder  # torch and transformers from here on
+    from .model import resolve_model
+
     resolved = resolve_model(config.model)
     per_row, shapes = feature_bytes(config, resolved)
     fs, out_path = resolve_filesystem(output_uri, s3_endpoint=config.job.s3_endpoint)
@@ -949,4 +954,22 @@ def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
             done = len(committed_units(out_path, fs) & {u.index for u in plan.units})
             finished = read_json(fs, join_path(out_path, SUCCESS_FILE)) is not None
             state = f"{done} of {len(plan.units)} unit(s) committed{', finished' if finished else ''}: --resume continues it"
-    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state)
+    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state, plan_rss)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB: ``VmHWM`` (Linux; reset by ``exec``, unlike
+    ``ru_maxrss``, which a child started by ``fork`` + ``exec`` inherits from its parent), else
+    ``ru_maxrss``; None where neither exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
