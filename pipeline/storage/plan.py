@@ -21,8 +21,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ..constants import INPUT_FORMATS, InputFormat
-from ..model.errors import ConfigError, InputReadError
+from ..model.errors import ConfigError, ErrorCode, InputReadError
 from .fs import absolute_uri, format_uri, split_uri
 from .images_parquet import image_samples, image_units, inspect_image_file
 from .listing import (
@@ -472,19 +474,29 @@ def _unit_samples(unit: Unit, read: ReadOptions) -> Iterator[Sample]:
 
 
 def _guarded(unit: Unit, samples: Iterator[Sample], keep: Sequence[str]) -> Iterator[Sample]:
-    """``samples``, and if reading the unit's source fails part-way, one error row per row it still owes
-    (units of known size), so every input row gets exactly one output row."""
+    """``samples``; if reading the unit's source fails part-way, one error row per row it still owes
+    (units of known size) or one error row for the rest (a tar), so that a unit never fails its
+    task and every input row gets exactly one output row."""
     done = 0
     try:
         for sample in samples:
             done += 1
             yield sample
-    except (InputReadError, ConfigError, OSError) as exc:
-        if unit.rows is None:  # a tar reports its own failures; this is a bug if it happens
-            raise
-        error = (
-            exc if isinstance(exc, InputReadError) else InputReadError(f"Could not read {unit.source}: {exc}")
-        )
+    except Exception as exc:
+        if isinstance(exc, InputReadError):
+            error = exc
+        else:
+            code = (
+                ErrorCode.READ_FAILED
+                if isinstance(exc, OSError | ConfigError | pa.ArrowException)
+                else ErrorCode.INTERNAL
+            )
+            if code == ErrorCode.INTERNAL:
+                logger.exception("unexpected failure reading %s", unit.source)
+            error = InputReadError(f"Could not read {unit.source}: {type(exc).__name__}: {exc}", code=code)
+        if unit.rows is None:
+            yield Sample(f"{unit.name}@sample-{done}", unit.source, error=error, carried=dict.fromkeys(keep))
+            return
         for row in range(unit.start + done, unit.start + unit.rows):
             yield Sample(
                 f"{unit.name}#{row}", f"{unit.source}#{row}", error=error, carried=dict.fromkeys(keep)

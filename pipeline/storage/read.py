@@ -74,8 +74,12 @@ def _os_error_reason(path: str, exc: OSError) -> str:
 
 
 def open_local(path: str) -> io.BufferedReader:
-    """A regular local file opened for reading; raises InputReadError for anything else, without
-    blocking (FIFOs are opened non-blocking and refused after ``fstat``)."""
+    """A regular local file opened for reading; raises InputReadError for anything else, which is
+    never opened (``stat`` first; should it change meanwhile, the non-blocking open and ``fstat``
+    still refuse it without waiting on a FIFO)."""
+    reason = special_file_reason(path)
+    if reason is not None:
+        raise InputReadError(f"Could not read {path}: {reason}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

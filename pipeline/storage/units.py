@@ -96,8 +96,8 @@ class Unit:
         columns = tuple(
             (key[len(CARRIED_PREFIX) :], tuple(_plain(v) for v in values))
             for key, values in row.items()
-            if key.startswith(CARRIED_PREFIX)
-        )
+            if key.startswith(CARRIED_PREFIX) and values is not None and len(values) == len(items)
+        )  # units of other kinds in the same block have no values (None or empty): they read their own
         stop = int(row["stop"])
         return cls(
             index=int(row["unit"]),
