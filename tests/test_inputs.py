@@ -225,12 +225,18 @@ def test_parquet_images_units_from_footers(tmp_path: Path, struct: bool):
     assert plan.rows == 10 and ids[8] == "train-00000.parquet#8" and ids[9] == "train-00001.parquet#0"
 
 
-def test_parquet_images_bad_columns_and_duplicate_ids(tmp_path: Path):
+def test_parquet_images_bad_columns_and_rows_never_read_when_planning(tmp_path: Path):
     write_image_parquet(
         tmp_path / "a.parquet", photo_bytes(2), ids=["same", "same"], columns={"tags": [["x"], ["y"]]}
     )
-    with pytest.raises(ConfigError, match=r"duplicate id value.*'same'.*rows 1 and 2"):
-        plan_inputs(str(tmp_path / "a.parquet"), options=InputOptions(image_column="image", id_column="id"))
+    options = InputOptions(image_column="image", id_column="id")
+    plan = plan_inputs(
+        str(tmp_path / "a.parquet"), options=options
+    )  # footers only: ids are taken as they are
+    assert [s.image_id for _, _, s in _samples(plan, image_column="image", id_column="id")] == [
+        "same",
+        "same",
+    ]
     with pytest.raises(ConfigError, match="no column 'picture'"):
         plan_inputs(str(tmp_path / "a.parquet"), options=InputOptions(image_column="picture"))
     with pytest.raises(ConfigError, match="column 'id' is string"):

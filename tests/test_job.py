@@ -327,12 +327,14 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     assert summary.units_skipped == first_units and summary.shards_written == 40 - len(first)
     assert first_units == (len(first) if kind == "images" else len(first) // 5)
     assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
-    run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
     resumed = read_features(str(out))
-    reference = read_features(str(clean))
-    assert sorted(resumed.image_ids) == sorted(reference.image_ids) == expected_ids
-    a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
-    assert np.array_equal(resumed.features[a], reference.features[b])
+    assert sorted(resumed.image_ids) == expected_ids  # every row exactly once
+    if kind == "images":  # the same features as a run that was never interrupted
+        run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
+        reference = read_features(str(clean))
+        assert sorted(resumed.image_ids) == sorted(reference.image_ids)
+        a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
+        assert np.array_equal(resumed.features[a], reference.features[b])
     assert (out / SUCCESS_FILE).exists()
     # resuming a finished job writes nothing
     again = run_job(

@@ -2,10 +2,11 @@
 
 ``input.image_column`` names the column: ``binary`` (the encoded image), or the ``datasets``
 Image struct ``{bytes: binary, path: string}``. ``input.id_column`` names the column of image
-ids (checked unique when planning); without it ``image_id`` is ``<file path>#<row>`` (the row
-in the file, from 0), and ``uri`` is always ``<file uri>#<row>``.
+ids, taken as they are; without it ``image_id`` is ``<file path>#<row>`` (the row in the file,
+from 0, always unique), and ``uri`` is always ``<file uri>#<row>``.
 
-Planning reads footers only (and the id column, when given). Units are runs of whole row groups
+Planning reads footers only, whatever the size of the files: no row, not even of the id column
+(so ids are not checked for uniqueness, as a manifest's are). Units are runs of whole row groups
 holding at least ``job.shard_size`` rows (a row group is read once, by one task); a decode task
 streams its row groups by record batches, ``job.shard_size`` rows per output file.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from ..model.errors import ConfigError, ErrorCode, InputReadError
-from .manifest import RowChecker, _text, open_parquet
+from .manifest import _text, open_parquet
 from .units import CarriedType, Sample, Unit, carried_type
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ def inspect_image_file(
     uri: str,
     name: str,
     stamp: str,
-    checker: RowChecker | None,
     *,
     image_column: str,
     id_column: str | None,
@@ -64,7 +64,7 @@ def inspect_image_file(
     timeout_s: float | None,
     s3_endpoint: str | None,
 ) -> ImageFile:
-    """Read one file's footer, check its columns, and feed its ids (if any) to ``checker``."""
+    """Read one file's footer and check its columns (no row is read)."""
     pf = open_parquet(uri, timeout_s, s3_endpoint)
     try:
         schema = pf.schema_arrow
@@ -92,18 +92,6 @@ def inspect_image_file(
                     "number and boolean columns"
                 )
             carried[column] = kind
-        if id_column is not None and checker is not None:
-
-            def reread() -> pa.Array:
-                again = open_parquet(uri, timeout_s, s3_endpoint)
-                try:
-                    return _text(again.read(columns=[id_column]).column(0), uri, id_column)
-                finally:
-                    again.close()
-
-            checker.start_file(uri, reread)
-            for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[id_column]):
-                checker.add(None, batch.column(0), id_column)
         md = pf.metadata
         groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         return ImageFile(uri, name, stamp, md.num_rows, groups, carried)

@@ -2,7 +2,7 @@
 
 :func:`plan_inputs` lists files (names, sizes, mtimes) and reads Parquet footers; it never reads
 images, tar members or rows of Parquet image files (it streams the uri and id columns of
-manifests, and the id column of image files when ``input.id_column`` names one, to check them).
+manifests to check them: non-empty, UTF-8, a known scheme, unique ids).
 Its cost is in proportion to the units, not to the images inside tars and Parquet files.
 :func:`expand_unit` is the other half, run by the decode tasks: a unit's samples with their bytes,
 ``shard_size`` at a time.
@@ -357,7 +357,6 @@ def plan_inputs(
                     uri,
                     name,
                     f.stamp,
-                    checker,
                     image_column=options.image_column,
                     id_column=options.id_column,
                     keep=keep,
