@@ -136,32 +136,36 @@ def test_relative_output_is_refused_under_ray_job_submit(tiny_llava, tmp_path):
             if probe.returncode == 0:
                 break
             time.sleep(1)
-        submit = subprocess.run(
-            [
-                str(BIN / "ray"),
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                str(REPO),
-                "--",
-                "llava-features",
-                "encode",
-                "--model",
-                str(tiny_llava),
-                "--input",
-                str(photos),
-                "--output",
-                "features",
-                "--dtype",
-                "float32",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        for _ in range(5):  # the job agent may register a little after `ray job list` answers
+            submit = subprocess.run(
+                [
+                    str(BIN / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--working-dir",
+                    str(REPO),
+                    "--",
+                    "llava-features",
+                    "encode",
+                    "--model",
+                    str(tiny_llava),
+                    "--input",
+                    str(photos),
+                    "--output",
+                    "features",
+                    "--dtype",
+                    "float32",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         logs = submit.stdout + submit.stderr
         assert submit.returncode != 0, logs[-3000:]
         assert "is a relative path" in logs and "deletes" in logs and "s3://" in logs, logs[-3000:]
