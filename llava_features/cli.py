@@ -66,6 +66,10 @@ def _layers(value: str) -> int | tuple[int, ...]:
     return layers[0] if len(layers) == 1 else layers
 
 
+def _str_tuple(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _base_type(annotation: Any) -> Any:
     """``X`` of ``X | None``; any other annotation as it is."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -97,6 +101,8 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
         kwargs.update(type=_int_tuple, metavar="N,N,...")
     elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
         kwargs.update(type=_layers, metavar="N[,N...]")
+    elif base == tuple[str, ...]:
+        kwargs.update(type=_str_tuple, metavar="A,B,...")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -125,7 +131,10 @@ JOB_OPTIONS = (
     "compression",
     "limit",
     "s3_endpoint",
+    "read_timeout_s",
+    "address",
 )
+INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
 SERVE_OPTIONS = ("host", "port")
 DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
 """The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
@@ -188,9 +197,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from pipeline.job import budget_error, run_job
+    from pipeline.job import budget_error, dry_run, run_job
 
     config = load_cli_config(args)
+    if args.dry_run:
+        print(dry_run(config, args.input, args.output).format())
+        return 0
     summary = run_job(config, args.input, args.output, resume=args.resume)
     print(summary.format())
     error = budget_error(summary, config)
@@ -297,13 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="offline job: images → Parquet feature tables (Ray Data)")
     _add_model_args(p)
     p.add_argument(
-        "--input", required=True, help="local dir/glob, s3:// or gs:// prefix, or a .parquet/.csv manifest"
+        "--input",
+        required=True,
+        help="local dir, glob or brace list ({00000..00099}.tar), s3:// or gs:// prefix: image files, WebDataset "
+        "tar shards, .parquet/.csv manifests, or Parquet files of images (--image-column)",
     )
     p.add_argument(
         "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
     )
     p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
-    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS, decode=DECODE_OPTIONS)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (units, rows, shards, estimated output bytes) and exit; starts no Ray, writes nothing",
+    )
+    add_setting(p, "input", "format", flag="--input-format")
+    _add_settings(p, input=INPUT_OPTIONS, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS, decode=DECODE_OPTIONS)
     p.set_defaults(handler=_cmd_encode)
 
     p = sub.add_parser(
@@ -325,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, serve, profile")
+    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, profile")
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser

@@ -5,6 +5,8 @@
 - ``decode`` (:class:`DecodeConfig`): the decode guard's limits;
 - ``encoder`` (:class:`EncoderConfig`): what the encoder computes and returns (feature kind,
   pooling, output dtype, forward-pass batch sizes) — the same for both front doors;
+- ``input`` (:class:`InputConfig`): what the offline job's ``--input`` holds and which of its
+  columns to carry into the output;
 - ``job`` (:class:`JobConfig`): the offline Ray Data job;
 - ``serve`` (:class:`ServeConfig`): the online Ray Serve endpoint.
 
@@ -30,6 +32,7 @@ from .constants import (
     AnyresOutput,
     Compression,
     FeatureKind,
+    InputFormat,
     OutputDtype,
     SixteenBit,
     TensorFormat,
@@ -43,6 +46,7 @@ __all__ = [
     "Config",
     "DecodeConfig",
     "EncoderConfig",
+    "InputConfig",
     "JobConfig",
     "ModelConfig",
     "ServeConfig",
@@ -107,6 +111,35 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """What the offline job's ``--input`` holds, and which of its columns go into the output."""
+
+    SECTION: ClassVar[str] = "input"
+
+    format: InputFormat = setting("auto", message="Unknown input format")
+    """What --input holds: images, manifest (uri rows), webdataset (tar shards) or parquet (image bytes in input.image_column); auto: told from the names."""
+    image_column: str | None = None
+    """Parquet inputs: the column holding each image (binary, or the datasets Image struct {bytes, path}); set, the Parquet files are images, not manifests."""
+    id_column: str | None = None
+    """Parquet/CSV inputs: the column of image ids (default: image_id in manifests; <file>#<row> in Parquet images)."""
+    keep_columns: tuple[str, ...] = ()
+    """Input columns copied into the output rows: Parquet/CSV columns; for WebDataset, sidecars by extension (txt, cls; caption = txt) or .json fields."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        names = [c.strip() for c in self.keep_columns]
+        if any(not c for c in names):
+            raise ConfigError(f"input.keep_columns: empty column name in {list(self.keep_columns)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"input.keep_columns: a column is named twice in {names}")
+        object.__setattr__(self, "keep_columns", tuple(names))
+        for key in ("image_column", "id_column"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ConfigError(f"input.{key}: empty column name")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """The offline Ray Data job."""
 
@@ -115,7 +148,7 @@ class JobConfig:
     tensor_format: TensorFormat = "binary"
     """``binary`` (raw bytes in our extension type; fast) or ``fixed_shape_tensor`` (canonical Arrow)."""
     shard_size: int = setting(256, ge=1)
-    """Inputs per output shard (one Parquet file each; the unit of resume)."""
+    """Inputs per output file; a unit of the plan (a tar, Parquet row groups, a manifest row range, listed files) may write several."""
     actors: tuple[int, int] = setting((1, 1), ge=1)
     """(min, max) encoder actors in the autoscaling pool."""
     num_gpus_per_actor: float | None = setting(None, ge=0)
@@ -132,6 +165,10 @@ class JobConfig:
     """S3 endpoint override (else AWS_ENDPOINT_URL / the AWS default)."""
     compression: Compression = "none"
     """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``, ``gzip``, ``brotli``)."""
+    read_timeout_s: float = setting(60.0, gt=0)
+    """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
+    address: str | None = None
+    """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -198,6 +235,8 @@ class Config:
     """Decode guard limits."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """What the encoder returns (both front doors)."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """What the offline job reads."""
     job: JobConfig = field(default_factory=JobConfig)
     """Offline job settings."""
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -208,6 +247,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "decode": DecodeConfig,
     "encoder": EncoderConfig,
+    "input": InputConfig,
     "job": JobConfig,
     "serve": ServeConfig,
 }

@@ -4,10 +4,10 @@
 >>> fs.table.column("image_id"), fs.features.shape          # doctest: +SKIP
 (<...>, (1000, 576, 4096))
 
-An output is a folder of ``part-NNNNNN.parquet`` shards (see :mod:`pipeline.sink`); files whose
-name starts with ``.`` or ``_`` (temporary files of unfinished writes, markers) and files not
-ending in ``.parquet`` are ignored. Shards are read in shard order, so rows come back in input
-order.
+An output is a folder of ``part-UUUUUU-PPPPP.parquet`` files (unit, then piece within the unit;
+see :mod:`pipeline.sink`); files whose name starts with ``.`` or ``_`` (temporary files of
+unfinished writes, markers, commit records) and files not ending in ``.parquet`` are ignored.
+Files are read in unit and piece order, so rows come back in input order.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .constants import shard_index
+from .constants import shard_piece
 from .model.errors import ConfigError, InputReadError
 from .storage import resolve_filesystem
 from .tensors import (
@@ -110,10 +110,10 @@ def resolve_path(
         raise InputReadError(f"Cannot open {path}: {exc}") from exc
 
 
-def _sort_key(path: str) -> tuple[int, int, str]:
+def _sort_key(path: str) -> tuple[int, int, int, str]:
     name = path.rsplit("/", 1)[-1]
-    index = shard_index(name)
-    return (0, index, name) if index is not None else (1, 0, name)
+    parsed = shard_piece(name)
+    return (0, *parsed, name) if parsed is not None else (1, 0, 0, name)
 
 
 def list_output_files(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:

@@ -1,13 +1,17 @@
-"""The typed contract of the offline job's Ray Data hop: one :class:`DecodedShard` per shard.
+"""The typed contract of the offline job's Ray Data hop: one :class:`DecodedShard` per output file.
 
-The decode stage (CPU tasks) turns a shard's inputs into a :class:`DecodedShard`; the encode stage
-(the actor pool) reads it back. Across the hop it is one Ray Data row of natural columns
+The decode stage (CPU tasks) expands a unit of the plan into output files of ``job.shard_size``
+inputs each and turns each file's inputs into a :class:`DecodedShard`; the encode stage (the
+actor pool) reads it back. Across the hop it is one Ray Data row of natural columns
 (:meth:`DecodedShard.to_row` / :meth:`DecodedShard.from_row`): scalars, per-input lists of
 strings (Arrow ``list<string>``), per-input numeric arrays and the uint8 pixels of the ok inputs
 as a tensor column ``(n_ok, 3, H, W)`` — no JSON strings, no raw blobs with hidden shapes.
 
 When the encoder decodes on its own device (``decode.nvjpeg``), the decode stage only reads:
 the record carries each readable input's encoded bytes (``data``) instead of pixels.
+
+Carried columns (``input.keep_columns``) travel as one per-input list each, under the key
+``carried.<column>`` (text, numbers, booleans or None).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .constants import STATUS_ERROR, STATUS_OK
+from .storage import CARRIED_PREFIX
 
 __all__ = ["DecodedShard", "RaggedRows", "rows_of_batch", "rows_to_batch"]
 
@@ -38,7 +43,11 @@ class DecodedShard:
     """One shard after the decode stage: per-input metadata in input order, and the ok inputs' pixels."""
 
     shard: int
-    """Index of the shard (its output file is ``part-<shard>.parquet``)."""
+    """Index of the unit of the plan the inputs belong to."""
+    piece: int = 0
+    """Position of this output file within its unit (its file is ``part-<shard>-<piece>.parquet``)."""
+    last: bool = True
+    """Whether this is the unit's last output file (the unit is committed once all of them are)."""
     image_id: list[str] = field(default_factory=list)
     """Each input's id."""
     uri: list[str] = field(default_factory=list)
@@ -63,6 +72,8 @@ class DecodedShard:
     """(tiles of the ok inputs, 3, H, W) uint8 pixels, in input order (one tile per input but for anyres)."""
     data: list[bytes] | None = None
     """The ok inputs' encoded bytes, when the encoder decodes them itself (then ``pixels`` is empty)."""
+    carried: dict[str, list[Any]] = field(default_factory=dict)
+    """Carried columns: ``{column: one value per input}`` (None where an input has none)."""
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -82,18 +93,34 @@ class DecodedShard:
         uri: str,
         width: int = 0,
         height: int = 0,
+        carried: Mapping[str, Any] | None = None,
         *,
         tiles: int = 1,
         grid: tuple[int, int] = (0, 0),
     ) -> None:
-        self._add(image_id, uri, True, (width, height, tiles, *grid), "", "")
+        self._add(image_id, uri, True, (width, height, tiles, *grid), "", "", carried)
 
-    def add_error(self, image_id: str, uri: str, code: str, message: str) -> None:
-        self._add(image_id, uri, False, (0, 0, 0, 0, 0), str(code), message)
+    def add_error(
+        self, image_id: str, uri: str, code: str, message: str, carried: Mapping[str, Any] | None = None
+    ) -> None:
+        self._add(image_id, uri, False, (0, 0, 0, 0, 0), str(code), message, carried)
 
     def _add(
-        self, image_id: str, uri: str, ok: bool, numbers: tuple[int, ...], code: str, message: str
+        self,
+        image_id: str,
+        uri: str,
+        ok: bool,
+        numbers: tuple[int, ...],
+        code: str,
+        message: str,
+        carried: Mapping[str, Any] | None,
     ) -> None:
+        n = len(self.image_id)
+        for name, value in (carried or {}).items():
+            self.carried.setdefault(name, [None] * n).append(value)
+        for values in self.carried.values():  # a column this input has no value for
+            if len(values) == n:
+                values.append(None)
         self.image_id.append(image_id)
         self.uri.append(uri)
         self.ok = np.append(self.ok, ok)
@@ -113,6 +140,11 @@ class DecodedShard:
                 raise ValueError(
                     f"DecodedShard.{name} has {len(getattr(self, name))} entries, image_id has {n}"
                 )
+        for name, values in self.carried.items():
+            if len(values) != n:
+                raise ValueError(
+                    f"DecodedShard carried column {name!r} has {len(values)} entries, image_id has {n}"
+                )
         if self.data is not None:
             if len(self.data) != self.num_ok:
                 raise ValueError(f"DecodedShard.data has {len(self.data)} inputs for {self.num_ok} ok inputs")
@@ -127,12 +159,13 @@ class DecodedShard:
     def to_row(self) -> dict[str, Any]:
         """The record as one Ray Data row (per-row values; see :func:`rows_to_batch`)."""
         self.validate()
-        row: dict[str, Any] = {"shard": int(self.shard)}
+        row: dict[str, Any] = {"shard": int(self.shard), "piece": int(self.piece), "last": bool(self.last)}
         row.update({name: list(getattr(self, name)) for name in _STRING_COLUMNS})
         row.update({name: np.asarray(getattr(self, name), dtype) for name, dtype in _NUMERIC_COLUMNS.items()})
         row["pixels"] = np.ascontiguousarray(self.pixels)
         row["device_decode"] = self.data is not None  # a null column would not survive the hop as None
         row["data"] = list(self.data) if self.data is not None else []
+        row.update({CARRIED_PREFIX + name: list(values) for name, values in self.carried.items()})
         return row
 
     @classmethod
@@ -141,14 +174,28 @@ class DecodedShard:
         data = row["data"] if bool(row["device_decode"]) else None
         record = cls(
             shard=int(row["shard"]),
+            piece=int(row.get("piece", 0)),
+            last=bool(row.get("last", True)),
             **{name: [str(v) for v in row[name]] for name in _STRING_COLUMNS},
             # small per-input columns: owned copies (Ray hands out read-only views); the pixels stay views
             **{name: np.array(row[name], dtype).reshape(-1) for name, dtype in _NUMERIC_COLUMNS.items()},
             pixels=np.asarray(row["pixels"], np.uint8),
             data=[bytes(d) for d in data] if data is not None else None,
+            carried={
+                key[len(CARRIED_PREFIX) :]: [_plain(v) for v in values]
+                for key, values in row.items()
+                if key.startswith(CARRIED_PREFIX)
+            },
         )
         record.validate()
         return record
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain Python (Ray Data hands numbers back as numpy scalars)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def rows_to_batch(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -192,6 +192,7 @@ def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_p
         raise RuntimeError("boom")
 
     monkeypatch.setitem(bench_cli.RUNNERS, "pipeline", broken)
+    monkeypatch.setitem(bench_cli.RUNNERS, "plan", lambda args, config, workdir, table: {"planned": True})
     out = tmp_path / "all.json"
     rc = cli_main(["bench", "all", "--tiny", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
@@ -199,7 +200,7 @@ def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_p
     assert results["encoder"] == {"ok": True}
     assert results["pipeline"]["error"] == "RuntimeError: boom"
     assert "skipped" in results["preprocess"] and "skipped" in results["serve"]
-    assert results["sink"]["rows"] == 64
+    assert results["sink"]["rows"] == 64 and results["plan"] == {"planned": True}
     # A single missing benchmark is a usage error.
     assert cli_main(["bench", "preprocess", "--tiny"]) == 2
 
@@ -278,3 +279,35 @@ def test_profile_kernel_kinds_by_name():
     assert [kernel_kind(n) for n in gemm] == ["gemm"] * len(gemm)
     assert [kernel_kind(n) for n in attention] == ["attention"] * len(attention)
     assert [kernel_kind(n) for n in other] == ["other"] * len(other)
+
+
+@pytest.mark.slow
+def test_bench_plan_measures_dry_runs_in_fresh_processes(tmp_path):
+    out = tmp_path / "plan.json"
+    opts = [
+        "--opt",
+        "rows=3000",
+        "--opt",
+        "manifest_files=3",
+        "--opt",
+        "tars=40",
+        "--opt",
+        f"workdir={tmp_path / 'w'}",
+    ]
+    assert cli_main(["bench", "plan", "--tiny", *opts, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["plan"]
+    manifest, tars = result["cases"]["manifest"], result["cases"]["webdataset"]
+    assert (manifest["kind"], manifest["files"], manifest["rows"], manifest["units"]) == (
+        "manifest",
+        3,
+        3000,
+        12,
+    )
+    assert (tars["kind"], tars["files"], tars["rows"], tars["units"]) == ("webdataset", 40, None, 40)
+    for case in (manifest, tars):
+        assert 0 < case["plan_s"] < case["command_s"]
+        assert 0 < case["plan_peak_rss_mb"] <= case["command_peak_rss_mb"]
+        assert case["met"] is True  # tiny inputs: far within the targets
+    assert sorted(p.name for p in (tmp_path / "w" / "manifests").iterdir()) == [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pipeline.config import load_config
 from pipeline.constants import SUCCESS_FILE
 from pipeline.job import run_job
 from tests.corpus import png_bytes, write_real_photos
+from tests.datasets import write_shards
 from tests.fixtures.ray_cluster import (
     DEFAULT_HEAD_PORTS,
     RAY_DEFAULT_PORTS,
@@ -67,18 +69,22 @@ def test_two_node_cluster(tiny_llava, tmp_path, monkeypatch):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        photos = write_real_photos(tmp_path / "photos")
+        samples = write_shards(tmp_path / "shards", shards=4, per_shard=3)  # WebDataset tars
         config = load_config(
             None,
             {
                 "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
+                "input": {"keep_columns": ["caption"]},
                 "job": {"shard_size": 1, "actors": (2, 2), "max_error_fraction": 0.0},
             },
         )
-        summary = run_job(config, str(tmp_path / "photos"), str(tmp_path / "out"))
-        assert summary.ok == len(photos) and summary.shards_written == len(photos)
-        ids = pq.read_table(tmp_path / "out", columns=["image_id"]).column("image_id").to_pylist()
-        assert sorted(ids) == sorted(p.name for p in photos)
+        summary = run_job(config, f"{tmp_path}/shards/{{00000..00003}}.tar", str(tmp_path / "out"))
+        assert (
+            summary.ok == len(samples) and summary.shards_written == len(samples) and summary.units_total == 4
+        )
+        table = pq.read_table(tmp_path / "out", columns=["image_id", "caption"])
+        assert sorted(table.column("image_id").to_pylist()) == sorted(samples)
+        assert all(samples[r["image_id"]]["caption"] == r["caption"] for r in table.to_pylist())
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -133,6 +139,28 @@ def test_ray_job_submit(ray_head_cluster, tiny_llava, tmp_path):
     RAY_AUTH_TOKEN_PATH)."""
     assert ray_head_cluster.http("/api/authentication_mode") == (200, '{"authentication_mode": "token"}')
     _submit_encode_job(ray_head_cluster, tiny_llava, tmp_path)
+
+
+def test_relative_output_is_refused_under_ray_job_submit(ray_head_cluster, tiny_llava, tmp_path):
+    """Under `ray job submit --working-dir`, the driver runs in a temporary copy of the working
+    directory that Ray deletes: a relative local --output is refused before anything is written."""
+    head = ray_head_cluster
+    write_real_photos(tmp_path / "photos", n=1)
+    submission = f"relative-output-{os.getpid()}"
+    args = ["--working-dir", str(REPO), "--submission-id", submission, "--", "llava-features", "encode"]
+    args += ["--model", str(tiny_llava), "--input", str(tmp_path / "photos"), "--output", "features"]
+    submit = run_cli(
+        ["ray", "job", "submit", "--address", head.dashboard_url, *args],
+        env=head.client_env(),
+        timeout=400,
+        cwd=tmp_path,
+    )
+    # The streamed tail may end before the driver's last lines: read the job's whole log.
+    logs = run_cli(["ray", "job", "logs", "--address", head.dashboard_url, submission], env=head.client_env())
+    text = submit.stdout + submit.stderr + logs.stdout
+    assert submit.returncode != 0, text[-3000:]
+    assert "is a relative path" in text and "deletes" in text and "s3://" in text, text[-3000:]
+    assert "ok:  " not in text  # never reported as a success
 
 
 # -- serve deploy ---------------------------------------------------------------------------------

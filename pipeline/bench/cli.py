@@ -1,9 +1,10 @@
-"""``llava-features bench {encoder,pipeline,preprocess,sink,serve,profile,all}``.
+"""``llava-features bench {encoder,pipeline,preprocess,sink,plan,serve,profile,all}``.
 
 ``encoder``, ``pipeline`` (``--in-process``: the job's stages without Ray) and ``profile`` (a per-op
 ``torch.profiler`` table of ``encode_core``) live in this package's :mod:`~pipeline.bench.encoder`,
-:mod:`~pipeline.bench.pipeline` and :mod:`~pipeline.bench.profile`; ``preprocess`` and ``sink`` dispatch (lazily) to
-``pipeline.bench.preprocess.bench_preprocess`` and ``pipeline.bench.sink.bench_sink``, passing the
+:mod:`~pipeline.bench.pipeline` and :mod:`~pipeline.bench.profile`; ``preprocess``, ``sink`` and ``plan``
+dispatch (lazily) to ``pipeline.bench.preprocess.bench_preprocess``, ``pipeline.bench.sink.bench_sink`` and
+``pipeline.bench.plan.bench_plan`` (``encode --dry-run`` on 10⁷ manifest rows and 10⁴ tars), passing the
 options their signatures accept (plus any ``--opt KEY=VALUE``). ``serve`` measures the online
 endpoint, which this package may not import: the command line (the layer above) passes it in
 (``main(args, external={"serve": ("deployments.bench", "bench_serve")})``). ``all`` runs every
@@ -38,11 +39,12 @@ from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "profile", "all")
-ORDER = ("encoder", "pipeline", "preprocess", "sink", "serve")
+TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "profile", "all")
+ORDER = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve")
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
     "sink": ("pipeline.bench.sink", "bench_sink"),
+    "plan": ("pipeline.bench.plan", "bench_plan"),
 }
 """Benchmarks of this package dispatched by name: target → (module, function)."""
 
@@ -333,6 +335,7 @@ RUNNERS: dict[str, Runner] = {
     "pipeline": _local(_run_pipeline),
     "preprocess": _external("preprocess"),
     "sink": _external("sink"),
+    "plan": _external("plan"),
     "serve": _external("serve"),
     "profile": _local(_run_profile),
 }
