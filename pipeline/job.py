@@ -44,6 +44,7 @@ from .model.errors import (
     InputReadError,
     OutputError,
 )
+from .ray_warnings import spend_actor_restart_warning
 from .records import DecodedShard, rows_of_batch, rows_to_batch
 from .storage import join_path
 
@@ -404,6 +405,9 @@ def _run_pipeline(
     summary: JobSummary,
 ) -> None:
     ray = _init_ray()
+    # Ray Data's actor pools always trigger one harmless ERROR line of Ray's (the pool's own
+    # arguments are object refs; see pipeline/ray_warnings.py): spend it here, out of sight.
+    spend_actor_restart_warning()
     job = config.job
     gpus = job.num_gpus_per_actor
     if gpus is None:
@@ -470,5 +474,8 @@ def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededErro
         return None
     return ErrorBudgetExceededError(
         f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-        f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not"
+        f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not. "
+        f"See the failures with `llava-features inspect {summary.output}`; to accept them, raise the "
+        f"budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, "
+        f"which writes _SUCCESS without encoding anything again"
     )
