@@ -19,9 +19,10 @@ job anyway (``--resume`` continues it).
 
 Ray offers no switch for this one message (its C++ errors always go to the driver's stderr), and
 it is printed once per process: :func:`spend_actor_restart_warning` creates one probe actor that
-meets the conditions (and can never be scheduled: it asks for a resource no node has), with the
-driver's stderr captured for that one call, and kills it at once. Everything else written to
-stderr meanwhile is passed on; the probe's own line is dropped. An actor of ours whose arguments
+meets the conditions, with the driver's stderr captured for that one call (the line is printed
+while the actor is submitted), and kills it once it is up (it asks for no resources, so it fits on
+any node at once; killed while still being placed, Ray would log the interrupted placement).
+Everything else written to stderr meanwhile is passed on; the probe's own line is dropped. An actor of ours whose arguments
 could really go out of scope would print nothing afterwards either: the job creates no actors
 besides Ray Data's pool.
 """
@@ -38,14 +39,10 @@ logger = logging.getLogger(__name__)
 
 ACTOR_RESTART_WARNING = b"has constructor arguments in the object store and max_restarts > 0"
 """The part of Ray's message that identifies it."""
-_NEVER_RESOURCE = "llava_features_probe_never_scheduled"
+PROBE_TIMEOUT_S = 60.0
+"""Longest wait for the probe actor to come up before it is killed anyway."""
 _lock = threading.Lock()
 _spent = False
-
-
-class _Probe:
-    def __init__(self, argument: object) -> None:  # pragma: no cover - never scheduled
-        self.argument = argument
 
 
 def spend_actor_restart_warning() -> bool:
@@ -63,20 +60,29 @@ def spend_actor_restart_warning() -> bool:
             saved = os.dup(2)
         except OSError:  # no stderr: nothing to keep quiet
             return False
-        probe_class = ray.remote(num_cpus=0, max_restarts=1)(_Probe)
+
+        class Probe:  # defined here, so that workers get it by value (nothing to import)
+            def __init__(self, argument: object) -> None:  # pragma: no cover - runs in a Ray worker
+                self.argument = argument
+
+        probe_class = ray.remote(num_cpus=0, max_restarts=1)(Probe)
         sys.stderr.flush()
         with tempfile.TemporaryFile() as captured:
             try:
                 os.dup2(captured.fileno(), 2)
                 try:
-                    probe = probe_class.options(resources={_NEVER_RESOURCE: 1}).remote(ray.put(None))
+                    probe = probe_class.remote(ray.put(None))
                 finally:
                     os.dup2(saved, 2)
             finally:
                 os.close(saved)
-            ray.kill(probe, no_restart=True)
             captured.seek(0)
             lines = captured.read().splitlines(keepends=True)
+    try:
+        ray.get(probe.__ray_ready__.remote(), timeout=PROBE_TIMEOUT_S)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        logger.debug("the probe actor did not come up: %s", exc)
+    ray.kill(probe, no_restart=True)
     seen = any(ACTOR_RESTART_WARNING in line for line in lines)
     others = b"".join(line for line in lines if ACTOR_RESTART_WARNING not in line)
     if others:
