@@ -1,5 +1,5 @@
 """``llava-features inspect`` on real outputs of the job (complete, failed over its error budget,
-incomplete; local and on S3), and what a user sees from ``llava-features encode`` and
+incomplete; local, on S3 and on GCS), and what a user sees from ``llava-features encode`` and
 ``llava-features demo`` run as commands: a quiet successful run, a budget failure that names the
 option raising it, a demo that ends by pointing at inspect, ``read_features`` and DuckDB.
 
@@ -284,3 +284,14 @@ def test_inspect_what_is_not_a_finished_output(complete, tmp_path, capsys):
         rc == 1 and report["state"] == "unknown" and report["rows"] == 6 and report["units_planned"] is None
     )
     assert report["brief"]["select_layer"] == -2  # from the files' own metadata
+
+
+def test_inspect_on_gcs(complete, gcs_server, gcs_env, capsys):
+    out, _ = complete
+    bucket = gcs_server.create_bucket()
+    for path in sorted(out.iterdir()):
+        gcs_server.put_object(bucket, f"runs/one/{path.name}", path.read_bytes())
+    rc, report = _inspect_json(f"gs://{bucket}/runs/one", capsys=capsys)
+    assert rc == 0 and report["state"] == "complete"
+    assert (report["rows"], report["ok"], report["units_committed"]) == (6, 5, 3)
+    assert report["data_bytes"] == sum(p.stat().st_size for p in out.glob("part-*.parquet"))
