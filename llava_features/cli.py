@@ -61,6 +61,14 @@ def _int_tuple(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _layers(value: str) -> int | tuple[int, ...]:
+    """``N`` or ``N,M,...`` (several hidden layers, concatenated)."""
+    layers = _int_tuple(value)
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {value!r}")
+    return layers[0] if len(layers) == 1 else layers
+
+
 def _base_type(annotation: Any) -> Any:
     """``X`` of ``X | None``; any other annotation as it is."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -90,6 +98,8 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
         kwargs.update(type=_pair, metavar="MIN,MAX")
     elif base == tuple[int, ...]:
         kwargs.update(type=_int_tuple, metavar="N,N,...")
+    elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
+        kwargs.update(type=_layers, metavar="N[,N...]")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -108,7 +118,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 MODEL_OPTIONS = ("select_layer", "select_feature", "projector_type", "image_aspect_ratio", "dtype", "device")
-ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size")
+ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size", "anyres_output")
 JOB_OPTIONS = (
     "shard_size",
     "num_gpus_per_actor",
@@ -120,6 +130,10 @@ JOB_OPTIONS = (
     "s3_endpoint",
 )
 SERVE_OPTIONS = ("host", "port")
+DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
+"""The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
+EXIT_MISMATCH = 4
+"""Exit status of ``verify`` when our features differ from the reference's."""
 
 
 def _add_settings(p: argparse.ArgumentParser, **sections: tuple[str, ...]) -> None:
@@ -168,6 +182,8 @@ RESOLVED_MODEL_KEYS = (
     "mm_hidden_size",
     "hidden_size",
     "image_aspect_ratio",
+    "anyres_max",
+    "patch_merge_type",
 )
 """Model settings that a config may leave null for the checkpoint to decide (``info`` shows the decision)."""
 
@@ -190,9 +206,9 @@ def resolved_config(cfg: Config, resolved: Any) -> tuple[dict[str, Any], list[st
     out = config_to_dict(cfg)
     filled = []
     for key in RESOLVED_MODEL_KEYS:
-        value = getattr(resolved, key)
+        value = getattr(resolved, key, None)
         if out["model"].get(key) is None and value is not None:
-            out["model"][key] = value
+            out["model"][key] = list(value) if isinstance(value, tuple) else value
             filled.append(f"model.{key}")
     if out["encoder"].get("output_dtype") is None:
         out["encoder"]["output_dtype"] = output_dtype_name(cfg)
@@ -211,21 +227,36 @@ def info_lines(
     itemsize = 4 if dtype == "float32" else 2
     tokens = resolved.num_tokens
     cls = " (CLS kept)" if resolved.select_feature == "cls_patch" else ""
-    source = f"from layer {resolved.select_layer} of {resolved.vision_tower}{cls}"
+    layers = getattr(resolved, "select_layers", (resolved.select_layer,))
+    layer = (
+        f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (concatenated)"
+    )
+    source = f"from {layer} of {resolved.vision_tower}{cls}"
+    tile = resolved.image_size or 1
+    anyres = fields.get("anyres_output")
+    tiles = (
+        [1 + (w // tile) * (h // tile) for w, h in getattr(resolved, "image_grid_pinpoints", ())]
+        if anyres
+        else []
+    )
+
+    def shape(dim: int) -> str:
+        one = tokens * dim * itemsize
+        if anyres == "tiles" and tiles:
+            return (
+                f"(1 + tiles) × {tokens} × {dim} {dtype} per image: the base image and {min(tiles) - 1} to "
+                f"{max(tiles) - 1} tiles by its grid ({_size(one)} each, up to {_size(one * max(tiles))})"
+            )
+        if anyres == "packed":
+            return f"n × {dim} {dtype} per image (n tokens: the tiles packed by {resolved.patch_merge_type})"
+        return f"{tokens} × {dim} {dtype} per image ({_size(one)})"
+
     lines = []
     kind = cfg.encoder.features
     if kind in ("projected", "both"):
-        dim = resolved.feature_dim
-        lines.append(
-            f"features: {tokens} × {dim} {dtype} per image ({_size(tokens * dim * itemsize)}) {source}, "
-            f"projector {resolved.projector_type}"
-        )
+        lines.append(f"features: {shape(resolved.feature_dim)} {source}, projector {resolved.projector_type}")
     if kind in ("tower", "both"):
-        dim = resolved.mm_hidden_size
-        lines.append(
-            f"tower_features: {tokens} × {dim} {dtype} per image ({_size(tokens * dim * itemsize)}) {source}, "
-            "before the projector"
-        )
+        lines.append(f"tower_features: {shape(resolved.mm_hidden_size)} {source}, before the projector")
     if cfg.encoder.pooled:
         dim = resolved.feature_dim if kind != "tower" else resolved.mm_hidden_size
         lines.append(f"pooled: {dim} float32 per image (the mean over tokens)")
@@ -296,8 +327,9 @@ def _print_inspect(report: Any) -> None:
             print(f"                e.g. {shown}")
     for i, col in enumerate(report.columns):
         head = "columns:      " if i == 0 else "              "
-        shape = " × ".join(map(str, col.shape))
-        print(f"{head}{col.name}: {shape} {col.dtype} per row ({_size(col.bytes_per_row)}, {col.encoding})")
+        shape = " × ".join("n" if d is None else str(d) for d in col.shape)
+        size = "n varies by row" if col.bytes_per_row is None else _size(col.bytes_per_row)
+        print(f"{head}{col.name}: {shape} {col.dtype} per row ({size}, {col.encoding})")
     planned = f" of {report.units_planned} planned" if report.units_planned is not None else ""
     print(f"shards:       {report.units_committed}{planned} committed")
     also = [*report.record_files, *report.temporary_files]
@@ -402,6 +434,39 @@ def _commands() -> tuple[str, str]:
     return str(program), str(python) if python.exists() else "python"
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import DTYPE_REL_TOLERANCE, FLOAT32_REL_TOLERANCE, images_in, sample_images, verify
+
+    config = load_cli_config(args)
+    images = images_in(args.images, args.limit) if args.images else sample_images()
+    report = verify(config, images)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({**dataclasses.asdict(report), "passed": report.passed}, indent=2, default=str))
+        return 0 if report.passed else EXIT_MISMATCH
+    print(f"checkpoint layout: {report.layout}; reference: {report.reference}")
+    half = report.compute_dtype != "float32"
+    tolerances = f"float32 relative error <= {FLOAT32_REL_TOLERANCE:g}"
+    print(
+        "tolerances: " + tolerances + (f", {report.compute_dtype} <= {DTYPE_REL_TOLERANCE:g}" if half else "")
+    )
+    dtype_column = f"rel {report.compute_dtype}" if half else ""
+    print(f"{'image':24} {'shape':>16} {'max |Δ| f32':>12} {'rel f32':>10} {dtype_column:>14}  verdict")
+    for c in report.checks:
+        if c.error is not None:
+            print(f"{c.name[:24]:24} {'':>16} {'':>12} {'':>10} {'':>14}  FAIL: {c.error}")
+            continue
+        rel_half = f"{c.dtype_rel_error:.2e}" if c.dtype_rel_error is not None else ""
+        shape = "x".join(map(str, c.shape))
+        verdict = "ok" if c.passed else "FAIL"
+        print(f"{c.name[:24]:24} {shape:>16} {c.max_abs:12.2e} {c.rel_error:10.2e} {rel_half:>14}  {verdict}")
+    print(
+        "verdict: " + ("identical to the reference (within the tolerances)" if report.passed else "MISMATCH")
+    )
+    return 0 if report.passed else EXIT_MISMATCH
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.launch import serve_forever
 
@@ -419,7 +484,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.bench.cli import add_bench_arguments
-    from pipeline.model.constants import CHECKPOINT_LAYOUTS, WEIGHT_FORMATS
+    from pipeline.model.constants import TINY_FORMATS, WEIGHT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="llava-features",
@@ -431,14 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demo)")
     p.add_argument("directory")
-    p.add_argument("--format", choices=list(CHECKPOINT_LAYOUTS), default="llava")
+    p.add_argument("--format", choices=list(TINY_FORMATS), default="llava")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_make_tiny_model)
 
     p = sub.add_parser("info", help="what the features will be: shapes, layer, projector, fingerprint")
     _add_model_args(p)
-    _add_settings(p, encoder=ENCODER_OPTIONS)
+    _add_settings(p, encoder=ENCODER_OPTIONS, decode=DECODE_OPTIONS)
     p.add_argument("--json", action="store_true", help="the resolved config, encoder and fingerprint as JSON")
     p.set_defaults(handler=_cmd_info)
 
@@ -459,8 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
     )
     p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
-    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS)
+    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS, decode=DECODE_OPTIONS)
     p.set_defaults(handler=_cmd_encode)
+
+    p = sub.add_parser(
+        "verify", help="compare our features with the checkpoint's reference path (transformers' or LLaVA's)"
+    )
+    _add_model_args(p)
+    p.add_argument("--images", help="a folder of images (default: the bundled sample photos and odd shapes)")
+    p.add_argument("--limit", type=int, default=16, help="at most this many images of --images")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_settings(p, encoder=("anyres_output",), decode=DECODE_OPTIONS)
+    p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("demo", help="run the offline job on the embedded default (tiny model, sample photos)")
     p.add_argument("--output", default="demo-output", help="output folder (replaced by each demo run)")

@@ -25,7 +25,15 @@ from typing import Any, ClassVar
 
 import yaml
 
-from .constants import Compression, FeatureKind, OutputDtype, TensorFormat
+from .constants import (
+    AlphaMode,
+    AnyresOutput,
+    Compression,
+    FeatureKind,
+    OutputDtype,
+    SixteenBit,
+    TensorFormat,
+)
 from .model.config import ModelConfig, check_section, setting
 from .model.errors import ConfigError
 
@@ -63,6 +71,12 @@ class DecodeConfig:
     """PIL format names accepted; anything else is ``unsupported_format``."""
     nvjpeg: bool = False
     """Opt-in: decode baseline JPEGs with nvJPEG on the encoder's GPU (pixels within rounding of the exact CPU path; fingerprinted)."""
+    exif_transpose: bool = False
+    """Opt-in: rotate images by their EXIF orientation first (LLaVA and its processors do not; fingerprinted)."""
+    alpha: AlphaMode = "auto"
+    """Transparency: auto (the checkpoint layout's own rule: drop for LLaVA, white for llava-hf), drop or white; fingerprinted."""
+    sixteen_bit: SixteenBit = "llava"
+    """16-bit images: llava (PIL's convert("RGB"), as LLaVA: values above 255 clip to white) or opt-in high_byte; fingerprinted."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -85,6 +99,8 @@ class EncoderConfig:
     """Images per forward pass (the offline job's batches; the endpoint's batches are at most serve.max_batch_size)."""
     batch_buckets: tuple[int, ...] = setting((), ge=1)
     """With model.compile: the compiled batch sizes (batches are padded up to one); empty: derived from batch_size."""
+    anyres_output: AnyresOutput = "tiles"
+    """LLaVA-NeXT (anyres) checkpoints: tiles [1 + tiles, tokens, dim] per image, or packed (spatial_unpad + image_newline)."""
 
     def __post_init__(self) -> None:
         check_section(self)

@@ -27,6 +27,22 @@ Compression = Literal["none", "snappy", "lz4", "zstd", "gzip", "brotli"]
 """Parquet compression codecs of the feature files."""
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 
+AlphaMode = Literal["auto", "drop", "white"]
+"""How transparency becomes RGB: ``drop`` the alpha channel (LLaVA's ``Image.open(f).convert("RGB")``),
+composite on ``white`` (transformers' ``convert_to_rgb``, what llava-hf processors do), or ``auto``: the
+checkpoint layout's own rule (drop for original LLaVA and bare CLIP checkpoints, white for llava-hf)."""
+ALPHA_MODES: tuple[str, ...] = get_args(AlphaMode)
+
+SixteenBit = Literal["llava", "high_byte"]
+"""How 16-bit images become 8-bit: ``llava`` (PIL's ``convert("RGB")`` as LLaVA loads them: values above
+255 clip to white) or ``high_byte`` (opt-in: keep each value's high byte, the picture as it looks)."""
+SIXTEEN_BIT_MODES: tuple[str, ...] = get_args(SixteenBit)
+
+AnyresOutput = Literal["tiles", "packed"]
+"""What an anyres (LLaVA-NeXT) image's features are: ``tiles`` ``[1 + tiles, tokens, dim]`` (base image
+first) or ``packed``, LLaVA-NeXT's ``spatial_unpad`` + ``image_newline`` sequence ``[tokens, dim]``."""
+ANYRES_OUTPUTS: tuple[str, ...] = get_args(AnyresOutput)
+
 # -- output rows ---------------------------------------------------------------------------------
 
 STATUS_OK = "ok"

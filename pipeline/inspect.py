@@ -41,7 +41,13 @@ from .constants import shard_index as parse_shard_index
 from .model.errors import InputReadError
 from .reader import array_spec
 from .storage import join_path, resolve_filesystem
-from .tensors import EXTENSION_NAME, ensure_registered
+from .tensors import (
+    CANONICAL_VARIABLE_NAME,
+    EXTENSION_NAME,
+    VARIABLE_EXTENSION_NAME,
+    ensure_registered,
+    variable_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,12 @@ OutputState = Literal["complete", "failed", "incomplete", "unknown", "empty"]
 EXAMPLES_PER_CODE = 3
 """Example failures (uri and message) reported per error code."""
 _DATA_SUFFIX = ".parquet"
-_TENSOR_FORMATS = {EXTENSION_NAME: "binary", "arrow.fixed_shape_tensor": "fixed_shape_tensor"}
+_TENSOR_FORMATS = {
+    EXTENSION_NAME: "binary",
+    "arrow.fixed_shape_tensor": "fixed_shape_tensor",
+    VARIABLE_EXTENSION_NAME: "binary",
+    CANONICAL_VARIABLE_NAME: "variable_shape_tensor",
+}
 
 
 # -- the job's records: plan and commits --------------------------------------------------------
@@ -202,11 +213,13 @@ class ColumnInfo:
 
     name: str
     dtype: str
-    shape: list[int]
-    """Per row: ``[tokens, dim]`` for features, ``[dim]`` for pooled."""
-    bytes_per_row: int
+    shape: list[int | None]
+    """Per row: ``[tokens, dim]`` for features, ``[dim]`` for pooled; ``None`` for the dimension that
+    varies from row to row (LLaVA-NeXT: ``[None, tokens, dim]`` tiles, ``[None, dim]`` packed)."""
+    bytes_per_row: int | None
+    """Bytes of one row's values (None when rows differ in shape)."""
     encoding: str
-    """``binary`` (our extension type), ``fixed_shape_tensor`` or ``list`` (pooled)."""
+    """``binary`` (our extension types), ``fixed_shape_tensor``, ``variable_shape_tensor`` or ``list`` (pooled)."""
 
 
 @dataclass
@@ -309,12 +322,14 @@ def _scan(fs: pafs.FileSystem, f: StoredFile, examples: int) -> _FileScan:
 def _columns(schema: pa.Schema) -> list[ColumnInfo]:
     out = []
     for f in schema:
-        spec = array_spec(f)
-        if spec is None:
+        encoding = _TENSOR_FORMATS.get(getattr(f.type, "extension_name", ""), "list")
+        variable = variable_spec(f)
+        if variable is not None:
+            out.append(ColumnInfo(f.name, variable.dtype, [None, *variable.inner_shape], None, encoding))
             continue
-        typ = f.type
-        encoding = _TENSOR_FORMATS.get(getattr(typ, "extension_name", ""), "list")
-        out.append(ColumnInfo(f.name, spec.dtype, list(spec.shape), spec.nbytes, encoding))
+        spec = array_spec(f)
+        if spec is not None:
+            out.append(ColumnInfo(f.name, spec.dtype, list(spec.shape), spec.nbytes, encoding))
     return out
 
 

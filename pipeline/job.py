@@ -37,6 +37,7 @@ from .config import Config, config_to_dict
 from .constants import CONFIG_KEY, FINGERPRINT_KEY, JOB_FILE, SUCCESS_FILE
 from .encoder import FeatureEncoder, describe_encoder, preprocess_spec
 from .model import ResolvedModel, resolve_model
+from .model.anyres import AnyresGrid
 from .model.errors import (
     DecodeError,
     ErrorBudgetExceededError,
@@ -115,7 +116,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: Reso
     from .images.preprocess import Preprocessor
     from .storage import read_bytes
 
-    preprocessor = Preprocessor(preprocess_spec(resolved), config.decode)
+    preprocessor = Preprocessor(preprocess_spec(resolved, config.decode), config.decode)
     device_decode = config.decode.nvjpeg
     rows = []
     for shard, image_ids, uris in zip(batch["shard"], batch["image_id"], batch["uri"], strict=True):
@@ -137,15 +138,17 @@ def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: Reso
                     record.add_ok(image_id, uri)
                     continue
                 prepared = preprocessor(data, uri)
-                ok_pixels.append(prepared.pixels)
-                record.add_ok(image_id, uri, prepared.width, prepared.height)
+                tiles = prepared.tiles
+                ok_pixels.append(tiles)
+                grid = (prepared.grid.rows, prepared.grid.cols) if prepared.grid is not None else (0, 0)
+                record.add_ok(image_id, uri, prepared.width, prepared.height, tiles=len(tiles), grid=grid)
             except (DecodeError, InputReadError) as exc:
                 record.add_error(image_id, uri, str(exc.code), exc.message)
             except Exception as exc:  # a bug must not take the job down: record it on the row
                 logger.exception("Unexpected failure on %s", uri)
                 record.add_error(image_id, uri, str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}")
         if ok_pixels:
-            record.pixels = np.stack(ok_pixels)
+            record.pixels = np.concatenate(ok_pixels)
         else:
             spec = preprocessor.spec
             record.pixels = np.zeros((0, 3, spec.crop_height, spec.crop_width), np.uint8)
@@ -181,7 +184,21 @@ class EncodeShardActor:
         """The shard's features (the inputs that fail the device decode become error rows)."""
         if record.data is None:
             with self.lock:
-                return self.encoder.encode_pixels(record.pixels)
+                if self.encoder.anyres_output is None:
+                    return self.encoder.encode_pixels(record.pixels)
+                ok = record.ok
+                tile = self.encoder.spec.crop_height
+                grids = [
+                    AnyresGrid((int(w), int(h)), (int(cols) * tile, int(rows) * tile), tile)
+                    for w, h, rows, cols in zip(
+                        record.width[ok],
+                        record.height[ok],
+                        record.grid_rows[ok],
+                        record.grid_cols[ok],
+                        strict=True,
+                    )
+                ]
+                return self.encoder.encode_tiles(record.pixels, record.tiles[ok].tolist(), grids)
         ok_rows = np.flatnonzero(record.ok)
         with self.lock:
             prepared = self.encoder.prepare_many(record.data, [record.uri[i] for i in ok_rows])
@@ -212,6 +229,7 @@ class EncodeShardActor:
                 dtype=encoded.dtype,
                 tensor_format=job.tensor_format,
                 metadata=self.metadata,
+                grids=encoded.grids,
             )
             write_shard(table, self.out_path, record.shard, filesystem=self.fs, compression=job.compression)
             summaries.append({"shard": record.shard, "rows": len(rows), "ok": rows.num_ok})
@@ -391,8 +409,12 @@ def _worker_runtime_env() -> dict[str, Any] | None:
 
 
 def _decode_task_memory(config: Config, resolved: ResolvedModel) -> int:
-    spec = preprocess_spec(resolved)
-    per_image = 3 * spec.crop_height * spec.crop_width + 4 * 1024 * 1024  # pixels + an encoded photo
+    spec = preprocess_spec(resolved, config.decode)
+    # anyres: the base image and the tiles of the largest canvas
+    tiles = 1 + max(
+        (w * h // (spec.crop_height * spec.crop_width) for w, h in spec.grid_pinpoints), default=0
+    )
+    per_image = tiles * 3 * spec.crop_height * spec.crop_width + 4 * 1024 * 1024  # pixels + an encoded photo
     return _DECODE_WORKER_BASE_BYTES + config.job.shard_size * per_image
 
 

@@ -29,7 +29,17 @@ import pyarrow.parquet as pq
 from .constants import shard_index
 from .model.errors import ConfigError, InputReadError
 from .storage import resolve_filesystem
-from .tensors import BFloat16As, TensorSpec, ensure_registered, numpy_to_torch, tensor_spec, valid_mask
+from .tensors import (
+    BFloat16As,
+    TensorSpec,
+    VariableSpec,
+    ensure_registered,
+    numpy_to_torch,
+    tensor_spec,
+    valid_mask,
+    variable_rows,
+    variable_spec,
+)
 from .tensors import to_numpy as _to_numpy
 
 if TYPE_CHECKING:
@@ -55,7 +65,9 @@ class FeatureSet:
     table: pa.Table
     """Non-tensor columns of the returned rows."""
     features: np.ndarray | torch.Tensor | None
-    """``(rows, *shape)`` features; zeros at rows without features (see ``valid``); None if not read."""
+    """``(rows, *shape)`` features; zeros at rows without features (see ``valid``); None if not read.
+    A variable-shape column (LLaVA-NeXT) gives a list of per-row arrays (None at rows without
+    features), or with ``padded=True`` a zero-padded ``(rows, max_len, *inner)`` array and ``lengths``."""
     column: str | None
     """Name of the tensor column in ``features``."""
     spec: TensorSpec | None
@@ -66,6 +78,8 @@ class FeatureSet:
     """File-level metadata of the output (``llava_features.config``, ``llava_features.fingerprint``)."""
     files: list[str] = field(default_factory=list)
     """The shard files read, in order."""
+    lengths: np.ndarray | None = None
+    """Variable-shape columns (LLaVA-NeXT): each row's first dimension (0 where it has none)."""
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -188,6 +202,7 @@ def read_features(
     status: str | None = "ok",
     bfloat16_as: BFloat16As = "uint16",
     max_files_in_flight: int | None = None,
+    padded: bool = False,
 ) -> FeatureSet:
     """Read an output (folder or single shard; local path or ``s3://``, ``gs://`` URI).
 
@@ -229,9 +244,25 @@ def read_features(
     if column is not None:
         if column not in schema.names:
             raise ConfigError(f"Output {path} has no column {column!r}; columns: {schema.names}")
+        variable = variable_spec(schema.field(column))
+        if variable is not None:
+            return _read_variable(
+                fs,
+                files,
+                footers,
+                schema,
+                column,
+                variable,
+                columns,
+                status,
+                as_torch,
+                bfloat16_as,
+                padded,
+                workers,
+            )
         spec = array_spec(schema.field(column))
         if spec is None:
-            arrays = [f.name for f in schema if array_spec(f) is not None]
+            arrays = [f.name for f in schema if array_spec(f) is not None or variable_spec(f) is not None]
             raise ConfigError(
                 f"Column {column!r} of {path} is not a tensor column nor pooled (it is "
                 f"{schema.field(column).type}): its values are in FeatureSet.table (columns=[...]); "
@@ -253,15 +284,7 @@ def read_features(
     tables: list[pa.Table] = []
     pos = 0
 
-    footer_of = dict(zip(files, footers, strict=True))
-
-    def load(f: str) -> pa.Table:
-        try:
-            with fs.open_input_file(f) as source:
-                return pq.ParquetFile(source, metadata=footer_of[f]).read(columns=wanted, use_threads=True)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise InputReadError(f"Cannot read {f}: {exc}") from exc
-
+    load = _shard_loader(fs, files, footers, wanted)
     for f, table in zip(files, _ordered_map(load, files, workers), strict=True):
         if status is not None:
             keep = np.asarray(
@@ -326,6 +349,8 @@ def read_features(
 
 
 def _is_tensor_field(f: pa.Field) -> bool:
+    if variable_spec(f) is not None:
+        return True
     try:
         tensor_spec(f)
     except ConfigError:
@@ -336,10 +361,90 @@ def _is_tensor_field(f: pa.Field) -> bool:
 def array_spec(f: pa.Field) -> TensorSpec | None:
     """dtype and per-row shape of a column :func:`read_features` can load as an array: a tensor
     column (``features``, ``tower_features``: ``(tokens, dim)``) or ``pooled``
-    (``fixed_size_list<float32>[dim]``: ``(dim,)``); None for any other column."""
+    (``fixed_size_list<float32>[dim]``: ``(dim,)``); None for any other column, and for
+    variable-shape tensor columns (their per-row shapes differ: :func:`~pipeline.tensors.variable_spec`)."""
+    if variable_spec(f) is not None:
+        return None
     if _is_tensor_field(f):
         return tensor_spec(f)
     t = f.type
     if pa.types.is_fixed_size_list(t) and t.value_type == pa.float32():
         return TensorSpec("float32", (t.list_size,))
     return None
+
+
+def _shard_loader(
+    fs: pafs.FileSystem, files: list[str], footers: list[pq.FileMetaData], wanted: list[str]
+) -> Callable[[str], pa.Table]:
+    """``load(file)``: the ``wanted`` columns of one shard, reusing its already-read footer."""
+    footer_of = dict(zip(files, footers, strict=True))
+
+    def load(f: str) -> pa.Table:
+        try:
+            with fs.open_input_file(f) as source:
+                return pq.ParquetFile(source, metadata=footer_of[f]).read(columns=wanted, use_threads=True)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputReadError(f"Cannot read {f}: {exc}") from exc
+
+    return load
+
+
+def _read_variable(
+    fs: pafs.FileSystem,
+    files: list[str],
+    footers: list[pq.FileMetaData],
+    schema: pa.Schema,
+    column: str,
+    spec: VariableSpec,
+    columns: list[str] | None,
+    status: str | None,
+    as_torch: bool,
+    bfloat16_as: BFloat16As,
+    padded: bool,
+    workers: int,
+) -> FeatureSet:
+    """:func:`read_features` of a variable-shape tensor column: per-row arrays (or padded + lengths)."""
+    if columns is None:
+        columns = [f.name for f in schema if not _is_tensor_field(f)]
+    wanted = list(dict.fromkeys([*columns, *(["status"] if status is not None else []), column]))
+    load = _shard_loader(fs, files, footers, wanted)
+    rows: list[np.ndarray | None] = []
+    tables: list[pa.Table] = []
+    for table in _ordered_map(load, files, workers):
+        if status is not None:
+            keep = pc.equal(table.column("status"), status).fill_null(False)
+            table = table.filter(keep)
+        rows.extend(variable_rows(table.column(column), spec))
+        tables.append(table.select(columns))
+    result = (
+        pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    ).combine_chunks()
+    valid = np.array([r is not None for r in rows], dtype=bool)
+    lengths = np.array([0 if r is None else len(r) for r in rows], dtype=np.int64)
+
+    def convert(arr: np.ndarray) -> Any:
+        if as_torch:
+            return numpy_to_torch(arr, spec.dtype)
+        if spec.dtype == "bfloat16" and bfloat16_as == "float32":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    features: Any
+    if padded:
+        out = np.zeros((len(rows), int(lengths.max(initial=0)), *spec.inner_shape), spec.numpy_dtype)
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i, : len(r)] = r
+        features = convert(out)
+    else:
+        features = [None if r is None else convert(r) for r in rows]
+    return FeatureSet(
+        table=result,
+        features=features,
+        column=column,
+        spec=None,
+        valid=valid,
+        metadata=_decode_metadata(schema.metadata),
+        files=files,
+        lengths=lengths,
+    )

@@ -20,10 +20,17 @@ import numpy as np
 
 from .constants import STATUS_ERROR, STATUS_OK
 
-__all__ = ["DecodedShard", "rows_of_batch", "rows_to_batch"]
+__all__ = ["DecodedShard", "RaggedRows", "rows_of_batch", "rows_to_batch"]
 
 _STRING_COLUMNS = ("image_id", "uri", "error_code", "error_message")
-_NUMERIC_COLUMNS = {"ok": np.bool_, "width": np.int32, "height": np.int32}
+_NUMERIC_COLUMNS = {
+    "ok": np.bool_,
+    "width": np.int32,
+    "height": np.int32,
+    "tiles": np.int32,
+    "grid_rows": np.int32,
+    "grid_cols": np.int32,
+}
 
 
 @dataclass
@@ -42,12 +49,18 @@ class DecodedShard:
     """(n,) width of each decoded image (0 where unknown)."""
     height: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     """(n,) height of each decoded image (0 where unknown)."""
+    tiles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """(n,) how many of ``pixels``' tiles each input has (1; anyres: 1 + its grid; 0 for errors)."""
+    grid_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """(n,) anyres: rows of each input's tile grid (0 otherwise)."""
+    grid_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    """(n,) anyres: columns of each input's tile grid (0 otherwise)."""
     error_code: list[str] = field(default_factory=list)
     """Each failed input's stable error code ("" where ok)."""
     error_message: list[str] = field(default_factory=list)
     """Each failed input's reason ("" where ok)."""
     pixels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.uint8))
-    """(n_ok, 3, H, W) uint8 pixels of the ok inputs, in input order."""
+    """(tiles of the ok inputs, 3, H, W) uint8 pixels, in input order (one tile per input but for anyres)."""
     data: list[bytes] | None = None
     """The ok inputs' encoded bytes, when the encoder decodes them itself (then ``pixels`` is empty)."""
 
@@ -58,20 +71,34 @@ class DecodedShard:
     def num_ok(self) -> int:
         return int(self.ok.sum())
 
-    def add_ok(self, image_id: str, uri: str, width: int = 0, height: int = 0) -> None:
-        self._add(image_id, uri, True, width, height, "", "")
+    @property
+    def num_tiles(self) -> int:
+        """Rows of ``pixels``: the ok inputs' tiles."""
+        return int(self.tiles[self.ok].sum())
+
+    def add_ok(
+        self,
+        image_id: str,
+        uri: str,
+        width: int = 0,
+        height: int = 0,
+        *,
+        tiles: int = 1,
+        grid: tuple[int, int] = (0, 0),
+    ) -> None:
+        self._add(image_id, uri, True, (width, height, tiles, *grid), "", "")
 
     def add_error(self, image_id: str, uri: str, code: str, message: str) -> None:
-        self._add(image_id, uri, False, 0, 0, str(code), message)
+        self._add(image_id, uri, False, (0, 0, 0, 0, 0), str(code), message)
 
     def _add(
-        self, image_id: str, uri: str, ok: bool, width: int, height: int, code: str, message: str
+        self, image_id: str, uri: str, ok: bool, numbers: tuple[int, ...], code: str, message: str
     ) -> None:
         self.image_id.append(image_id)
         self.uri.append(uri)
         self.ok = np.append(self.ok, ok)
-        self.width = np.append(self.width, np.int32(width)).astype(np.int32)
-        self.height = np.append(self.height, np.int32(height)).astype(np.int32)
+        for name, value in zip(("width", "height", "tiles", "grid_rows", "grid_cols"), numbers, strict=True):
+            setattr(self, name, np.append(getattr(self, name), np.int32(value)).astype(np.int32))
         self.error_code.append(code)
         self.error_message.append(message)
 
@@ -81,7 +108,7 @@ class DecodedShard:
     def validate(self) -> None:
         """Raise ``ValueError`` unless the columns line up and the pixels match the ok inputs."""
         n = len(self.image_id)
-        for name in ("uri", "error_code", "error_message", "ok", "width", "height"):
+        for name in ("uri", "error_code", "error_message", *_NUMERIC_COLUMNS):
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"DecodedShard.{name} has {len(getattr(self, name))} entries, image_id has {n}"
@@ -89,9 +116,9 @@ class DecodedShard:
         if self.data is not None:
             if len(self.data) != self.num_ok:
                 raise ValueError(f"DecodedShard.data has {len(self.data)} inputs for {self.num_ok} ok inputs")
-        elif self.pixels.ndim != 4 or self.pixels.shape[0] != self.num_ok or self.pixels.dtype != np.uint8:
+        elif self.pixels.ndim != 4 or self.pixels.shape[0] != self.num_tiles or self.pixels.dtype != np.uint8:
             raise ValueError(
-                f"DecodedShard.pixels must be uint8 (ok inputs, 3, H, W) with {self.num_ok} rows, got "
+                f"DecodedShard.pixels must be uint8 (tiles of the ok inputs, 3, H, W) with {self.num_tiles} rows, got "
                 f"{self.pixels.dtype} {self.pixels.shape}"
             )
 
@@ -148,3 +175,57 @@ def rows_of_batch(batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
     n = len(next(iter(batch.values())))
     for i in range(n):
         yield {name: column[i] for name, column in batch.items()}
+
+
+@dataclass
+class RaggedRows:
+    """Rows of different shapes held in one array: row ``i`` is ``data[offsets[i]:offsets[i+1]]``, of shape
+    ``(offsets[i+1] - offsets[i], *data.shape[1:])`` — LLaVA-NeXT's features (tiles ``[1 + n, tokens,
+    dim]``, packed ``[tokens, dim]``), which vary in their first dimension from image to image."""
+
+    data: np.ndarray
+    """The rows concatenated along their first dimension."""
+    offsets: np.ndarray
+    """(rows + 1,) int64 start of each row in ``data``, then its length."""
+
+    def __post_init__(self) -> None:
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if (
+            self.offsets.ndim != 1
+            or self.offsets.size < 1
+            or self.offsets[0] != 0
+            or self.offsets[-1] != len(self.data)
+        ):
+            raise ValueError(f"offsets {self.offsets.tolist()} do not cover {len(self.data)} values")
+        if np.any(np.diff(self.offsets) < 0):
+            raise ValueError(f"offsets {self.offsets.tolist()} decrease")
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray], like: np.ndarray | None = None) -> RaggedRows:
+        """Concatenate ``rows`` (all of one dtype and trailing shape; ``like`` gives them when there is none)."""
+        if not rows:
+            assert like is not None, "an empty RaggedRows needs a `like` array for its dtype and shape"
+            return cls(np.zeros((0, *like.shape[1:]), like.dtype), np.zeros(1, np.int64))
+        lengths = [len(r) for r in rows]
+        return cls(
+            np.concatenate(rows) if len(rows) > 1 else rows[0], np.concatenate([[0], np.cumsum(lengths)])
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.data[self.offsets[index] : self.offsets[index + 1]]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def inner_shape(self) -> tuple[int, ...]:
+        """The shape every row shares after its first dimension."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)

@@ -45,7 +45,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,12 +66,14 @@ from .constants import (
 )
 from .constants import shard_index as parse_shard_index
 from .model.errors import ConfigError
+from .records import RaggedRows
 from .storage import join_path
 from .tensors import (
     as_numpy_tensor,
     ensure_registered,
     make_tensor_array,
     pooled_array,
+    variable_tensor_column,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,13 @@ __all__ = [
 ]
 
 shard_name = shard_file_name
+GRID_COLUMNS = {
+    "grid_rows": lambda grid: grid.rows,
+    "grid_cols": lambda grid: grid.cols,
+    "canvas_width": lambda grid: grid.canvas[0],
+    "canvas_height": lambda grid: grid.canvas[1],
+}
+"""anyres outputs: each row's tile grid and the canvas its image was letterboxed onto (null on error rows)."""
 METADATA_COLUMNS: tuple[str, ...] = (
     "image_id",
     "uri",
@@ -271,6 +280,7 @@ def build_table(
     dtype: str | None = None,
     tensor_format: str = "binary",
     metadata: Mapping[str, str] | None = None,
+    grids: Sequence[Any] | None = None,
 ) -> pa.Table:
     """The Arrow table of one shard (schema in this module's docstring).
 
@@ -283,6 +293,11 @@ def build_table(
     arrays must stay unchanged until the table is written. A column passed as ``None`` is left
     out; for a shard with no ok row pass an empty ``(0, tokens, dim)`` array so that every shard
     has the same schema. ``metadata`` goes to ``schema.metadata`` (the file's key-value metadata).
+
+    LLaVA-NeXT (anyres) features vary in their first dimension: pass them as
+    :class:`~pipeline.records.RaggedRows` (a variable-shape tensor column, see
+    :func:`pipeline.tensors.variable_tensor_column`), with ``grids``, the ok rows' tile grids
+    (``grid_rows``, ``grid_cols``, ``canvas_width``, ``canvas_height`` int32 columns).
     """
     if tensor_format not in TENSOR_FORMATS:
         raise ConfigError(f"Unknown tensor_format {tensor_format!r}; expected one of {list(TENSOR_FORMATS)}")
@@ -300,10 +315,25 @@ def build_table(
     ]
     fields = list(_METADATA_FIELDS)
     for name, values in (("features", features), ("tower_features", tower_features)):
-        if values is not None:
+        if isinstance(values, RaggedRows):
+            col, field_metadata = variable_tensor_column(
+                values.data, values.offsets, ok, tensor_format=tensor_format, dtype=dtype
+            )
+            arrays.append(col)
+            fields.append(pa.field(name, col.type, metadata=field_metadata))
+        elif values is not None:
             col = _scatter_tensor(values, ok, tensor_format, name, dtype)
             arrays.append(col)
             fields.append(pa.field(name, col.type))
+    if grids is not None:
+        if len(grids) != int(ok.sum()):
+            raise ValueError(f"{len(grids)} grids for {int(ok.sum())} ok rows")
+        for name, value in GRID_COLUMNS.items():
+            full: list[int | None] = [None] * len(ok)
+            for row, grid in zip(np.flatnonzero(ok), grids, strict=True):
+                full[row] = int(value(grid))
+            arrays.append(pa.array(full, pa.int32()))
+            fields.append(pa.field(name, pa.int32()))
     if pooled is not None:
         col = _scatter_pooled(pooled, ok)
         arrays.append(col)
@@ -321,9 +351,11 @@ def build_table(
 
 
 def _row_bytes(typ: pa.DataType) -> int:
-    """Bytes per value of fixed-width tensor/list columns (0 for others)."""
+    """Bytes per value of fixed-width tensor/list columns, a page for variable-shape tensors (0 for others)."""
     if isinstance(typ, pa.BaseExtensionType):
         typ = typ.storage_type
+    if pa.types.is_struct(typ):  # a variable-shape tensor: rows of megabytes, one page each
+        return _PAGE_BYTES
     if pa.types.is_fixed_size_binary(typ):
         return int(typ.byte_width)
     if pa.types.is_fixed_size_list(typ) and pa.types.is_primitive(typ.value_type):

@@ -95,6 +95,8 @@ def test_bench_encoder_tiny_cli_writes_json(tmp_path, capsys):
             "plain",
             "--ceiling-size",
             "256",
+            "--anyres-images",
+            "3",
             "--json",
             str(out),
         ]
@@ -117,8 +119,21 @@ def test_bench_encoder_tiny_cli_writes_json(tmp_path, capsys):
         assert set(row["variants"]) == {"fast", "plain"}
     assert enc["rel_error"]["ours_vs_fp32_seed"] < 1e-5  # float32 on CPU
     assert enc["rel_error"]["variants_vs_fp32_seed"]["plain"] < 1e-5
+    from pipeline.bench.encoder import ANYRES_MIX, anyres_pinpoints
+    from pipeline.model.anyres import grid_for
+
+    anyres = enc["anyres"]  # the first 3 sizes of the mix on LLaVA-NeXT's grid for 56 px tiles
+    grids = [grid_for(size, anyres_pinpoints(56), 56) for size in ANYRES_MIX[:3]]
+    per_image = sum(1 + g.num_tiles for g in grids) / 3
+    assert anyres["images"] == 3 and anyres["mean_tiles_per_image"] == pytest.approx(per_image)
+    tiles, packed = anyres["outputs"]["tiles"], anyres["outputs"]["packed"]
+    assert tiles["tokens_per_image"] == pytest.approx(per_image * 16)  # [1 + tiles, 16 tokens] per image
+    assert 16 < packed["tokens_per_image"] < per_image * 16 + 16  # base + unpadded grid + newlines
+    for v in (tiles, packed):
+        assert v["images_per_s"] > 0 and v["tiles_per_s"] == pytest.approx(per_image * v["images_per_s"])
+        assert v["tiles_vs_host_images"] > 0
     printed = capsys.readouterr().out
-    assert "ours img/s" in printed and "×seed" in printed
+    assert "ours img/s" in printed and "×seed" in printed and "anyres (LLaVA-NeXT)" in printed
 
 
 def test_bench_needs_config_or_tiny():

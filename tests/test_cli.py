@@ -185,3 +185,24 @@ def test_info_json_shows_the_resolved_settings(tiny_llava, capsys):
     assert cli_main(["info", "--json", "--model", str(tiny_llava), "--select-layer", "1"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["model"]["select_layer"] == 1 and "model.select_layer" not in info["resolved_keys"]
+
+
+def test_info_line_for_llava_next_tiles_and_packed(tiny_models, capsys):
+    model = str(tiny_models["llava-next"])  # pinpoints 56x112, 112x56, 112x112 of 56 px tiles
+    assert cli_main(["info", "--model", model]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "features: (1 + tiles) × 16 × 64 float16 per image: the base image and 2 to 4 tiles by its grid "
+        f"(2.0 kB each, up to 10.2 kB) from layer -2 of {tiny_models['llava-next'] / 'vision_tower'}, "
+        "projector mlp2x_gelu"
+    )
+    assert cli_main(["info", "--model", model, "--anyres-output", "packed"]) == 0
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .startswith(
+            "features: n × 64 float16 per image (n tokens: the tiles packed by spatial_unpad) from layer -2"
+        )
+    )
+    assert cli_main(["info", "--json", "--model", model]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]["model"]
+    assert (config["image_aspect_ratio"], config["patch_merge_type"]) == ("anyres", "spatial_unpad")

@@ -48,7 +48,11 @@ from pipeline.model.errors import ConfigError
         ("model", {"device": "gpu"}, r"model\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("model", {"compile_mode": "fastest"}, r"model\.compile_mode"),
         ("model", {"overlap_chunks": 0}, r"model\.overlap_chunks must be >= 1"),
-        ("model", {"select_layer": "-2"}, r"model\.select_layer: expected an integer or null"),
+        (
+            "model",
+            {"select_layer": "-2"},
+            r"model\.select_layer: expected an integer or a list of integers or null",
+        ),
     ],
 )
 def test_bad_values_are_refused_at_load_naming_the_key(section, values, message, tmp_path):

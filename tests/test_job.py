@@ -26,6 +26,7 @@ from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
 from pipeline.reader import read_features
 from tests.corpus import write_bad_corpus, write_real_photos
+from tests.fixtures.ray_cluster import local_ray
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray (4 CPUs, no dashboard) on free ports and its own temp dir (see ``local_ray``)."""
     import ray
 
-    ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING"):
+        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +435,46 @@ def test_decode_on_the_encoder_device_gives_the_same_rows(ray_local, tiny_llava,
         assert a.table.column(column).to_pylist() == b.table.column(column).to_pylist(), column
     np.testing.assert_array_equal(a.features, b.features)
     assert sum(code is None for code in expected.values()) == default.ok
+
+
+@pytest.mark.parametrize("anyres_output", ["tiles", "packed"])
+def test_llava_next_job_writes_each_images_own_shape(ray_local, tiny_models, tmp_path, anyres_output):
+    """LLaVA-NeXT (anyres): every image has its own tile grid, so its own number of rows; the job
+    writes a variable-shape column with the grid beside it, equal to the in-process encoder's rows
+    (which tests/test_fidelity.py holds to transformers' LlavaNext classes)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    model = tiny_models["llava-next-hf"]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut = Image.fromarray(skdata.astronaut())
+    for name, size in {"square": (300, 300), "wide": (400, 150), "tall": (90, 260), "tiny": (20, 14)}.items():
+        astronaut.resize(size).save(folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "out"
+    extra = ("--anyres-output", anyres_output, "--max-error-fraction", "0.5")
+    assert cli_main(_encode_args(model, folder, out, *extra)) == 0
+
+    every = read_features(str(out), status=None)
+    assert every.table.num_rows == 5 and every.valid.sum() == 4
+    ok = read_features(str(out), columns=["image_id", "uri", "grid_rows", "grid_cols"])
+    sections = {
+        "model": {"checkpoint": str(model), "dtype": "float32"},
+        "encoder": {"anyres_output": anyres_output},
+    }
+    encoder = FeatureEncoder(load_config(None, sections))
+    shapes = set()
+    for row, uri in enumerate(ok.table.column("uri").to_pylist()):
+        prepared = encoder.encode_pre(Path(uri).read_bytes())
+        want = np.asarray(encoder.encode_prepared([prepared]).projected[0])
+        got = ok.features[row]
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5, uri
+        rows, cols = ok.table.column("grid_rows")[row].as_py(), ok.table.column("grid_cols")[row].as_py()
+        assert (rows, cols) == (prepared.grid.rows, prepared.grid.cols)
+        if anyres_output == "tiles":
+            assert got.shape[0] == 1 + rows * cols
+        shapes.add(got.shape)
+    assert len(shapes) > 1  # the grids differ, and so do the rows
+    padded = read_features(str(out), padded=True)
+    assert padded.lengths.tolist() == [len(f) for f in ok.features]

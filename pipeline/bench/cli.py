@@ -126,6 +126,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--error-images", type=int, help="images for the relative error vs the fp32 seed path (0: skip)"
     )
     g.add_argument("--host-batches", type=int, help="batches per host→host encode_pixels timing (0: skip)")
+    g.add_argument(
+        "--anyres-images",
+        type=int,
+        help="LLaVA-NeXT images of the anyres row (default 128 GPU, 8 tiny CPU; 0: skip)",
+    )
     g = parser.add_argument_group("pipeline")
     g.add_argument("--images", type=int, help="JPEGs to generate (default: 8 shards on a GPU, 4 on a CPU)")
     g.add_argument("--image-size", type=_size, default=(640, 480), help="WIDTHxHEIGHT of the JPEGs (640x480)")
@@ -167,6 +172,7 @@ def _run_encoder(args: argparse.Namespace, config: Any, workdir: Path) -> dict[s
         ceiling_n=args.ceiling_size,
         error_images=args.error_images,
         host_batches=args.host_batches,
+        anyres_images=args.anyres_images,
     )
     print_encoder_report(result)
     return result

@@ -72,6 +72,20 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     return layout.resolve(cfg, source, config_json)
 
 
+def load_newline(
+    resolved: ResolvedModel, *, dtype: torch.dtype, device: torch.device, local_files_only: bool = True
+) -> torch.Tensor | None:
+    """LLaVA-NeXT's ``image_newline`` of the checkpoint (None when it has none), checked against its digest."""
+    if resolved.newline_sha256 is None:
+        return None
+    from .files import digest_tensors
+
+    newline = LAYOUTS[resolved.format].load_newline(resolved, local_files_only)
+    if newline is None or digest_tensors({"image_newline": newline}) != resolved.newline_sha256:
+        raise CheckpointError(f"image_newline of {resolved.checkpoint!r} changed since it was resolved")
+    return newline.to(device=device, dtype=dtype)
+
+
 def load_model_modules(
     resolved: ResolvedModel,
     *,
