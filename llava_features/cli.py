@@ -375,11 +375,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if report.state == "complete" else EXIT_INCOMPLETE
 
 
+def absolute_output(uri: str) -> str:
+    """A local output path made absolute (an object-store URI as it is): the encoder actors write
+    the shards, and on a running cluster their working directory is not this process's."""
+    from pipeline.storage import split_uri
+
+    scheme, path = split_uri(uri)
+    return path if scheme == "local" else uri
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     from pipeline.job import budget_error, run_job
 
     config = load_cli_config(args)
-    summary = run_job(config, args.input, args.output, resume=args.resume)
+    summary = run_job(config, args.input, absolute_output(args.output), resume=args.resume)
     print(summary.format())
     error = budget_error(summary, config)
     if error is not None:

@@ -66,4 +66,5 @@ def run_demo(output: Path) -> JobSummary:
         CONFIG_FILE,
         {"model": {"checkpoint": str(model_dir.resolve())}, "encoder": {"pooled": True}},
     )
-    return run_job(config, str(images), str(output))
+    # Absolute: the encoder actors write the shards, from their own working directory.
+    return run_job(config, str(images), str(output.resolve()))

@@ -3,9 +3,10 @@ incomplete; local, on S3 and on GCS), and what a user sees from ``llava-features
 ``llava-features demo`` run as commands: a quiet successful run, a budget failure that names the
 option raising it, a demo that ends by pointing at inspect, ``read_features`` and DuckDB.
 
-The outputs come from the real command line in subprocesses, each with its own local Ray, as a
-user runs it; the incomplete ones are real outputs with a shard file removed, a writer's temporary
-file left, or a short shard, as an interrupted job leaves them.
+The outputs come from the real command line in subprocesses (the job's driver, as a user runs it),
+connected to one local Ray of this module (free ports: the tests pass beside another Ray); the
+incomplete ones are real outputs with a shard file removed, a writer's temporary file left, or a
+short shard, as an interrupted job leaves them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,6 +28,7 @@ from pipeline.constants import JOB_FILE, SUCCESS_FILE
 from pipeline.inspect import inspect_output, read_commit_state
 from pipeline.reader import read_features
 from tests.corpus import write_real_photos
+from tests.fixtures.ray_cluster import local_ray
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -43,16 +46,28 @@ NOISE = {
 }
 
 
-def _run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    """``llava-features ARGV`` in a subprocess with its own local Ray (RAY_ADDRESS unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray (4 CPUs, no dashboard) on free ports for the module's command-line runs."""
+    import ray
+
+    with local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING"):
+        yield ray.get_runtime_context().gcs_address
+
+
+def _run(address: str, *argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``llava-features ARGV`` in a subprocess, the job's driver on the Ray at ``address``."""
+    env = {**os.environ, "RAY_ADDRESS": address}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "llava_features", *argv]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
 
 
-def _encode(model: Path, images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _encode(
+    address: str, model: Path, images: Path, out: Path | str, *extra: str, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
     return _run(
+        address,
         "encode",
         "--model",
         str(model),
@@ -64,6 +79,7 @@ def _encode(model: Path, images: Path, out: Path, *extra: str) -> subprocess.Com
         str(SHARD_SIZE),
         "--pooled",
         *extra,
+        cwd=cwd,
     )
 
 
@@ -82,19 +98,24 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def complete(images, tiny_llava, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def complete(
+    ray_address, images, tiny_llava, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """A finished output: 1 of 6 inputs failed, within --max-error-fraction 0.5."""
     out = tmp_path_factory.mktemp("runs") / "complete"
-    proc = _encode(tiny_llava, images, out, "--max-error-fraction", "0.5")
+    proc = _encode(ray_address, tiny_llava, images, out, "--max-error-fraction", "0.5")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 
 
 @pytest.fixture(scope="module")
-def failed(images, tiny_llava, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """An output over the default error budget (1 of 6 failed > 1 %): every row, no _SUCCESS."""
+def failed(
+    ray_address, images, tiny_llava, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """An output over the default error budget (1 of 6 failed > 1 %): every row, no _SUCCESS.
+    Given as a relative path: the shards land there, not in the encoder actors' working directory."""
     out = tmp_path_factory.mktemp("runs") / "failed"
-    proc = _encode(tiny_llava, images, out)
+    proc = _encode(ray_address, tiny_llava, images, "failed", cwd=out.parent)
     assert proc.returncode == 3, proc.stderr[-4000:]
     return out, proc
 
@@ -117,7 +138,7 @@ def test_a_successful_encode_prints_progress_and_summary_and_nothing_like_an_err
     ]  # Ray Data's progress
 
 
-def test_over_the_error_budget_says_which_option_raises_it(failed, tiny_llava, images, tmp_path):
+def test_over_the_error_budget_says_which_option_raises_it(failed, ray_address, tiny_llava, images, tmp_path):
     out, proc = failed
     assert "[error_budget_exceeded]" in proc.stderr and "16.67% of the inputs failed" in proc.stderr
     assert "--max-error-fraction" in proc.stderr and f"llava-features inspect {out}" in proc.stderr
@@ -125,14 +146,16 @@ def test_over_the_error_budget_says_which_option_raises_it(failed, tiny_llava, i
     # The advice works: a raised budget and --resume finish the output without encoding again.
     copy = tmp_path / "accepted"
     shutil.copytree(out, copy)
-    again = _encode(tiny_llava, images, copy, "--max-error-fraction", "0.5", "--resume")
+    again = _encode(ray_address, tiny_llava, images, copy, "--max-error-fraction", "0.5", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "shards:        0 written, 3 already committed, 3 in total" in again.stdout
     assert (copy / SUCCESS_FILE).exists()
 
 
-def test_demo_ends_by_pointing_at_inspect_read_features_and_duckdb(tmp_path):
-    proc = _run("demo", "--output", "out", cwd=tmp_path)  # writes .demo/ under its working directory
+def test_demo_ends_by_pointing_at_inspect_read_features_and_duckdb(ray_address, tmp_path):
+    proc = _run(
+        ray_address, "demo", "--output", "out", cwd=tmp_path
+    )  # writes .demo/ under its working directory
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _noise(proc.stdout + proc.stderr) == []
     tail = proc.stdout.split("== next ==", 1)[1]
