@@ -306,53 +306,50 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
 
 @slow
 def test_serve_run_config_prints_where_it_listens(tmp_path):
-    """`serve run configs/serve.yaml` (Ray's CLI, a fresh directory: the tiny demo model is written
-    there) says where the endpoint listens, and it answers there."""
+    """`serve run configs/serve.yaml` (Ray's CLI, onto a token-auth cluster on free ports) says where
+    the endpoint listens, and it answers there."""
+    from tests.fixtures.ray_cluster import ray_head
+
     port = free_port()
     config = (REPO / "configs" / "serve.yaml").read_text().replace("port: 8000", f"port: {port}")
     assert f"port: {port}" in config
     (tmp_path / "serve.yaml").write_text(config)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    serve_cli = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen(
-        [str(serve_cli), "run", "serve.yaml"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: lines.extend(iter(lambda: proc.stdout.readline().decode(errors="replace"), "")),
-        daemon=True,
-    )
-    reader.start()
     announced = (
         f"llava-features will listen, once its replicas are up (`serve status`), on http://127.0.0.1:{port}:"
     )
-    try:
-        deadline = time.monotonic() + 180
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None and not ready:
-            with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-            time.sleep(0.5 if ready else 1)
-        assert ready, "".join(lines)[-3000:]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(announced in line for line in lines):
-            time.sleep(0.2)
-        assert any(announced in line for line in lines), "".join(lines)[-3000:]
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve down, its local Ray stops
+    with ray_head(num_cpus=2) as head:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("serve")), "run", "serve.yaml"],
+            cwd=tmp_path,
+            env=head.client_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(
+            target=lambda: lines.extend(iter(lambda: proc.stdout.readline().decode(errors="replace"), "")),
+            daemon=True,
+        )
+        reader.start()
         try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # whatever of that Ray outlived it
-            os.killpg(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 180
+            ready = False
+            while time.monotonic() < deadline and proc.poll() is None and not ready:
+                with contextlib.suppress(httpx.TransportError):
+                    ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+                time.sleep(0.5 if ready else 1)
+            assert ready, "".join(lines)[-3000:]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(announced in line for line in lines):
+                time.sleep(0.2)
+            assert any(announced in line for line in lines), "".join(lines)[-3000:]
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve down on the cluster
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # -- the endpoint --------------------------------------------------------------------------------
