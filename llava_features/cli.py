@@ -32,6 +32,8 @@ EXIT_ERROR = 2
 """Exit status of a typed error (bad config, missing checkpoint, non-empty output, ...)."""
 EXIT_ERROR_BUDGET = 3
 """Exit status of a job whose failed inputs exceed ``max_error_fraction`` (everything was written)."""
+EXIT_BROKEN_PIPE = 141
+"""Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 EXIT_INCOMPLETE = 1
 """Exit status of ``inspect`` for an output that is not complete (failed, incomplete, unknown, empty)."""
 
@@ -570,10 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return int(handler(args) or 0)
+        status = int(handler(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return status
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

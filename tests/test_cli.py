@@ -206,3 +206,26 @@ def test_info_line_for_llava_next_tiles_and_packed(tiny_models, capsys):
     assert cli_main(["info", "--json", "--model", model]) == 0
     config = json.loads(capsys.readouterr().out)["config"]["model"]
     assert (config["image_aspect_ratio"], config["patch_merge_type"]) == ("anyres", "spatial_unpad")
+
+
+def test_a_closed_stdout_is_no_traceback(tiny_llava):
+    """`llava-features info ... | head -1`: the reader going away ends the command quietly."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_features", "info", "--model", str(tiny_llava)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
