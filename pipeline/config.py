@@ -52,6 +52,7 @@ __all__ = [
     "ServeConfig",
     "config_to_dict",
     "load_config",
+    "resolve_model_path",
 ]
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
@@ -290,9 +291,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     model = loaded.get("model") or {}
     for key in _MODEL_PATH_KEYS:
         value = model.get(key)
-        if isinstance(value, str) and not os.path.isabs(value) and (path.parent / value).exists():
-            model[key] = str((path.parent / value).resolve())
+        if isinstance(value, str):
+            model[key] = resolve_model_path(value, path.parent)
     return loaded
+
+
+def resolve_model_path(value: str, folder: Path) -> str:
+    """A model path or id written in a YAML file in ``folder``, as :func:`load_config` reads it.
+
+    A value is a local path when it is absolute, starts with ``~`` or ``.`` (``./m``, ``../m``,
+    ``.demo/m``: no model id starts with a dot), or names something that exists in ``folder``;
+    relative paths are relative to ``folder``, never to the working directory. Anything else
+    (``org/name``) is a model id for the local Hugging Face cache and is returned unchanged.
+    """
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = folder / expanded
+    if expanded.startswith(".") or candidate.exists():
+        return str(candidate.resolve())
+    return value
 
 
 def load_config(
@@ -301,8 +319,10 @@ def load_config(
 ) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` ({section: {key: value}}).
 
-    ``None`` values in ``overrides`` mean "not given" and are skipped. Relative paths in the
-    YAML's ``model`` section are resolved against the YAML file's folder when they exist there.
+    ``None`` values in ``overrides`` mean "not given" and are skipped. Paths in the YAML's
+    ``model`` section (``checkpoint``, ``vision_tower``, ``projector_weights``) are relative to the
+    YAML file's folder (:func:`resolve_model_path`); paths in ``overrides`` are used as given
+    (relative to the working directory).
     Every value is checked (type, range) with an error naming its key.
     """
     data = _read_yaml(Path(path)) if path is not None else {}

@@ -52,6 +52,7 @@ from .model.errors import (
     LlavaFeaturesError,
     OutputError,
 )
+from .ray_warnings import spend_actor_restart_warning
 from .records import DecodedShard, rows_of_batch, rows_to_batch
 from .storage import (
     InputOptions,
@@ -143,8 +144,12 @@ class JobSummary:
                     f"({self.recorded.get('finished', '?')}, max_error_fraction "
                     f"{self.recorded.get('max_error_fraction', '?')}), left as it is"
                 )
-            else:
+            elif self.error_budget_exceeded:
                 lines.append("up to date:    every unit was committed already; nothing was written")
+            else:
+                lines.append(
+                    f"up to date:    every unit was committed already; nothing was encoded again, {SUCCESS_FILE} written"
+                )
         if self.error_budget_exceeded:
             lines.append(
                 f"ERROR BUDGET EXCEEDED: {self.error_fraction:.2%} of inputs failed "
@@ -805,6 +810,9 @@ def _run_pipeline(
     plan: InputPlan,
 ) -> None:
     ray = _init_ray(config.job.address)
+    # Ray Data's actor pools always trigger one harmless ERROR line of Ray's (the pool's own
+    # arguments are object refs; see pipeline/ray_warnings.py): spend it here, out of sight.
+    spend_actor_restart_warning()
     job = config.job
     gpus = job.num_gpus_per_actor
     if gpus is None:
@@ -870,7 +878,10 @@ def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededErro
         )
     return ErrorBudgetExceededError(
         f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-        f"{config.job.max_error_fraction:.2%}; every row was written, {SUCCESS_FILE} was not"
+        f"{config.job.max_error_fraction:.2%}; every row was written, {SUCCESS_FILE} was not. "
+        f"See the failures with `llava-features inspect {summary.output}`; to accept them, raise the "
+        f"budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, "
+        f"which writes {SUCCESS_FILE} without encoding anything again"
     )
 
 

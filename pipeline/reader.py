@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureSet", "list_output_files", "read_features", "read_metadata", "resolve_path"]
+__all__ = ["FeatureSet", "array_spec", "list_output_files", "read_features", "read_metadata", "resolve_path"]
 
 _INTERNAL_KEYS = frozenset({"ARROW:schema", "pandas"})
 _T = TypeVar("_T")
@@ -209,8 +209,8 @@ def read_features(
     - ``columns``: the non-tensor columns to put in ``table`` (default: every non-tensor column:
       ``image_id``, ``uri``, ``status``, ``error_code``, ``error_message``, ``width``, ``height``,
       ``pooled`` when present).
-    - ``column``: the tensor column to load into ``features`` (``features`` or
-      ``tower_features``); ``None`` reads no tensor.
+    - ``column``: the array column to load into ``features``: ``features`` or ``tower_features``
+      (``(rows, tokens, dim)``), or ``pooled`` (``(rows, dim)`` float32); ``None`` reads none.
     - ``status``: keep only rows with this status (default ``ok``); ``None`` keeps every row,
       with zeros in ``features`` and ``valid=False`` at rows without features.
     - ``as_torch``: return ``features`` as a torch tensor (bfloat16 as ``torch.bfloat16``);
@@ -260,12 +260,16 @@ def read_features(
                 padded,
                 workers,
             )
-        try:
-            spec = tensor_spec(schema.field(column))
-        except ConfigError as exc:
-            raise ConfigError(f"Column {column!r} of {path} is not a tensor column: {exc}") from exc
+        spec = array_spec(schema.field(column))
+        if spec is None:
+            arrays = [f.name for f in schema if array_spec(f) is not None or variable_spec(f) is not None]
+            raise ConfigError(
+                f"Column {column!r} of {path} is not a tensor column nor pooled (it is "
+                f"{schema.field(column).type}): its values are in FeatureSet.table (columns=[...]); "
+                f"the columns column= reads: {arrays}"
+            )
     if columns is None:
-        columns = [f.name for f in schema if not _is_tensor_field(f)]
+        columns = [f.name for f in schema if not _is_tensor_field(f) and f.name != column]
     else:
         missing = [c for c in columns if c not in schema.names]
         if missing:
@@ -352,6 +356,21 @@ def _is_tensor_field(f: pa.Field) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def array_spec(f: pa.Field) -> TensorSpec | None:
+    """dtype and per-row shape of a column :func:`read_features` can load as an array: a tensor
+    column (``features``, ``tower_features``: ``(tokens, dim)``) or ``pooled``
+    (``fixed_size_list<float32>[dim]``: ``(dim,)``); None for any other column, and for
+    variable-shape tensor columns (their per-row shapes differ: :func:`~pipeline.tensors.variable_spec`)."""
+    if variable_spec(f) is not None:
+        return None
+    if _is_tensor_field(f):
+        return tensor_spec(f)
+    t = f.type
+    if pa.types.is_fixed_size_list(t) and t.value_type == pa.float32():
+        return TensorSpec("float32", (t.list_size,))
+    return None
 
 
 def _shard_loader(

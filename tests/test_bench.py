@@ -138,6 +138,27 @@ def test_bench_encoder_tiny_cli_writes_json(tmp_path, capsys):
 
 def test_bench_needs_config_or_tiny():
     assert cli_main(["bench", "encoder"]) == 2
+    assert cli_main(["bench", "all"]) == 2
+
+
+def test_bench_preprocess_needs_no_model_and_measures_the_tiny_size(tmp_path):
+    """preprocess runs without --config/--tiny (LLaVA-1.5's 336 px); --tiny measures the tiny
+    architecture's 56 px, not 336."""
+    for flags, size in (([], 336), (["--tiny"], 56)):
+        out = tmp_path / f"pre-{size}.json"
+        argv = ["bench", "preprocess", *flags, "--opt", "seconds=0.05", "--json", str(out)]
+        assert cli_main(argv) == 0
+        result = json.loads(out.read_text())["results"]["preprocess"]
+        assert result["size"] == size and result["max_abs_diff"] < 1e-5
+        assert result["ours_images_per_s"] > 0 and result["hf_images_per_s"] > 0
+
+
+def test_bench_sink_with_tiny_writes_the_tiny_shapes(monkeypatch):
+    calls: list[dict] = []
+    _fake_bench_module(monkeypatch, calls)
+    assert cli_main(["bench", "sink", "--tiny", "--opt", "rows=2"]) == 0
+    arch = tiny_arch()
+    assert (calls[0]["tokens"], calls[0]["dim"]) == (arch.num_tokens, arch.feature_dim) == (16, 64)
 
 
 def _fake_bench_module(monkeypatch, calls):
@@ -163,8 +184,7 @@ def test_bench_dispatches_to_external_modules_with_supported_options(monkeypatch
     rc = cli_main(
         [
             "bench",
-            "sink",
-            "--tiny",
+            "sink",  # needs neither --config nor --tiny: LLaVA-1.5's 576 x 4096 features
             "--repeats",
             "2",
             "--opt",

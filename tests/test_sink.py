@@ -193,6 +193,20 @@ def test_write_and_read_round_trip(tmp_path: Path, shard: Shard) -> None:
     assert errors.table.column("error_code").to_pylist() == ["corrupt", "corrupt"]
 
 
+def test_pooled_reads_as_a_rows_by_dim_array(tmp_path: Path, shard: Shard) -> None:
+    out, _ = _write(tmp_path, shard)
+    got = read_features(out, column="pooled")
+    assert got.features.dtype == np.float32 and got.features.shape == (3, DIM)
+    np.testing.assert_array_equal(got.features, shard.pooled)
+    assert got.spec is not None and got.spec.shape == (DIM,) and "pooled" not in got.table.column_names
+    every = read_features(out, column="pooled", status=None, as_torch=True)
+    assert every.features.shape == (5, DIM) and every.valid.tolist() == [True, False, False, True, True]
+    assert torch.equal(every.features[OK_ROWS], torch.from_numpy(shard.pooled))
+    assert not every.features[[1, 2]].any()
+    with pytest.raises(ConfigError, match=r"FeatureSet\.table.*\['features', 'tower_features', 'pooled'\]"):
+        read_features(out, column="width")
+
+
 def test_several_shards_read_in_shard_order(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     expected = []
@@ -494,6 +508,24 @@ def test_variable_shape_rows_round_trip(tmp_path: Path, tensor_format: str) -> N
     ]
     assert every.valid.tolist() == [True, False, False, True, True]
     assert torch.equal(every.features[4], torch.from_numpy(values[2]))
+
+
+def test_inspect_reports_variable_shape_columns(tmp_path: Path) -> None:
+    from pipeline.inspect import inspect_output
+    from pipeline.records import RaggedRows
+
+    values, grids = _ragged()
+    table = build_table(_rows(), features=RaggedRows.from_rows(values), grids=grids)
+    write_shard(table, str(tmp_path / "out"), 0, filesystem=LOCAL)
+    report = inspect_output(tmp_path / "out")
+    assert report.state == "unknown" and report.rows == 5 and report.ok == 3  # no _job.json: no plan
+    (col,) = report.columns
+    assert (col.name, col.dtype, col.shape, col.bytes_per_row) == (
+        "features",
+        "float16",
+        [None, TOKENS, DIM],
+        None,
+    )
 
 
 def test_variable_shape_bfloat16_and_duckdb(tmp_path: Path) -> None:

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "profile", "all")
 ORDER = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve")
+NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "serve", "profile")
+"""Benchmarks that build an encoder (``--config FILE`` or ``--tiny``); preprocess and sink need
+neither (the architecture only sets their shapes: LLaVA-1.5's by default)."""
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
     "sink": ("pipeline.bench.sink", "bench_sink"),
@@ -91,8 +94,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``llava-features bench`` (added to its subparser at parser build time)."""
     parser.add_argument("target", choices=TARGETS, help="which benchmark (all: every one that applies)")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--config", help="YAML config of the model to benchmark (weights not needed: random)")
-    src.add_argument("--tiny", action="store_true", help="the tiny test architecture (CPU smoke runs, tests)")
+    src.add_argument(
+        "--config",
+        help="YAML config of the model to benchmark (weights not needed: random); encoder, pipeline and "
+        "serve need it or --tiny, preprocess and sink default to LLaVA-1.5's shapes",
+    )
+    src.add_argument(
+        "--tiny", action="store_true", help="the tiny test architecture, 56 px (CPU smoke runs, tests)"
+    )
     g = parser.add_argument_group("encoder")
     g.add_argument(
         "--batch-sizes", type=_int_list, help="e.g. 32,128,256 (default: that on a GPU; 8,32 tiny CPU)"
@@ -284,9 +293,10 @@ def _external(name: str) -> Runner:
             "tiny": args.tiny,
         }
         candidates["image_size"] = tuple(args.image_size)
-        # The configured model's shapes (with --tiny: the benchmarks' own defaults).
-        if not args.tiny and config is not None:
-            arch = bench_arch(config)
+        # The shapes of the architecture (--config or --tiny); with neither, the benchmark's own
+        # defaults (LLaVA-1.5's: 336 px, 576 x 4096 features).
+        if args.tiny or config is not None:
+            arch = bench_arch(config, tiny=args.tiny)
             size = arch.image_processor.get("size", arch.image_size)
             size = size.get("shortest_edge", arch.image_size) if isinstance(size, dict) else size
             candidates.update(
@@ -365,19 +375,23 @@ def main(args: argparse.Namespace, external: dict[str, tuple[str, str]] | None =
     from .common import environment, write_json
 
     table = {**_EXTERNAL, **(external or {})}
+    targets = ORDER if args.target == "all" else (args.target,)
     config = None
     if args.config:
         from ..config import load_config
 
         config = load_config(args.config)
-    elif not args.tiny:
-        logger.error("bench needs --config FILE (the architecture to benchmark) or --tiny")
+    elif not args.tiny and any(t in NEEDS_ARCHITECTURE for t in targets):
+        logger.error(
+            "bench %s needs --config FILE (the architecture to benchmark) or --tiny; only %s run without",
+            args.target,
+            " and ".join(t for t in ORDER if t not in NEEDS_ARCHITECTURE),
+        )
         return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    targets = ORDER if args.target == "all" else (args.target,)
     results: dict[str, Any] = {}
     status = 0
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:

@@ -20,6 +20,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from .constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_FORMATS, WEIGHT_FORMATS
 from .errors import ConfigError
 from .projector import build_vision_projector
+from .tower import image_processor_class
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ TINY_SETTINGS = {
 
 
 def _image_processor(size: int) -> Any:
-    from transformers import CLIPImageProcessor  # saved as real checkpoints name it
-
-    return CLIPImageProcessor(
+    # Saved as real checkpoints name it ("CLIPImageProcessor"), without transformers' torchvision warning.
+    return image_processor_class()(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(OPENAI_CLIP_MEAN),

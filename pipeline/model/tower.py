@@ -8,8 +8,10 @@ shapes instead of one call per image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,6 +65,22 @@ def image_processor_class() -> type:
     if importlib.util.find_spec("torchvision") is None:
         return transformers.CLIPImageProcessorPil
     return transformers.CLIPImageProcessor
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block,
+    as they were after it; its warnings and logs are untouched (every actor and replica loads the
+    weights: one bar each would bury the job's own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _arg(args: Any, key: str, default: Any = None) -> Any:
