@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -266,16 +266,11 @@ def decode_unit(
             piece += 1
 
 
-def shard_batch(shards: Any) -> dict[str, np.ndarray]:
-    """The numpy batch of plan rows that :func:`decode_shard` receives for ``shards`` (a sequence of
-    :class:`~pipeline.storage.Shard`): ``shard`` indices and, per shard, the lists of ``image_id`` and
-    ``uri``. For running the job's stages in one process (the in-process benchmark, GPU tests)."""
-    ids = np.empty(len(shards), dtype=object)
-    uris = np.empty(len(shards), dtype=object)
-    for i, s in enumerate(shards):
-        ids[i] = [item.image_id for item in s.items]
-        uris[i] = [item.uri for item in s.items]
-    return {"shard": np.array([s.index for s in shards], dtype=np.int64), "image_id": ids, "uri": uris}
+def unit_batch(units: Sequence[Unit]) -> dict[str, np.ndarray]:
+    """The numpy batch of plan rows that :func:`decode_unit` receives for ``units``, as the job hands
+    them to Ray Data. For running the job's stages in one process (the in-process benchmark, the GPU
+    tests)."""
+    return rows_to_batch([u.to_row() for u in units])
 
 
 # -- stage 2: encode + commit (actor pool) ----------------------------------------------------

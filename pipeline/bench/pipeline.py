@@ -335,7 +335,7 @@ def bench_pipeline_inprocess(
     workdir: str | None = None,
     quality: int = 90,
 ) -> dict[str, Any]:
-    """The job's per-shard work in this process, no Ray: :func:`~pipeline.job.decode_shard` on
+    """The job's per-file work in this process, no Ray: :func:`~pipeline.job.decode_unit` on
     ``decode_workers`` threads feeding one :class:`~pipeline.job.EncodeShardActor` called from two
     threads (as Ray Data calls it: ``max_concurrent_calls_per_actor=2``), vs encoder-only.
 
@@ -353,9 +353,8 @@ def bench_pipeline_inprocess(
 
     from ..config import Config, config_to_dict
     from ..encoder import describe_encoder
-    from ..job import EncodeShardActor, decode_shard, shard_batch, shard_metadata
+    from ..job import EncodeShardActor, decode_unit, make_plan, read_options, shard_metadata, unit_batch
     from ..model import resolve_device, resolve_model
-    from ..storage import list_inputs, plan_shards
 
     base = config if config is not None else Config()
     dev = resolve_device(device or base.model.device)
@@ -394,14 +393,16 @@ def bench_pipeline_inprocess(
             "config": config_to_dict(cfg),
             "encoder": description.fields,
         }
-        shards = plan_shards(list_inputs(str(images_dir)), shard)
-        batches = [shard_batch([s]) for s in shards]
+        plan = make_plan(cfg, str(images_dir))
+        batches = [unit_batch([u]) for u in plan.units]
+        read = read_options(cfg)
 
-        def decode(b: dict[str, Any]) -> dict[str, Any]:
-            return decode_shard(b, config=cfg, resolved=resolved)
+        def decode(b: dict[str, Any]) -> list[dict[str, Any]]:
+            """One unit's output files, decoded (one batch each)."""
+            return list(decode_unit(b, config=cfg, resolved=resolved, read=read, shard_size=shard))
 
         out_dir = root / "out"
-        actor = EncodeShardActor(cfg, resolved, str(out_dir), shard_metadata(record))
+        actor = EncodeShardActor(cfg, resolved, str(out_dir), shard_metadata(record), dict(plan.carried))
 
         def read_back() -> dict[str, Any]:
             ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
@@ -419,7 +420,8 @@ def bench_pipeline_inprocess(
         # decode alone (kept: the actor-only run encodes these)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            decoded = list(pool.map(decode, batches))
+            decoded = [piece for pieces in pool.map(decode, batches) for piece in pieces]
+        decoded_files = len(decoded)
         decode_s = time.perf_counter() - t0
 
         commits: list[tuple[float, int]] = []
@@ -442,7 +444,11 @@ def bench_pipeline_inprocess(
         commits.clear()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(2) as calls:
-            pending = [calls.submit(call, f.result()) for f in [decoders.submit(decode, b) for b in batches]]
+            pending = [
+                calls.submit(call, piece)
+                for f in [decoders.submit(decode, b) for b in batches]
+                for piece in f.result()
+            ]
             for future in pending:
                 future.result()
         chain_s = time.perf_counter() - t0
@@ -469,7 +475,7 @@ def bench_pipeline_inprocess(
             "jpeg_kb_mean": jpeg_bytes / n / 1e3,
             "batch_size": batch,
             "shard_size": shard,
-            "shards": len(shards),
+            "shards": decoded_files,
             "decode_workers": workers,
             "encoder_only": enc,
             "encoder_only_images_per_s": encoder_ips,

@@ -146,18 +146,24 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
     ("dtype", "nvjpeg"), [("float32", False), ("bfloat16", False), ("bfloat16", True)], ids=str
 )
 def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype, nvjpeg):
-    """decode_shard → EncodeShardActor (encode on CUDA, commit the shard's Parquet file) for every
-    shard of the plan, without Ray: one row per input, each id once, the decode guard's codes,
+    """decode_unit → EncodeShardActor (encode on CUDA, commit each output file) for every unit of
+    the plan, without Ray: one row per input, each id once, the decode guard's codes,
     and ok rows equal to the CPU float32 encoder (float32: ≤ 1e-4; bfloat16: relative ≤ 2e-2)."""
     if nvjpeg:
         _nvjpeg_or_skip()
     from pipeline.config import config_to_dict
     from pipeline.constants import FINGERPRINT_KEY
     from pipeline.encoder import describe_encoder
-    from pipeline.job import EncodeShardActor, decode_shard, shard_batch, shard_metadata
+    from pipeline.job import (
+        EncodeShardActor,
+        decode_unit,
+        make_plan,
+        read_options,
+        shard_metadata,
+        unit_batch,
+    )
     from pipeline.model import resolve_model
     from pipeline.reader import read_features
-    from pipeline.storage import list_inputs, plan_shards
 
     manifest, expected = corpus
     checkpoint = str(tiny_models["llava"])
@@ -180,9 +186,12 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     }
     actor = EncodeShardActor(config, resolved, str(out), shard_metadata(record))
     assert actor.encoder.device.type == "cuda"
-    for shard in plan_shards(list_inputs(str(manifest)), config.job.shard_size):
-        summary = actor(decode_shard(shard_batch([shard]), config=config, resolved=resolved))
-        assert int(summary["rows"][0]) == len(shard.items)
+    plan = make_plan(config, str(manifest))
+    read = read_options(config)
+    for unit in plan.units:
+        pieces = decode_unit(unit_batch([unit]), config=config, resolved=resolved, read=read, shard_size=4)
+        rows = sum(int(actor(piece)["rows"][0]) for piece in pieces)
+        assert rows == unit.rows
     actor.encoder.close()
 
     table = read_features(str(out), status=None).table
