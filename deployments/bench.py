@@ -151,8 +151,10 @@ def _bench_http(
     warmup: int,
     api_key: str | None,
     timeout_s: float,
+    before_throughput: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one client per thread)."""
+    """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one client per thread);
+    ``before_throughput`` runs between the two phases (the caller resets the replicas' counters)."""
     import httpx
 
     headers = {"content-type": "application/octet-stream"}
@@ -180,6 +182,8 @@ def _bench_http(
             post()
             latencies.append(time.perf_counter() - t)
         lat = _percentiles(latencies)
+        if before_throughput is not None:
+            before_throughput()
         wall = _run_concurrent(post, requests, concurrency)
     finally:
         for client in clients:
@@ -263,6 +267,7 @@ def bench_serve(
         t0 = time.perf_counter()
         serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
         result["deploy_s"] = time.perf_counter() - t0
+        handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
         result.update(
             _bench_http(
                 f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
@@ -272,11 +277,12 @@ def bench_serve(
                 warmup=warmup,
                 api_key=config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY"),
                 timeout_s=timeout_s,
+                # The batch sizes reported are those of the concurrent phase only (the latency
+                # phase's requests come one at a time: batches of one by construction).
+                before_throughput=lambda: handle.reset_stats.remote().result(),
             )
         )
-        stats = (
-            serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME).stats.remote().result()
-        )
+        stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
     finally:
