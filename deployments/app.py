@@ -1,16 +1,29 @@
-"""The Ray Serve application: a FastAPI ingress in front of batching encoder replicas.
+"""The Ray Serve application: one deployment whose replicas serve the HTTP API and encode.
 
-Two deployments:
+``FeaturesEncoder`` (one deployment, a FastAPI ingress): each replica holds one
+:class:`pipeline.encoder.FeatureEncoder` (CLIP vision tower + projector, one GPU when the cluster
+has GPUs) and answers HTTP itself, so a request goes proxy → replica and its features are copied
+once. Inside a replica (:class:`FeaturesEncoderImpl`):
 
-- ``FeaturesEncoder``: each replica holds one :class:`pipeline.encoder.FeatureEncoder` (CLIP
-  vision tower + projector, one GPU when the cluster has GPUs). Requests are decoded in a thread
-  (``encode_pre``: the decode guard + preprocessing), then grouped by ``@serve.batch`` into one
-  forward pass (``encode_core`` + ``encode_post``, also in a thread, so the replica's event loop
-  keeps accepting requests and forming the next batch while a batch runs). Autoscaled between
-  ``serve.min_replicas`` and ``serve.max_replicas``.
-- ``FeaturesIngress``: the HTTP API (built per replica by ``__serve_build_asgi_app__``): reads
-  bodies with a size limit, checks the API key, applies the request timeout, calls the encoder
-  through its handle and encodes responses (``deployments.http``).
+1. admission (:class:`Admission`): ``serve.max_ongoing_requests`` requests are worked on at once
+   (at least ``max_batch_size``), ``serve.max_queued_requests`` more wait for a slot before their
+   body is read; beyond that a request is answered 503 ``overloaded`` (our JSON, ``Retry-After``).
+   Ray Serve hands a replica twice what it admits, so that these answers are ours and Serve's own
+   queue at the proxy (plain-text 503) only fills while replicas are missing;
+2. the body is read with a size limit, the API key and the request timeout are checked;
+3. decode (``encode_pre``: the decode guard + preprocessing) in the replica's thread pool;
+4. ``@serve.batch`` groups the decoded images of concurrent requests, waiting up to
+   ``serve.batch_wait_timeout_s`` only while other images are still being decoded; the groups go
+   to the replica's :class:`DeviceQueue`, whose one device thread runs the forward passes
+   (``encode_core`` + ``encode_post``) one at a time and merges the groups that wait while a pass
+   runs into the next one. :meth:`FeaturesEncoderImpl.encode_pixels` (uint8 pixel batches through
+   a deployment handle) is the non-HTTP entry point into the same queue.
+
+A request in progress on a replica that dies cannot be answered by us: Ray Serve's proxy answers
+it (plain-text 500); a request that finds no replica running waits in the proxy up to its
+``http_options.request_timeout_s`` (:func:`proxy_request_timeout_s`).
+
+Autoscaled between ``serve.min_replicas`` and ``serve.max_replicas``.
 
 ``build_app(args)`` is the application builder named by ``configs/serve.yaml``
 (``import_path: deployments.app:build_app``), so ``serve run configs/serve.yaml`` / ``serve
@@ -29,8 +42,9 @@ deploy`` and ``llava-features serve`` run the same thing. Its ``args``:
     checkpoint there first (``pipeline.model.tiny``). For demos and fresh clones only: its
     features are meaningless.
 ``ray_actor_options``
-    ``{"encoder": {...}, "ingress": {...}}`` merged over the defaults (encoder: 1 CPU and
-    ``serve.num_gpus_per_replica`` GPUs; ingress: 0.5 CPU).
+    ``{"encoder": {...}}`` merged over the replicas' defaults (1 CPU and
+    ``serve.num_gpus_per_replica`` GPUs). There is no separate ingress deployment, so an
+    ``ingress`` key is an error that says so.
 
 Relative paths are resolved against the working directory of the process that builds the app
 (the directory ``serve run`` / ``llava-features serve`` was started from).
@@ -39,22 +53,26 @@ Relative paths are resolved against the working directory of the process that bu
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import functools
+import io
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -66,30 +84,45 @@ from . import http
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve.deployment import Application
-    from ray.serve.handle import DeploymentHandle
+
+    from pipeline.encoder import EncodedBatch
+    from pipeline.images.preprocess import PreparedImage
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 APP_NAME = "llava-features"
 """Application name used by ``llava-features serve`` and ``configs/serve.yaml``."""
 ENCODER_DEPLOYMENT = "FeaturesEncoder"
-INGRESS_DEPLOYMENT = "FeaturesIngress"
+"""The one deployment: its replicas serve HTTP and encode."""
 API_KEY_ENV = "LLAVA_FEATURES_API_KEY"
 SECTION_ARGS = ("decode", "encoder", "job", "serve")
 """``build_app`` args that override a config section."""
 BUILD_ARGS = ("config", "model", *SECTION_ARGS, "make_tiny_if_missing", "ray_actor_options")
+ACTOR_OPTION_KEYS = ("encoder",)
+"""Keys of ``build_app``'s ``ray_actor_options``: one per deployment."""
 DEFAULT_ENCODER_CPUS = 1.0
-DEFAULT_INGRESS_CPUS = 0.5
-INGRESS_MIN_ONGOING = 64
-"""Fewest concurrent requests an ingress replica accepts (each holds at most serve.max_body_bytes)."""
-
+MIN_SERVE_ONGOING = 64
+"""Fewest requests Ray Serve hands a replica at once (those past our own admission limit are
+answered 503 by the replica, in our JSON shape, instead of waiting in the proxy)."""
+MIN_DECODE_THREADS = 2
+"""Fewest decode threads per replica (more when Ray gives the replica more CPUs)."""
+MERGED_BATCHES = 8
+"""Batches ``@serve.batch`` may hand over while the device is busy (the device queue merges them)."""
+PROXY_TIMEOUT_MARGIN_S = 5.0
+"""Seconds past ``serve.request_timeout_s`` after which Serve's proxy gives up on a request itself
+(``http_options.request_timeout_s``, a plain-text 408): our own 504 comes first; the proxy's limit
+bounds the wait of a request that finds no replica running (nobody of ours to answer it)."""
 _LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_ENCODING_ROUTES = frozenset({"/v1/features", "/v1/features:batch", "/v1/embeddings", "/healthz"})
+"""Routes that decode and encode images: they go through admission (the others only read state)."""
 
 
 @dataclass
 class EncodeResult:
-    """What an encoder replica returns for one image (crosses the handle, so plain data)."""
+    """What encoding one image gives (plain data: it may cross a deployment handle)."""
 
     ok: bool
     image_id: str | None
@@ -163,21 +196,214 @@ def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
     return RayCounter(name, description=description, tag_keys=tag_keys)
 
 
-# -- the encoder deployment ---------------------------------------------------------------------
+# -- admission -------------------------------------------------------------------------------------
+
+
+class Admission:
+    """Requests one replica works on (at most ``ongoing``) and holds waiting for a slot (at most
+    ``queued``; None: no limit). A request past both is refused with 503 ``overloaded`` at once,
+    before its body is read. Single event loop only."""
+
+    def __init__(self, ongoing: int, queued: int | None) -> None:
+        self.ongoing = ongoing
+        self.queued = queued
+        self._slots = asyncio.Semaphore(ongoing)
+        self.inside = 0
+        """Requests admitted (working or waiting)."""
+        self.refused = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.queued is not None and self.inside >= self.ongoing + self.queued:
+            self.refused += 1
+            raise RequestError(
+                f"Server overloaded ({self.ongoing} requests in progress and {self.queued} waiting on this "
+                "replica); retry later",
+                code=ErrorCode.OVERLOADED,
+            )
+        self.inside += 1
+        try:
+            async with self._slots:
+                yield
+        finally:
+            self.inside -= 1
+
+
+def _replica_cpus() -> float:
+    """CPUs Ray reserved for this replica (1 outside Ray)."""
+    try:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:
+        return 1.0
+
+
+class Inflow:
+    """Images of one replica on their way to a batch (decoding), and the largest batch: what a
+    forming batch may still wait for."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.decoding = 0
+
+
+def forming_batch_size(items: list[tuple[np.ndarray, Inflow]]) -> int:
+    """``@serve.batch``'s size of a forming batch: its images, or the largest batch once no other
+    image of the replica is on its way, so that the batch closes then instead of waiting out
+    ``batch_wait_timeout_s`` for images that are not coming."""
+    inflow = items[0][1]
+    return len(items) if inflow.decoding else max(len(items), inflow.max_batch_size)
+
+
+class DeviceQueue:
+    """The replica's device: forward passes run on one thread, one at a time, first come first served.
+
+    Online images arrive in the groups that ``@serve.batch`` cut (:meth:`encode`); groups that wait
+    while a pass runs are merged, whole and up to ``max_batch_size`` images, into the next pass, so a
+    busy device runs full batches however short the batching window was. :meth:`call` runs any
+    other device work (``encode_pixels``) as one job of its own, in the same order. ``observe``
+    gets (images, seconds each image waited for its pass, seconds the pass took) of every online
+    pass, on the event loop. One event loop only.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+        max_batch_size: int,
+        observe: Callable[[int, list[float], float], None] | None = None,
+    ) -> None:
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.observe = observe
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="device")
+        self._queue: collections.deque[_DeviceWork] = collections.deque()
+        self._busy = False
+
+    @property
+    def waiting(self) -> int:
+        """Online images waiting for a pass."""
+        return sum(len(w.images) for w in self._queue if w.images is not None)
+
+    async def encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+        """uint8 ``(3, H, W)`` images → per image, its row of each array ``forward`` returns."""
+        return await self._submit(_DeviceWork(images=images, queued=time.perf_counter()))  # type: ignore[no-any-return]
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the device thread, as one job in the queue."""
+        return await self._submit(_DeviceWork(job=lambda: fn(*args, **kwargs)))  # type: ignore[no-any-return]
+
+    async def _submit(self, work: _DeviceWork) -> Any:
+        loop = asyncio.get_running_loop()
+        work.future = loop.create_future()
+        self._queue.append(work)
+        self._next(loop)
+        return await work.future
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._queue and self._queue[0].future.done():  # cancelled while waiting
+            self._queue.popleft()
+        if self._busy or not self._queue:
+            return
+        first = self._queue.popleft()
+        group = [first]
+        if first.images is None:
+            job = first.job
+        else:
+            size = len(first.images)
+            while self._queue and self._queue[0].images is not None:
+                nxt = self._queue[0]
+                if nxt.future.done():
+                    self._queue.popleft()
+                    continue
+                if size + len(nxt.images) > self.max_batch_size:
+                    break
+                group.append(self._queue.popleft())
+                size += len(nxt.images)
+            pixels = [image for work in group for image in work.images]  # type: ignore[union-attr]
+            job = functools.partial(self._timed_forward, pixels)
+        self._busy = True
+        running = self._thread.submit(job)  # type: ignore[arg-type]
+        running.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finished, loop, group, done))
+
+    def _timed_forward(self, pixels: list[np.ndarray]) -> tuple[float, float, tuple[np.ndarray, ...]]:
+        started = time.perf_counter()
+        out = self.forward(np.stack(pixels))
+        return started, time.perf_counter(), out
+
+    def _finished(self, loop: asyncio.AbstractEventLoop, group: list[_DeviceWork], done: Future[Any]) -> None:
+        self._busy = False
+        try:
+            try:
+                result = done.result()
+            except BaseException as exc:  # the pass failed: every caller in it gets the error
+                for work in group:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+                return
+            if group[0].images is None:
+                if not group[0].future.done():
+                    group[0].future.set_result(result)
+                return
+            started, ended, arrays = result
+            offset = 0
+            for work in group:
+                n = len(work.images)  # type: ignore[arg-type]
+                if not work.future.done():
+                    work.future.set_result([tuple(a[i] for a in arrays) for i in range(offset, offset + n)])
+                offset += n
+            if self.observe is not None:
+                waits = [started - work.queued for work in group for _ in work.images]  # type: ignore[union-attr]
+                self.observe(offset, waits, ended - started)
+        finally:
+            self._next(loop)
+
+
+@dataclass
+class _DeviceWork:
+    """One entry of a :class:`DeviceQueue`: online images (mergeable) or an opaque job."""
+
+    images: list[np.ndarray] | None = None
+    job: Callable[[], Any] | None = None
+    queued: float = 0.0
+    future: asyncio.Future[Any] = dataclasses.field(init=False)
+
+
+# -- the deployment ---------------------------------------------------------------------------
+
+
+def _bool_param(value: str | None, name: str) -> bool:
+    if value is None or value == "":
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise RequestError(f"Query parameter {name!r} must be true or false, not {value!r}")
 
 
 class FeaturesEncoderImpl:
-    """One CLIPVisionTower + projector per replica, with dynamic batching (``FeaturesEncoder``)."""
+    """One CLIPVisionTower + projector per replica, its HTTP API, decode and dynamic batching
+    (the ``FeaturesEncoder`` deployment; see the module docstring for a request's path)."""
 
     def __init__(self, config: Config) -> None:
         from pipeline.encoder import FeatureEncoder
 
         self.config = config
+        self.limits = config.serve
+        self.api_key = config.serve.api_key or os.environ.get(API_KEY_ENV) or None
         self.encoder = FeatureEncoder(config)
         self.fingerprint = self.encoder.fingerprint
         self.model_id = model_id(config)
         self.encode_batch.set_max_batch_size(config.serve.max_batch_size)
-        self.encode_batch.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+        s = config.serve
+        per_replica = max(s.max_ongoing_requests, s.max_batch_size)
+        self.admission = Admission(per_replica, s.max_queued_requests if s.max_queued_requests >= 0 else None)
+        self.decode_threads = max(MIN_DECODE_THREADS, math.ceil(_replica_cpus()))
+        self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self.device = DeviceQueue(self._forward, config.serve.max_batch_size, self._observe_pass)
+        self.inflow = Inflow(config.serve.max_batch_size)
         warm_s = self.encoder.warmup(1)
         if self.encoder.device.type == "cuda" and config.serve.max_batch_size > 1:
             warm_s += self.encoder.warmup(config.serve.max_batch_size)
@@ -205,16 +431,78 @@ class FeaturesEncoderImpl:
         self._m_images = _counter(
             "llava_features_images", "Images encoded, by result (ok or error code).", ("result",)
         )
+        self._m_requests = _counter(
+            "llava_features_http_requests", "HTTP requests by route and status.", ("route", "status")
+        )
+        self._m_latency = _histogram(
+            "llava_features_http_latency_ms",
+            "HTTP request latency by route (ms).",
+            _LATENCY_MS_BOUNDARIES,
+            ("route",),
+        )
         logger.info(
-            "Encoder replica %s ready (fingerprint %s, warmup %.2fs)",
+            "Encoder replica %s ready (fingerprint %s, warmup %.2fs, %d decode threads)",
             self.replica,
             self.fingerprint[:12],
             warm_s,
+            self.decode_threads,
         )
 
     def _count(self, result: str) -> None:
         self._results[result] += 1
         self._m_images.inc(tags={"result": result})
+
+    # -- decode (thread pool) -------------------------------------------------------------------
+
+    async def _prepare(self, data: bytes, image_id: str | None) -> PreparedImage:
+        """``encode_pre`` in the decode pool; raises DecodeError."""
+        self.inflow.decoding += 1
+        try:
+            future: Future[PreparedImage] = self._decode_pool.submit(self.encoder.encode_pre, data, image_id)
+            return await asyncio.wrap_future(future)
+        finally:
+            self.inflow.decoding -= 1
+
+    # -- batching and the forward pass (device thread) -----------------------------------------
+
+    @serve.batch(
+        max_batch_size=32,
+        batch_wait_timeout_s=0.005,
+        max_concurrent_batches=MERGED_BATCHES,
+        batch_size_fn=forming_batch_size,
+    )
+    async def encode_batch(self, items: list[tuple[np.ndarray, Inflow]]) -> list[tuple[np.ndarray, ...]]:
+        """uint8 (3,H,W) images queued by ``encode`` → [(features, pooled)]: one group of the
+        device's next pass (groups cut while a pass runs are merged into the next one). A group
+        closes when it is full, when no other image of the replica is on its way (at once if none
+        is when its first image comes), or ``batch_wait_timeout_s`` after its first image."""
+        return await self.device.encode([pixels for pixels, _ in items])
+
+    def _batch_window(self) -> float:
+        """How long the batch an image starts may wait for more: ``serve.batch_wait_timeout_s``
+        while other images are on their way (decoding), none when no other image could join it."""
+        return self.limits.batch_wait_timeout_s if self.inflow.decoding else 0.0
+
+    def _forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.encoder.encode_post(self.encoder.encode_core(pixels), pooled=True)
+        assert out.features is not None and out.pooled is not None
+        return out.features, out.pooled
+
+    def _observe_pass(self, size: int, waits: list[float], seconds: float) -> None:
+        self._batch_sizes[size] += 1
+        self._m_batch.observe(size)
+        for wait in waits:
+            self._m_queue.observe(wait * 1000)
+        self._m_forward.observe(seconds * 1000)
+
+    async def encode_pixels(self, pixels: np.ndarray, pooled: bool | None = None) -> EncodedBatch:
+        """uint8 ``(N, 3, H, W)`` preprocessed images → :class:`~pipeline.encoder.EncodedBatch` (the
+        config's feature kinds, in ``encoder.batch_size`` forward passes), as one job of the device
+        queue the online batches use: the entry point for callers that decode elsewhere (through a
+        deployment handle)."""
+        return await self.device.call(self.encoder.encode_pixels, pixels, pooled=pooled)
+
+    # -- images → results -----------------------------------------------------------------------
 
     async def encode(
         self, data: bytes, image_id: str | None = None, want: str = "features", *, count: bool = True
@@ -226,16 +514,16 @@ class FeaturesEncoderImpl:
         """
         started = time.perf_counter()
         try:
-            prepared = await asyncio.to_thread(self.encoder.encode_pre, data, image_id)
+            prepared = await self._prepare(data, image_id)
         except DecodeError as exc:
             if count:
                 self._count(str(exc.code))
             return EncodeResult(
                 False, image_id, self.fingerprint, error_code=str(exc.code), error_message=exc.message
             )
-        queued = time.perf_counter()
-        self._m_decode.observe((queued - started) * 1000)
-        features, pooled = await self.encode_batch((prepared.pixels, queued))
+        self._m_decode.observe((time.perf_counter() - started) * 1000)
+        self.encode_batch.set_batch_wait_timeout_s(self._batch_window())
+        features, pooled = await self.encode_batch((prepared.pixels, self.inflow))
         if count:
             self._count("ok")
         return EncodeResult(
@@ -252,41 +540,10 @@ class FeaturesEncoderImpl:
     async def encode_many(
         self, items: list[tuple[bytes, str | None]], want: str = "features"
     ) -> list[EncodeResult]:
-        """Several images in one call; they join the same batches. Per-item failures don't fail the call."""
+        """Several images; they join the same batches. Per-item failures don't fail the others."""
         return list(await asyncio.gather(*(self.encode(data, image_id, want) for data, image_id in items)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode_batch(
-        self, items: list[tuple[np.ndarray, float]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """uint8 (3,H,W) images queued by ``encode`` → [(features, pooled)] from one forward pass."""
-        started = time.perf_counter()
-        size = len(items)
-        self._batch_sizes[size] += 1
-        self._m_batch.observe(size)
-        for _, queued in items:
-            self._m_queue.observe((started - queued) * 1000)
-        pixels = np.stack([p for p, _ in items])
-        features, pooled = await asyncio.to_thread(self._forward, pixels)
-        self._m_forward.observe((time.perf_counter() - started) * 1000)
-        return [(features[i], pooled[i]) for i in range(size)]
-
-    def _forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.encoder.encode_post(self.encoder.encode_core(pixels), pooled=True)
-        assert out.features is not None and out.pooled is not None
-        return out.features, out.pooled
-
-    async def healthz(self) -> dict[str, Any]:
-        """A real request's path on a generated image: decode, batch, forward, host copy. The ingress
-        encodes the result into a response as it would for ``/v1/features``."""
-        started = time.perf_counter()
-        result = await self.encode(_health_image(self.encoder.input_shape[1:]), "healthz", count=False)
-        return {
-            "replica": self.replica,
-            "fingerprint": self.fingerprint,
-            "forward_ms": round((time.perf_counter() - started) * 1000, 3),
-            "result": result,
-        }
+    # -- state ------------------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
         """Model card: ``FeatureEncoder.info()`` with the API key masked, plus the model id."""
@@ -295,7 +552,7 @@ class FeaturesEncoderImpl:
         return {"id": self.model_id, "replica": self.replica, "started": int(self._started), **info}
 
     async def stats(self) -> dict[str, Any]:
-        """This replica's counters: histogram of batch sizes ({size: batches}) and results."""
+        """This replica's counters: batch sizes ({size: batches}), results and admission."""
         batches = sum(self._batch_sizes.values())
         images = sum(size * n for size, n in self._batch_sizes.items())
         return {
@@ -306,66 +563,22 @@ class FeaturesEncoderImpl:
             "mean_batch_size": images / batches if batches else 0.0,
             "max_batch_size": max(self._batch_sizes, default=0),
             "results": dict(self._results),
+            "requests_inside": self.admission.inside,
+            "requests_refused": self.admission.refused,
+            "decode_threads": self.decode_threads,
         }
 
     async def reset_stats(self) -> None:
         self._batch_sizes.clear()
         self._results.clear()
+        self.admission.refused = 0
 
-
-def _health_image(size: tuple[int, int]) -> bytes:
-    """A small PNG of the encoder's input size (mid-grey with a gradient) for health checks."""
-    import io
-
-    from PIL import Image
-
-    height, width = size
-    ramp = np.linspace(0, 255, width, dtype=np.uint8)
-    pixels = np.repeat(np.repeat(ramp[None, :, None], height, axis=0), 3, axis=2)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# -- the ingress deployment -------------------------------------------------------------------
-
-
-def _bool_param(value: str | None, name: str) -> bool:
-    if value is None or value == "":
-        return False
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise RequestError(f"Query parameter {name!r} must be true or false, not {value!r}")
-
-
-class FeaturesIngressImpl:
-    """HTTP API in front of the encoder deployment (``FeaturesIngress``)."""
-
-    def __init__(self, encoder: DeploymentHandle, config: Config) -> None:
-        self.encoder = encoder
-        self.config = config
-        self.limits = config.serve
-        self.api_key = config.serve.api_key or os.environ.get(API_KEY_ENV) or None
-        self.model_id = model_id(config)
-        self._m_requests = _counter(
-            "llava_features_http_requests", "HTTP requests by route and status.", ("route", "status")
-        )
-        self._m_latency = _histogram(
-            "llava_features_http_latency_ms",
-            "HTTP request latency by route (ms).",
-            _LATENCY_MS_BOUNDARIES,
-            ("route",),
-        )
-
-    # -- plumbing ------------------------------------------------------------------------------
+    # -- HTTP plumbing ----------------------------------------------------------------------------
 
     async def _run(
         self, request: Request, route: str, handler: Callable[[], Awaitable[Response]]
     ) -> Response:
-        """Auth, timeout, error → response mapping and metrics around one route handler."""
+        """Auth, admission, timeout, error → response mapping and metrics around one route handler."""
         started = time.perf_counter()
         status = 499  # client went away (the task was cancelled)
         try:
@@ -373,7 +586,11 @@ class FeaturesIngressImpl:
                 if route != "/healthz":
                     http.check_api_key(request, self.api_key)
                 async with asyncio.timeout(self.limits.request_timeout_s):
-                    response = await handler()
+                    if route in _ENCODING_ROUTES:
+                        async with self.admission.slot():
+                            response = await handler()
+                    else:
+                        response = await handler()
             except TimeoutError:
                 response = http.error_response(
                     RequestError(
@@ -393,46 +610,7 @@ class FeaturesIngressImpl:
             self._m_requests.inc(tags={"route": route, "status": str(status)})
             self._m_latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        """Call the encoder deployment; backpressure and dead replicas become 503s."""
-        try:
-            return await getattr(self.encoder, method).remote(*args)
-        except BackPressureError as exc:
-            raise RequestError(
-                f"Server overloaded ({exc.message}); retry later", code=ErrorCode.OVERLOADED
-            ) from exc
-        except (DeploymentUnavailableError, RayActorError) as exc:
-            raise RequestError(
-                f"Encoder unavailable ({type(exc).__name__}); retry later", code=ErrorCode.UNAVAILABLE
-            ) from exc
-
-    async def _encode_items(self, items: list[tuple[bytes, str | None]], want: str) -> list[EncodeResult]:
-        """Items in chunks of ``max_batch_size`` (one handle call each, spread over replicas)."""
-        step = max(1, self.limits.max_batch_size)
-        chunks = [items[i : i + step] for i in range(0, len(items), step)]
-        outcomes = await asyncio.gather(
-            *(self._call("encode_many", chunk, want) for chunk in chunks), return_exceptions=True
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures and len(failures) == len(outcomes):
-            raise failures[0]  # nothing got through (overloaded, encoder down): the request fails
-        results: list[EncodeResult] = []
-        for chunk, outcome in zip(chunks, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                err = outcome if isinstance(outcome, LlavaFeaturesError) else LlavaFeaturesError(str(outcome))
-                if not isinstance(outcome, LlavaFeaturesError):
-                    logger.error("encode_many failed: %r", outcome)
-                results.extend(
-                    EncodeResult(False, image_id, "", error_code=str(err.code), error_message=err.message)
-                    for _, image_id in chunk
-                )
-            else:
-                results.extend(outcome)
-        return results
-
-    # -- routes --------------------------------------------------------------------------------
+    # -- routes -----------------------------------------------------------------------------------
 
     async def features(self, request: Request) -> Response:
         params = request.query_params
@@ -443,7 +621,7 @@ class FeaturesIngressImpl:
             raise RequestError("No image in the request: send it as the body or as a multipart file part")
         name, data = images[0]
         image_id = params.get("image_id") or name
-        result: EncodeResult = await self._call("encode", data, image_id, "pooled" if pooled else "features")
+        result = await self.encode(data, image_id, "pooled" if pooled else "features")
         result.raise_for_error()
         array = result.response_array(pooled)
         if output == "json":
@@ -477,7 +655,7 @@ class FeaturesIngressImpl:
         files = await http.read_multipart_files(request, self.limits.max_body_bytes)
         if not files:
             raise RequestError("No file parts in the multipart body")
-        results = await self._encode_items(
+        results = await self.encode_many(
             [(data, name) for name, data in files], "pooled" if pooled else "features"
         )
         fingerprint = next((r.fingerprint for r in results if r.ok), "")
@@ -490,14 +668,14 @@ class FeaturesIngressImpl:
         items = [
             (http.image_from_data_url(value, f"input[{i}]"), f"input[{i}]") for i, value in enumerate(inputs)
         ]
-        results = await self._encode_items(items, "pooled")
+        results = await self.encode_many(items, "pooled")
         for result in results:
             result.raise_for_error()
         vectors = [r.pooled for r in results if r.pooled is not None]
         return JSONResponse(http.embeddings_body(vectors, requested_model or self.model_id, encoding_format))
 
     async def models(self, request: Request) -> Response:
-        info = await self._call("info")
+        info = await self.info()
         card = {
             "id": info["id"],
             "object": "model",
@@ -508,23 +686,31 @@ class FeaturesIngressImpl:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def healthz(self, request: Request) -> Response:
+        """A real request's path on a generated image (decode, batch, forward, host copy, the npy
+        response a request would get), on this replica."""
+        started = time.perf_counter()
         try:
-            health = await self._call("healthz")
-            result: EncodeResult = health.pop("result")
+            result = await self.encode(_health_image(self.encoder.input_shape[1:]), "healthz", count=False)
             result.raise_for_error()
-            http.npy_bytes(result.response_array(pooled=False))  # the response a request would get
+            http.npy_bytes(result.response_array(pooled=False))
         except LlavaFeaturesError as exc:
-            if exc.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE):
-                raise
             logger.error("Health check failed: %s", exc)
             raise RequestError(f"Health check failed: {exc.message}", code=ErrorCode.UNAVAILABLE) from exc
         except Exception as exc:  # the forward pass itself failed
             logger.exception("Health check failed")
             raise RequestError(f"Health check failed: {exc}", code=ErrorCode.UNAVAILABLE) from exc
-        return JSONResponse({"status": "ok", "model": self.model_id, **health})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.model_id,
+                "replica": self.replica,
+                "fingerprint": self.fingerprint,
+                "forward_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )
 
     async def debug_stats(self, request: Request) -> Response:
-        return JSONResponse(await self._call("stats"))
+        return JSONResponse(await self.stats())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The FastAPI app of this replica (routes are closures over ``self``)."""
@@ -567,10 +753,21 @@ async def _json(payload: Any) -> Response:
     return JSONResponse(payload)
 
 
-# The deployments wrap classes that stay importable under their own names, so replicas import this
-# module's code instead of receiving pickled copies of it (FastAPI reads the routes' annotations).
-FeaturesEncoder = serve.deployment(name=ENCODER_DEPLOYMENT)(FeaturesEncoderImpl)
-FeaturesIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress()(FeaturesIngressImpl))
+def _health_image(size: tuple[int, int]) -> bytes:
+    """A small PNG of the encoder's input size (mid-grey with a gradient) for health checks."""
+    from PIL import Image
+
+    height, width = size
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    pixels = np.repeat(np.repeat(ramp[None, :, None], height, axis=0), 3, axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# The deployment wraps a class that stays importable under its own name, so replicas import this
+# module's code instead of receiving a pickled copy of it (FastAPI reads the routes' annotations).
+FeaturesEncoder = serve.deployment(name=ENCODER_DEPLOYMENT)(serve.ingress()(FeaturesEncoderImpl))
 
 
 # -- building the application -----------------------------------------------------------------
@@ -644,6 +841,11 @@ def deployable_args(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config_to_dict(config).items() if k in ("model", *SECTION_ARGS)}
 
 
+def proxy_request_timeout_s(config: Config) -> float:
+    """``http_options.request_timeout_s`` for Serve's proxy: ``serve.request_timeout_s`` plus a margin."""
+    return config.serve.request_timeout_s + PROXY_TIMEOUT_MARGIN_S
+
+
 def with_api_key_from_env(config: Config) -> Config:
     """``serve.api_key`` from ``LLAVA_FEATURES_API_KEY`` when the config has none."""
     key = os.environ.get(API_KEY_ENV)
@@ -655,17 +857,25 @@ def with_api_key_from_env(config: Config) -> Config:
 def deployment_options(
     config: Config, ray_actor_options: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``.options()`` of both deployments derived from ``config.serve`` (returned for inspection)."""
+    """``.options()`` of the deployment derived from ``config.serve``, as ``{"encoder": {...}}``
+    (returned for inspection); ``ray_actor_options`` is ``{"encoder": {...}}``."""
     s = config.serve  # ranges and the replica ordering were checked when the config was loaded
     extra = dict(ray_actor_options or {})
-    unknown = sorted(set(extra) - {"encoder", "ingress"})
+    if "ingress" in extra:
+        raise ConfigError(
+            "ray_actor_options: there is no ingress deployment any more (the encoder replicas serve "
+            "HTTP themselves); pass {'encoder': {...}} only, e.g. {'encoder': {'num_cpus': 2}}"
+        )
+    unknown = sorted(set(extra) - set(ACTOR_OPTION_KEYS))
     if unknown:
-        raise ConfigError(f"ray_actor_options takes 'encoder' and 'ingress', not {unknown}")
+        raise ConfigError(f"ray_actor_options takes {list(ACTOR_OPTION_KEYS)}, not {unknown}")
     gpus = s.num_gpus_per_replica if s.num_gpus_per_replica is not None else (1 if _cluster_has_gpus() else 0)
-    # A replica must accept at least a full batch of concurrent requests, or batches never fill.
+    # A replica works on at least a full batch of requests at once, or batches never fill, and holds
+    # max_queued_requests more waiting (Admission); past that it answers 503 itself, in our JSON
+    # shape. Ray Serve hands a replica more than that (those extra are refused by the replica at
+    # once), so that its own queue at the proxy, whose 503 is plain text, is only the last guard.
     per_replica = max(s.max_ongoing_requests, s.max_batch_size)
-    queued = s.max_queued_requests if s.max_queued_requests >= 0 else per_replica * s.max_replicas
-    backpressure = {"status_code": 503, "retry_after_s": http.RETRY_AFTER_S}
+    admitted = per_replica + s.max_queued_requests if s.max_queued_requests >= 0 else 2 * per_replica
     encoder = {
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
@@ -673,40 +883,23 @@ def deployment_options(
             "initial_replicas": s.initial_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
         },
-        "max_ongoing_requests": per_replica,
+        "max_ongoing_requests": max(MIN_SERVE_ONGOING, 2 * admitted),
         "max_queued_requests": s.max_queued_requests,
-        "backpressure_config": backpressure,
+        "backpressure_config": {"status_code": 503, "retry_after_s": http.RETRY_AFTER_S},
         "ray_actor_options": {
             "num_cpus": DEFAULT_ENCODER_CPUS,
             "num_gpus": gpus,
             **(extra.get("encoder") or {}),
         },
     }
-    # The ingress only awaits I/O: it takes twice what the encoders can hold and queue (and at
-    # least INGRESS_MIN_ONGOING, which bounds the request bodies it holds), so that the encoders'
-    # max_queued_requests decides when to answer 503 (with our JSON error body); the ingress's own
-    # queue at the proxy is the last guard (the proxy's plain-text 503).
-    ingress = {
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "max_replicas": max(1, s.max_replicas),
-            "initial_replicas": 1,
-            "target_ongoing_requests": per_replica,
-        },
-        "max_ongoing_requests": max(INGRESS_MIN_ONGOING, 2 * (per_replica * s.max_replicas + queued)),
-        "max_queued_requests": s.max_queued_requests,
-        "backpressure_config": backpressure,
-        "ray_actor_options": {"num_cpus": DEFAULT_INGRESS_CPUS, **(extra.get("ingress") or {})},
-    }
-    return {"encoder": encoder, "ingress": ingress}
+    return {"encoder": encoder}
 
 
 def build_app_from_config(config: Config, *, ray_actor_options: dict[str, Any] | None = None) -> Application:
-    """The bound application (ingress → encoder) for a resolved config."""
+    """The bound application (one deployment, its own HTTP ingress) for a resolved config."""
     config = with_api_key_from_env(config)
     options = deployment_options(config, ray_actor_options)
-    encoder = FeaturesEncoder.options(**options["encoder"]).bind(config)
-    return FeaturesIngress.options(**options["ingress"]).bind(encoder, config)
+    return FeaturesEncoder.options(**options["encoder"]).bind(config)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -143,7 +143,7 @@ class ServeConfig:
     max_ongoing_requests: int = setting(64, ge=1)
     """Concurrent requests a replica accepts (raised to max_batch_size if lower, so batches can fill)."""
     max_queued_requests: int = setting(256, ge=-1)
-    """Requests queued beyond that before the endpoint answers 503 (-1: no limit)."""
+    """Requests a replica holds waiting beyond max_ongoing_requests before it answers 503 (-1: no limit)."""
     min_replicas: int = setting(1, ge=0)
     """Autoscaling: fewest encoder replicas."""
     max_replicas: int = setting(1, ge=1)

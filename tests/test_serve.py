@@ -7,6 +7,7 @@ one queued, and a 1.5 s request timeout) for the auth, 413, 503 and 504 paths.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -29,13 +30,18 @@ from deployments import http as H
 from deployments.app import (
     API_KEY_ENV,
     ENCODER_DEPLOYMENT,
+    Admission,
+    DeviceQueue,
+    Inflow,
     deployment_options,
+    forming_batch_size,
+    proxy_request_timeout_s,
     resolve_app_config,
     with_api_key_from_env,
 )
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
-from pipeline.model.errors import DecodeError, ErrorCode, RequestError
+from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, RequestError
 from tests.fixtures.serve import assert_same_features, free_port, tiny_app_args
 
 slow = pytest.mark.slow  # the tests that start Ray (the helpers' tests run in quick mode too)
@@ -218,6 +224,64 @@ def test_status_mapping_and_helpers():
     assert H.response_array(arr, "float16") is arr
 
 
+def test_admission_and_device_queue():
+    """The replica's three schedulers, on one event loop (no Ray)."""
+
+    async def admission() -> None:
+        a = Admission(ongoing=1, queued=1)
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            async with a.slot():
+                await gate.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert a.inside == 2
+        with pytest.raises(RequestError) as info:
+            async with a.slot():
+                pass
+        assert info.value.code == ErrorCode.OVERLOADED and a.refused == 1
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert a.inside == 0
+
+    async def device() -> None:
+        passes: list[int] = []
+        release = threading.Event()
+
+        def forward(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            release.wait(5)
+            return pixels.reshape(len(pixels), -1).sum(axis=1), pixels[:, 0, 0, 0]
+
+        q = DeviceQueue(forward, max_batch_size=4, observe=lambda n, waits, s: passes.append(n))
+        images = [np.full((1, 2, 2), i, np.uint8) for i in range(7)]
+        first = asyncio.create_task(q.encode(images[:1]))
+        await asyncio.sleep(0.01)  # the first pass runs (blocked); the next groups wait and merge
+        rest = [asyncio.create_task(q.encode(images[i : i + 2])) for i in (1, 3, 5)]
+        job = asyncio.create_task(q.call(lambda x: x * 2, 21))
+        await asyncio.sleep(0.01)
+        assert q.waiting == 6
+        release.set()
+        outs = [await first] + [await t for t in rest]
+        assert await job == 42
+        assert passes == [1, 4, 2]  # 1 alone, then two groups merged (4 ≤ max), then the third
+        flat = [row for out in outs for row in out]
+        assert [int(total) for total, _ in flat] == [4 * i for i in range(7)]
+        assert [int(first) for _, first in flat] == list(range(7))
+
+    asyncio.run(admission())
+    asyncio.run(device())
+    # A forming batch counts as full once no other image of the replica is on its way.
+    inflow = Inflow(max_batch_size=8)
+    items = [(images, inflow) for images in range(3)]
+    inflow.decoding = 2
+    assert forming_batch_size(items) == 3
+    inflow.decoding = 0
+    assert forming_batch_size(items) == 8
+    assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
+
+
 def test_build_args_and_deployment_options(tmp_path, monkeypatch):
     """configs/serve.yaml is a valid Serve config whose args build (writing the tiny demo model)."""
     from ray.serve.schema import ServeDeploySchema
@@ -229,12 +293,21 @@ def test_build_args_and_deployment_options(tmp_path, monkeypatch):
     config = resolve_app_config(app.args)
     assert (tmp_path / ".demo/tiny-llava/config.json").is_file()
     assert config.model.checkpoint == str(tmp_path / ".demo/tiny-llava")
+    # The proxy's own timeout stays above ours (our 504 comes first), as llava-features serve sets it.
+    assert (
+        schema.http_options.request_timeout_s
+        >= proxy_request_timeout_s(config)
+        > config.serve.request_timeout_s
+    )
     opts = deployment_options(config)
     assert opts["encoder"]["max_ongoing_requests"] >= config.serve.max_batch_size
     assert opts["encoder"]["autoscaling_config"]["max_replicas"] == config.serve.max_replicas
     assert opts["encoder"]["max_queued_requests"] == config.serve.max_queued_requests
     with pytest.raises(ValueError, match="Unknown build_app arg"):
         resolve_app_config({"modle": "x"})
+    # One deployment: its replicas serve HTTP, so the old `ingress` options are refused by name.
+    with pytest.raises(ConfigError, match="no ingress deployment.*'encoder'"):
+        deployment_options(config, {"encoder": {"num_cpus": 1}, "ingress": {"num_cpus": 0.5}})
     assert with_api_key_from_env(config).serve.api_key is None
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     assert with_api_key_from_env(config).serve.api_key == "from-env"
@@ -328,6 +401,23 @@ def test_concurrent_requests_are_batched(main, expected):
     assert stats["max_batch_size"] > 1, stats
     r = main.get("/debug/stats")
     assert r.status_code == 200 and r.json()["batch_sizes"] == stats["batch_sizes"]
+
+
+@slow
+def test_encode_pixels_through_a_handle(main, local_encoder, expected):
+    """The non-HTTP entry point: uint8 pixel batches through a deployment handle, on the replica's
+    device queue, give the in-process encoder's features (the seam for callers that decode elsewhere)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name="main")
+    names = list(IMAGES)
+    pixels = np.stack([local_encoder.encode_pre(IMAGES[n]).pixels for n in names])
+    out = handle.encode_pixels.remote(pixels, pooled=True).result()
+    assert out.dtype == "float16" and out.projected.shape == (len(names), *expected["a.png"][0].shape)
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(out.projected[i], expected[name][0], rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(out.pooled[i], expected[name][1], rtol=1e-4, atol=1e-5)
+    _ok(main)
 
 
 @slow
@@ -632,7 +722,7 @@ def test_bench_serve_runs(serve_cluster, tiny_llava):
         concurrency=4,
         warmup=2,
         port=serve_cluster.port,
-        ray_actor_options={"encoder": {"num_cpus": 0.1}, "ingress": {"num_cpus": 0.1}},
+        ray_actor_options={"encoder": {"num_cpus": 0.1}},
     )
     for key in (
         "serve_p50_ms",
