@@ -11,7 +11,11 @@ once. Inside a replica (:class:`FeaturesEncoderImpl`):
    Ray Serve hands a replica twice what it admits, so that these answers are ours and Serve's own
    queue at the proxy (plain-text 503) only fills while replicas are missing;
 2. the body is read with a size limit, the API key and the request timeout are checked;
-3. decode (``encode_pre``: the decode guard + preprocessing) in the replica's thread pool;
+3. decode (``encode_pre``: the decode guard + preprocessing) in the replica's thread pool
+   (``serve.decode_threads``), behind a budget of decoded pixels in flight (:class:`PixelBudget`,
+   ``serve.max_decode_pixels``): an image waits until its declared pixels fit, so a burst of huge
+   images cannot exhaust memory, and the allocator's free memory is handed back to the system
+   after such bursts (:func:`release_free_memory`);
 4. ``@serve.batch`` groups the decoded images of concurrent requests, waiting up to
    ``serve.batch_wait_timeout_s`` only while other images are still being decoded; the groups go
    to the replica's :class:`DeviceQueue`, whose one device thread runs the forward passes
@@ -55,6 +59,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import io
@@ -107,13 +113,17 @@ MIN_SERVE_ONGOING = 64
 """Fewest requests Ray Serve hands a replica at once (those past our own admission limit are
 answered 503 by the replica, in our JSON shape, instead of waiting in the proxy)."""
 MIN_DECODE_THREADS = 2
-"""Fewest decode threads per replica (more when Ray gives the replica more CPUs)."""
+"""Fewest decode threads per replica when ``serve.decode_threads`` is unset (more when Ray gives the
+replica more CPUs)."""
 MERGED_BATCHES = 8
 """Batches ``@serve.batch`` may hand over while the device is busy (the device queue merges them)."""
 PROXY_TIMEOUT_MARGIN_S = 5.0
 """Seconds past ``serve.request_timeout_s`` after which Serve's proxy gives up on a request itself
 (``http_options.request_timeout_s``, a plain-text 408): our own 504 comes first; the proxy's limit
 bounds the wait of a request that finds no replica running (nobody of ours to answer it)."""
+TRIM_AFTER_PIXELS = 16_000_000
+"""Decoded pixels after which an idle replica hands its allocator's free memory back (malloc_trim)."""
+
 _LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _ENCODING_ROUTES = frozenset({"/v1/features", "/v1/features:batch", "/v1/embeddings", "/healthz"})
@@ -184,6 +194,20 @@ def redacted_config(config: Config) -> dict[str, Any]:
     return out
 
 
+def decode_budget(config: Config) -> int:
+    """``serve.max_decode_pixels``, or ``decode.max_image_pixels`` when unset; never below the latter
+    (an image the decode guard accepts must fit the budget), checked with an error naming both keys."""
+    budget = config.serve.max_decode_pixels
+    if budget is None:
+        return config.decode.max_image_pixels
+    if budget < config.decode.max_image_pixels:
+        raise ConfigError(
+            f"serve.max_decode_pixels ({budget}) must be at least decode.max_image_pixels "
+            f"({config.decode.max_image_pixels}): an image the decode guard accepts must fit the budget"
+        )
+    return budget
+
+
 def _histogram(name: str, description: str, boundaries: list[float], tag_keys: tuple[str, ...] = ()) -> Any:
     from ray.serve.metrics import Histogram
 
@@ -196,7 +220,7 @@ def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
     return RayCounter(name, description=description, tag_keys=tag_keys)
 
 
-# -- admission -------------------------------------------------------------------------------------
+# -- admission, decode memory, the allocator ------------------------------------------------------
 
 
 class Admission:
@@ -229,6 +253,111 @@ class Admission:
             self.inside -= 1
 
 
+class PixelBudget:
+    """A budget of decoded pixels in flight, granted first come first served (a large image is not
+    overtaken forever by small ones). ``acquire(n)`` waits until ``n`` more pixels fit (an image
+    larger than the whole budget runs alone); ``release(n)`` gives them back. Single event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.waits = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, cost: int) -> bool:
+        return self.used == 0 or self.used + cost <= self.limit
+
+    def _grant(self, cost: int) -> None:
+        self.used += cost
+        self.peak = max(self.peak, self.used)
+
+    async def acquire(self, cost: int) -> None:
+        if not self._waiters and self._fits(cost):
+            self._grant(cost)
+            return
+        self.waits += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (cost, waiter)
+        self._waiters.append(entry)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(cost)  # granted, but the caller went away before using it
+            else:
+                with contextlib.suppress(ValueError):  # _wake may have dropped it already
+                    self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, cost: int) -> None:
+        self.used -= cost
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            cost, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(cost):
+                return
+            self._waiters.popleft()
+            self._grant(cost)
+            waiter.set_result(None)
+
+
+def declared_pixels(data: bytes) -> int:
+    """Pixels that the header of ``data`` declares (what decoding it allocates, a few bytes each);
+    0 when no image header can be read: the decode guard then refuses the input before decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # not an image, or a size PIL itself refuses to open: no pixels decoded
+        return 0
+    return max(0, width) * max(0, height)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim(0)``: every arena).
+
+    Decoding a large image allocates hundreds of MB in blocks that glibc keeps in its per-thread
+    arenas once freed (its mmap threshold grows after the first large free), so a burst of large
+    images would otherwise leave the replica holding hundreds of MB (docs/benchmarks.md). False
+    where there is no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _replica_cpus() -> float:
     """CPUs Ray reserved for this replica (1 outside Ray)."""
     try:
@@ -240,8 +369,8 @@ def _replica_cpus() -> float:
 
 
 class Inflow:
-    """Images of one replica on their way to a batch (decoding), and the largest batch: what a
-    forming batch may still wait for."""
+    """Images of one replica on their way to a batch (waiting for the decode budget or decoding),
+    and the largest batch: what a forming batch may still wait for."""
 
     def __init__(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
@@ -400,10 +529,13 @@ class FeaturesEncoderImpl:
         s = config.serve
         per_replica = max(s.max_ongoing_requests, s.max_batch_size)
         self.admission = Admission(per_replica, s.max_queued_requests if s.max_queued_requests >= 0 else None)
-        self.decode_threads = max(MIN_DECODE_THREADS, math.ceil(_replica_cpus()))
+        self.budget = PixelBudget(decode_budget(config))
+        self.decode_threads = s.decode_threads or max(MIN_DECODE_THREADS, math.ceil(_replica_cpus()))
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.device = DeviceQueue(self._forward, config.serve.max_batch_size, self._observe_pass)
         self.inflow = Inflow(config.serve.max_batch_size)
+        self._pixels_since_trim = 0
+        self._trims = 0
         warm_s = self.encoder.warmup(1)
         if self.encoder.device.type == "cuda" and config.serve.max_batch_size > 1:
             warm_s += self.encoder.warmup(config.serve.max_batch_size)
@@ -441,27 +573,44 @@ class FeaturesEncoderImpl:
             ("route",),
         )
         logger.info(
-            "Encoder replica %s ready (fingerprint %s, warmup %.2fs, %d decode threads)",
+            "Encoder replica %s ready (fingerprint %s, warmup %.2fs, %d decode threads, decode budget %d pixels)",
             self.replica,
             self.fingerprint[:12],
             warm_s,
             self.decode_threads,
+            self.budget.limit,
         )
 
     def _count(self, result: str) -> None:
         self._results[result] += 1
         self._m_images.inc(tags={"result": result})
 
-    # -- decode (thread pool) -------------------------------------------------------------------
+    # -- decode (thread pool, pixel budget) -------------------------------------------------------
 
     async def _prepare(self, data: bytes, image_id: str | None) -> PreparedImage:
-        """``encode_pre`` in the decode pool; raises DecodeError."""
+        """``encode_pre`` in the decode pool once the image's declared pixels fit the budget; raises
+        DecodeError. The pixels are given back when the decode ends, even if the caller went away."""
+        loop = asyncio.get_running_loop()
+        cost = declared_pixels(data)
+        if cost > self.config.decode.max_image_pixels:
+            cost = 0  # refused by the guard from its header, before any pixel is decoded
         self.inflow.decoding += 1
         try:
+            await self.budget.acquire(cost)
             future: Future[PreparedImage] = self._decode_pool.submit(self.encoder.encode_pre, data, image_id)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._decoded, cost))
             return await asyncio.wrap_future(future)
         finally:
             self.inflow.decoding -= 1
+
+    def _decoded(self, cost: int) -> None:
+        """A decode ended: its pixels go back to the budget; after a burst, memory goes back too."""
+        self.budget.release(cost)
+        self._pixels_since_trim += cost
+        if self.budget.used == 0 and self._pixels_since_trim >= TRIM_AFTER_PIXELS:
+            self._pixels_since_trim = 0
+            self._trims += 1
+            self._decode_pool.submit(release_free_memory)
 
     # -- batching and the forward pass (device thread) -----------------------------------------
 
@@ -552,11 +701,12 @@ class FeaturesEncoderImpl:
         return {"id": self.model_id, "replica": self.replica, "started": int(self._started), **info}
 
     async def stats(self) -> dict[str, Any]:
-        """This replica's counters: batch sizes ({size: batches}), results and admission."""
+        """This replica's counters: batch sizes ({size: batches}), results, admission and decode memory."""
         batches = sum(self._batch_sizes.values())
         images = sum(size * n for size, n in self._batch_sizes.items())
         return {
             "replica": self.replica,
+            "pid": os.getpid(),
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "batches": batches,
             "images": images,
@@ -566,12 +716,20 @@ class FeaturesEncoderImpl:
             "requests_inside": self.admission.inside,
             "requests_refused": self.admission.refused,
             "decode_threads": self.decode_threads,
+            "decode_budget_pixels": self.budget.limit,
+            "decode_pixels_in_flight": self.budget.used,
+            "decode_pixels_peak": self.budget.peak,
+            "decode_budget_waits": self.budget.waits,
+            "memory_trims": self._trims,
+            "rss_bytes": rss_bytes(),
         }
 
     async def reset_stats(self) -> None:
         self._batch_sizes.clear()
         self._results.clear()
         self.admission.refused = 0
+        self.budget.peak = self.budget.used
+        self.budget.waits = 0
 
     # -- HTTP plumbing ----------------------------------------------------------------------------
 
@@ -869,6 +1027,7 @@ def deployment_options(
     unknown = sorted(set(extra) - set(ACTOR_OPTION_KEYS))
     if unknown:
         raise ConfigError(f"ray_actor_options takes {list(ACTOR_OPTION_KEYS)}, not {unknown}")
+    decode_budget(config)  # serve.max_decode_pixels against decode.max_image_pixels, at build time
     gpus = s.num_gpus_per_replica if s.num_gpus_per_replica is not None else (1 if _cluster_has_gpus() else 0)
     # A replica works on at least a full batch of requests at once, or batches never fill, and holds
     # max_queued_requests more waiting (Admission); past that it answers 503 itself, in our JSON

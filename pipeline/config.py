@@ -154,6 +154,10 @@ class ServeConfig:
     """Autoscaling: ongoing requests per replica that the autoscaler aims for."""
     num_gpus_per_replica: float | None = setting(None, ge=0)
     """GPUs per encoder replica; null means 1 when the cluster has GPUs, else 0."""
+    decode_threads: int | None = setting(None, ge=1)
+    """Threads decoding images in each replica; null: the CPUs Ray gives the replica, at least 2."""
+    max_decode_pixels: int | None = setting(None, ge=1)
+    """Decoded pixels in flight per replica (declared sizes; ~10 bytes each at peak); more wait. Null: decode.max_image_pixels."""
     max_body_bytes: int = setting(32 * 1024 * 1024, ge=1)
     """Largest accepted request body; larger ones get 413 before being read whole."""
     request_timeout_s: float = setting(30.0, gt=0)
