@@ -9,6 +9,13 @@ then measures over HTTP on 127.0.0.1:
 and the same two figures for the encoder called directly in this process (``encode_pre`` +
 ``encode_pixels``, same image, batches of ``serve.max_batch_size`` for the throughput), so the
 difference is the cost of HTTP, Ray Serve and the queueing for dynamic batching.
+
+Throughput on a machine shared with other jobs moves with their load, and the two phases run at
+different times; CPU time does not move much. So when the benchmark starts its own Ray on Linux it
+also reports the CPU milliseconds the whole local Ray session (proxy, controller, replicas,
+raylet, GCS: every process of the session, from ``/proc``) spends per request at
+``concurrency``, the load generator's own, and the in-process encoder's per image; their ratio
+(``cpu_ratio``) is the endpoint's throughput per CPU-second relative to in-process.
 """
 
 from __future__ import annotations
@@ -130,18 +137,68 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
         one()
         latencies.append(time.perf_counter() - t)
     lat = _percentiles(latencies)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, requests, batch):
         n = min(batch, requests - start)
         pixels = np.stack([encoder.encode_pre(image).pixels for _ in range(n)])
         encoder.encode_pixels(pixels, batch_size=batch)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "direct_p50_ms": lat["p50"],
         "direct_p99_ms": lat["p99"],
         "direct_mean_ms": lat["mean"],
         "direct_throughput_ips": requests / wall,
+        "direct_cpu_ms_per_image": cpu * 1000 / requests,
     }
+
+
+def _session_cpu() -> Callable[[], float] | None:
+    """A reader of the CPU seconds used so far by the processes of this driver's local Ray session
+    (those whose command line names the session directory, and all their descendants: the
+    workers, Serve's proxy and controller, the replicas), from Linux's ``/proc``; None elsewhere."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    try:
+        import ray
+
+        session = ray._private.worker.global_worker.node.get_session_dir_path()  # no public API
+    except Exception:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+
+    def read() -> float:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        roots = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    named = session.encode() in f.read()
+            except OSError:  # gone meanwhile
+                continue
+            parents[pid] = int(fields[1])
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            if named:
+                roots.append(pid)
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        seen, todo = set(), list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid == me:
+                continue
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+        return sum(cpu[pid] for pid in seen)
+
+    return read
 
 
 class _Client:
@@ -186,10 +243,11 @@ def _bench_http(
     api_key: str | None,
     timeout_s: float,
     before_throughput: Callable[[], None] | None = None,
+    after_throughput: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one keep-alive
-    connection per thread); ``before_throughput`` runs between the two phases (the caller resets
-    the replicas' counters)."""
+    connection per thread); ``before_throughput`` and ``after_throughput`` run right before and
+    after the concurrent phase (the caller resets the replicas' counters, samples CPU time)."""
     headers = {"content-type": "application/octet-stream"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
@@ -217,7 +275,11 @@ def _bench_http(
         lat = _percentiles(latencies)
         if before_throughput is not None:
             before_throughput()
+        cpu = time.process_time()
         wall = _run_concurrent(post, requests, concurrency)
+        cpu = time.process_time() - cpu
+        if after_throughput is not None:
+            after_throughput()
     finally:
         for client in clients:
             client.close()
@@ -227,6 +289,7 @@ def _bench_http(
         "serve_mean_ms": lat["mean"],
         "serve_throughput_rps": requests / wall,
         "serve_errors": float(len(failures)),
+        "client_cpu_ms_per_request": cpu * 1000 / requests,
     }
 
 
@@ -301,6 +364,18 @@ def bench_serve(
         serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
         result["deploy_s"] = time.perf_counter() - t0
         handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
+        session_cpu = _session_cpu() if started_ray else None  # another session holds other apps too
+        samples: list[float] = []
+
+        def before() -> None:
+            handle.reset_stats.remote().result()
+            if session_cpu is not None:
+                samples.append(session_cpu())
+
+        def after() -> None:
+            if session_cpu is not None:
+                samples.append(session_cpu())
+
         result.update(
             _bench_http(
                 f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
@@ -312,9 +387,12 @@ def bench_serve(
                 timeout_s=timeout_s,
                 # The batch sizes reported are those of the concurrent phase only (the latency
                 # phase's requests come one at a time: batches of one by construction).
-                before_throughput=lambda: handle.reset_stats.remote().result(),
+                before_throughput=before,
+                after_throughput=after,
             )
         )
+        if len(samples) == 2:
+            result["serve_cpu_ms_per_request"] = (samples[1] - samples[0]) * 1000 / requests
         stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
@@ -331,4 +409,6 @@ def bench_serve(
     result["overhead_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
     result["overhead_p99_ms"] = result["serve_p99_ms"] - result["direct_p99_ms"]
     result["throughput_ratio"] = result["serve_throughput_rps"] / result["direct_throughput_ips"]
+    if result.get("serve_cpu_ms_per_request"):
+        result["cpu_ratio"] = result["direct_cpu_ms_per_image"] / result["serve_cpu_ms_per_request"]
     return result
