@@ -6,6 +6,7 @@
 - ``deployments.http``: error → HTTP status mapping, bounded body reading, response encoders,
   data URLs, the API key check (no Ray imports).
 - ``deployments.launch``: ``llava-features serve`` (:func:`~deployments.launch.serve_forever`).
+- ``deployments.listen``: where Serve's HTTP proxy listens, announced when the app is built or up.
 - ``deployments.bench``: ``llava-features bench serve`` (the endpoint against the in-process encoder).
 
 This layer imports ``pipeline``; ``pipeline`` never imports it, not even by a string. The command

@@ -86,6 +86,7 @@ from pipeline.config import Config, config_to_dict, load_config
 from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, LlavaFeaturesError, RequestError
 
 from . import http
+from .listen import announce
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -879,6 +880,7 @@ class FeaturesEncoderImpl:
         api = FastAPI(
             title="llava-features", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
         )
+        http.install_error_handlers(api)  # 404/405 in our error shape
         routes: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
             ("POST", "/v1/features", self.features),
             ("POST", "/v1/features:batch", self.features_batch),
@@ -958,11 +960,13 @@ def _model_overrides(model: Any) -> dict[str, Any]:
 def _make_tiny(path: Path) -> None:
     """Write a tiny random-weight LLaVA checkpoint at ``path`` (atomically: temp dir + rename)."""
     from pipeline.model.tiny import make_tiny_model
+    from pipeline.model.tower import quiet_progress_bars
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        make_tiny_model(tmp / "model", "llava")
+        with quiet_progress_bars():
+            make_tiny_model(tmp / "model", "llava")
         try:
             os.replace(tmp / "model", path)
         except OSError:
@@ -1066,4 +1070,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     args = dict(args or {})
     config = resolve_app_config(args)
     logger.info("Building %s for %s", APP_NAME, config.model.checkpoint or config.model.vision_tower)
-    return build_app_from_config(config, ray_actor_options=args.get("ray_actor_options"))
+    app = build_app_from_config(config, ray_actor_options=args.get("ray_actor_options"))
+    announce(APP_NAME)  # serve run / serve deploy: where the proxy listens
+    return app

@@ -27,6 +27,7 @@ def serve_forever(config: Config) -> int:
     from ray import serve
 
     from .app import APP_NAME, build_app_from_config, proxy_request_timeout_s
+    from .listen import ROUTES, announce
 
     address = os.environ.get("RAY_ADDRESS") or None
     started_ray = not ray.is_initialized() and address is None
@@ -52,15 +53,14 @@ def serve_forever(config: Config) -> int:
         )
         app = build_app_from_config(config)
         serve.run(app, name=APP_NAME, route_prefix=config.serve.route_prefix)
-        prefix = config.serve.route_prefix.rstrip("/")
-        logger.info(
-            "Serving %s on http://%s:%d%s (POST /v1/features, /v1/features:batch, /v1/embeddings; "
-            "GET /v1/models, /healthz). Ctrl-C to stop.",
-            APP_NAME,
-            config.serve.host,
-            config.serve.port,
-            prefix,
-        )
+        # Where Serve's proxy really listens (on a cluster whose Serve was already running, its own
+        # http_options win over --host/--port).
+        url = announce(APP_NAME, config.serve.route_prefix, ready=True)
+        if url is None:
+            prefix = config.serve.route_prefix.rstrip("/")
+            url = f"http://{config.serve.host}:{config.serve.port}{prefix}"
+            logger.info("Serving %s on %s: %s", APP_NAME, url, ROUTES)
+        logger.info("Ctrl-C to stop.")
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:

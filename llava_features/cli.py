@@ -1,7 +1,8 @@
 """``llava-features``: the command line, the only layer above both front doors.
 
-Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``serve`` (the online
-endpoint, :mod:`deployments.launch`), ``bench``, ``demo``, ``make-tiny-model`` and ``info``.
+Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``inspect`` (an output,
+:mod:`pipeline.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
+``demo``, ``make-tiny-model`` and ``info``.
 
 Every option that sets a configuration value is derived from its config dataclass field
 (:data:`pipeline.config.SECTIONS`): its type, its choices (``Literal`` fields) and its help (the
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
+from pipeline.constants import COMMITS_DIR
 from pipeline.model.config import field_docs, literal_choices
 from pipeline.model.errors import LlavaFeaturesError
 
@@ -31,6 +33,10 @@ EXIT_ERROR = 2
 """Exit status of a typed error (bad config, missing checkpoint, non-empty output, ...)."""
 EXIT_ERROR_BUDGET = 3
 """Exit status of a job whose failed inputs exceed ``max_error_fraction`` (everything was written)."""
+EXIT_BROKEN_PIPE = 141
+"""Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
+EXIT_INCOMPLETE = 1
+"""Exit status of ``inspect`` for an output that is not complete (failed, incomplete, unknown, empty)."""
 
 BENCH_EXTERNAL: dict[str, tuple[str, str]] = {"serve": ("deployments.bench", "bench_serve")}
 """Benchmarks of the online layer, which ``pipeline.bench`` cannot import itself: name → (module, function)."""
@@ -56,6 +62,18 @@ def _int_tuple(value: str) -> tuple[int, ...]:
         return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _layers(value: str) -> int | tuple[int, ...]:
+    """``N`` or ``N,M,...`` (several hidden layers, concatenated)."""
+    layers = _int_tuple(value)
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {value!r}")
+    return layers[0] if len(layers) == 1 else layers
+
+
+def _str_tuple(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _base_type(annotation: Any) -> Any:
@@ -87,6 +105,10 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
         kwargs.update(type=_pair, metavar="MIN,MAX")
     elif base == tuple[int, ...]:
         kwargs.update(type=_int_tuple, metavar="N,N,...")
+    elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
+        kwargs.update(type=_layers, metavar="N[,N...]")
+    elif base == tuple[str, ...]:
+        kwargs.update(type=_str_tuple, metavar="A,B,...")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -105,7 +127,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 MODEL_OPTIONS = ("select_layer", "select_feature", "projector_type", "image_aspect_ratio", "dtype", "device")
-ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size")
+ENCODER_OPTIONS = ("features", "pooled", "output_dtype", "batch_size", "anyres_output")
 JOB_OPTIONS = (
     "shard_size",
     "num_gpus_per_actor",
@@ -115,8 +137,15 @@ JOB_OPTIONS = (
     "compression",
     "limit",
     "s3_endpoint",
+    "read_timeout_s",
+    "address",
 )
+INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
 SERVE_OPTIONS = ("host", "port")
+DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
+"""The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
+EXIT_MISMATCH = 4
+"""Exit status of ``verify`` when our features differ from the reference's."""
 
 
 def _add_settings(p: argparse.ArgumentParser, **sections: tuple[str, ...]) -> None:
@@ -156,27 +185,203 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _size(n: int) -> str:
+    """Bytes in decimal units: ``4.7 MB``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def resolved_config(cfg: Config, resolved: Any) -> tuple[dict[str, Any], list[str]]:
+    """``config_to_dict(cfg)`` with the model settings the config left null filled in from the
+    checkpoint (``resolved``, a ResolvedModel) and ``encoder.output_dtype`` from the model dtype;
+    and the keys so filled."""
     from pipeline.config import config_to_dict
+    from pipeline.encoder import output_dtype_name
+
+    out = config_to_dict(cfg)
+    filled = []
+    # The model settings a config may leave null for the checkpoint to decide: the fields the
+    # config and the resolved model share.
+    for key in [f.name for f in dataclasses.fields(resolved) if f.name in out["model"]]:
+        value = getattr(resolved, key, None)
+        if out["model"].get(key) is None and value is not None:
+            out["model"][key] = list(value) if isinstance(value, tuple) else value
+            filled.append(f"model.{key}")
+    if out["encoder"].get("output_dtype") is None:
+        out["encoder"]["output_dtype"] = output_dtype_name(cfg)
+        filled.append("encoder.output_dtype")
+    return out, filled
+
+
+def info_lines(
+    cfg: Config, resolved: Any, fields: dict[str, Any], fingerprint: str, resampler: str
+) -> list[str]:
+    """What ``info`` prints: the features in one line, then the fingerprint, checkpoint, preprocessing."""
+    from pipeline.encoder import output_dtype_name
+    from pipeline.model import resolve_device
+
+    dtype = output_dtype_name(cfg)
+    itemsize = 4 if dtype == "float32" else 2
+    tokens = resolved.num_tokens
+    cls = " (CLS kept)" if resolved.select_feature == "cls_patch" else ""
+    layers = getattr(resolved, "select_layers", (resolved.select_layer,))
+    layer = (
+        f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (concatenated)"
+    )
+    source = f"from {layer} of {resolved.vision_tower}{cls}"
+    tile = resolved.image_size or 1
+    anyres = fields.get("anyres_output")
+    tiles = (
+        [1 + (w // tile) * (h // tile) for w, h in getattr(resolved, "image_grid_pinpoints", ())]
+        if anyres
+        else []
+    )
+
+    def shape(dim: int) -> str:
+        one = tokens * dim * itemsize
+        if anyres == "tiles" and tiles:
+            return (
+                f"(1 + tiles) × {tokens} × {dim} {dtype} per image: the base image and {min(tiles) - 1} to "
+                f"{max(tiles) - 1} tiles by its grid ({_size(one)} each, up to {_size(one * max(tiles))})"
+            )
+        if anyres == "packed":
+            return f"n × {dim} {dtype} per image (n tokens: the tiles packed by {resolved.patch_merge_type})"
+        return f"{tokens} × {dim} {dtype} per image ({_size(one)})"
+
+    lines = []
+    kind = cfg.encoder.features
+    if kind in ("projected", "both"):
+        lines.append(f"features: {shape(resolved.feature_dim)} {source}, projector {resolved.projector_type}")
+    if kind in ("tower", "both"):
+        lines.append(f"tower_features: {shape(resolved.mm_hidden_size)} {source}, before the projector")
+    if cfg.encoder.pooled:
+        dim = resolved.feature_dim if kind != "tower" else resolved.mm_hidden_size
+        lines.append(f"pooled: {dim} float32 per image (the mean over tokens)")
+    pre = fields["preprocess"]
+    pad = "pad to square with the CLIP mean colour, " if pre["aspect_ratio"] == "pad" else ""
+    crop = f", center crop {pre['crop_width']} × {pre['crop_height']}" if pre.get("do_center_crop") else ""
+    resample = {3: "bicubic", 2: "bilinear", 1: "lanczos", 0: "nearest"}.get(
+        pre.get("resample"), pre.get("resample")
+    )
+    lines += [
+        f"fingerprint:   {fingerprint}",
+        f"checkpoint:    {resolved.checkpoint or resolved.vision_tower} ({resolved.format} layout)",
+        f"preprocessing: {pad}resize the shortest side to {pre['size']} ({resample}){crop} "
+        f"(image_aspect_ratio {pre['aspect_ratio']})",
+        f"resize route:  {resampler} (the same pixels on every route; see README.md)",
+        f"compute:       {fields['compute_dtype']} on {resolve_device(cfg.model.device)} (model.dtype "
+        f"{cfg.model.dtype}), stored as {dtype}",
+    ]
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
     from pipeline.encoder import describe_encoder
     from pipeline.images.native import resampler_name
+    from pipeline.model import resolve_model
 
     cfg = load_cli_config(args)
-    desc = describe_encoder(cfg)
-    card = {
-        "fingerprint": desc.fingerprint,
-        "encoder": desc.fields,
-        "config": config_to_dict(cfg),
-        "resampler": resampler_name(desc.fields["preprocess"]["resample"]),
-    }
-    print(json.dumps(card, indent=2))
+    resolved = resolve_model(cfg.model)
+    desc = describe_encoder(cfg, resolved)
+    resampler = resampler_name(desc.fields["preprocess"]["resample"])
+    if args.json:
+        config, filled = resolved_config(cfg, resolved)
+        card = {
+            "fingerprint": desc.fingerprint,
+            "encoder": desc.fields,
+            "config": config,
+            "resolved_keys": filled,
+            "resampler": resampler,
+        }
+        print(json.dumps(card, indent=2))
+        return 0
+    print("\n".join(info_lines(cfg, resolved, desc.fields, desc.fingerprint, resampler)))
+    print("(--json: the resolved config, encoder description and fingerprint as JSON)")
     return 0
 
 
+def _print_inspect(report: Any) -> None:
+    """The human form of an :class:`pipeline.inspect.OutputReport`."""
+    brief = report.brief
+    state = report.state
+    when = f" (_SUCCESS written {report.finished})" if report.success and report.finished else ""
+    print(f"output:       {report.output}")
+    print(f"state:        {state}{when}")
+    for problem in report.problems:
+        print(f"  - {problem}")
+    of = f" of {report.inputs} inputs" if report.inputs is not None else ""
+    budget = f"; budget {report.max_error_fraction:.2%}" if report.max_error_fraction is not None else ""
+    print(
+        f"rows:         {report.rows}{of}: {report.ok} ok, {report.errors} errors "
+        f"({report.error_fraction:.2%}{budget})"
+    )
+    for i, group in enumerate(report.error_codes):
+        head = "errors:       " if i == 0 else "              "
+        print(f"{head}{group.code}: {group.count}")
+        for example in group.examples:
+            message = example["message"]  # decode guard messages start with the input's name
+            shown = message if message.startswith(example["uri"]) else f"{example['uri']}: {message}"
+            print(f"                e.g. {shown}")
+    for i, col in enumerate(report.columns):
+        head = "columns:      " if i == 0 else "              "
+        shape = " × ".join("n" if d is None else str(d) for d in col.shape)
+        size = "n varies by row" if col.bytes_per_row is None else _size(col.bytes_per_row)
+        print(f"{head}{col.name}: {shape} {col.dtype} per row ({size}, {col.encoding})")
+    planned = f" of {report.units_planned} planned" if report.units_planned is not None else ""
+    print(f"units:        {report.units_committed}{planned} committed")
+    records = [f"{COMMITS_DIR}/ ({report.commit_records} records)"] if report.commit_records else []
+    also = [*report.record_files, *records, *report.temporary_files]
+    print(
+        f"files:        {report.data_files} data files, {_size(report.data_bytes)}; "
+        f"{report.total_files} files, {_size(report.total_bytes)} in all"
+        + (f" (also {', '.join(also)})" if also else "")
+    )
+    if report.fingerprint:
+        print(f"fingerprint:  {report.fingerprint}")
+    if brief:
+        model = brief.get("checkpoint") or brief.get("vision_tower")
+        print(
+            f"model:        {model} ({brief.get('layout')}): layer {brief.get('select_layer')} "
+            f"({brief.get('select_feature')}), projector {brief.get('projector_type')}, "
+            f"{brief.get('image_size')} px {brief.get('aspect_ratio')}"
+        )
+        print(
+            f"encoder:      {brief.get('features')} features{' + pooled' if brief.get('pooled') else ''}, "
+            f"computed in {brief.get('compute_dtype')}, stored as {brief.get('output_dtype')}"
+        )
+        print(
+            f"job:          input {brief.get('input')}, shard size {brief.get('shard_size')}, "
+            f"{brief.get('tensor_format')} tensors, compression {brief.get('compression')}"
+        )
+    if report.data_files:
+        print(f"read it:      from pipeline import read_features; read_features({report.output!r})")
+        print(
+            f"              DuckDB: select status, error_code, count(*) from "
+            f"'{report.output.rstrip('/')}/*.parquet' group by all"
+        )
+    print("(--json: all of it as JSON)")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect import inspect_output
+
+    report = inspect_output(args.output, s3_endpoint=getattr(args, "job.s3_endpoint", None))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_inspect(report)
+    return 0 if report.state == "complete" else EXIT_INCOMPLETE
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from pipeline.job import budget_error, run_job
+    from pipeline.job import budget_error, dry_run, run_job
 
     config = load_cli_config(args)
+    if args.dry_run:
+        print(dry_run(config, args.input, args.output).format())
+        return 0
     summary = run_job(config, args.input, args.output, resume=args.resume)
     print(summary.format())
     error = budget_error(summary, config)
@@ -205,7 +410,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ok = read_features(args.output)
     print(f"\nfeatures of ok rows: {ok.features.shape} {ok.features.dtype}")
     print(f"first image, first token, first 6 values: {ok.features[0, 0, :6]}")
+    prog, python = _commands()
+    out = args.output
+    print("\n== next ==")
+    print(f"{prog} inspect {out}          # rows, errors by code, columns, files, completeness, config")
+    print(
+        f"{python} -c \"from pipeline import read_features; fs = read_features('{out}'); "
+        'print(fs.image_ids[:3], fs.features.shape)"'
+    )
+    print(
+        f'{python} -c "import duckdb; print(duckdb.sql(\\"select status, error_code, count(*) '
+        f"from '{out}/*.parquet' group by all\\\"))\""
+    )
     return 0
+
+
+def _commands() -> tuple[str, str]:
+    """How to call ``llava-features`` and the Python next to it, as this process was started
+    (``.venv/bin/llava-features`` under ``make demo``, where neither is on PATH)."""
+    from pathlib import Path
+
+    program = Path(sys.argv[0])
+    if program.name != "llava-features" or program.parent == Path():
+        return "llava-features", "python"
+    python = program.with_name("python")
+    return str(program), str(python) if python.exists() else "python"
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import DTYPE_REL_TOLERANCE, FLOAT32_REL_TOLERANCE, images_in, sample_images, verify
+
+    config = load_cli_config(args)
+    images = images_in(args.images, args.limit) if args.images else sample_images()
+    report = verify(config, images)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({**dataclasses.asdict(report), "passed": report.passed}, indent=2, default=str))
+        return 0 if report.passed else EXIT_MISMATCH
+    print(f"checkpoint layout: {report.layout}; reference: {report.reference}")
+    half = report.compute_dtype != "float32"
+    tolerances = f"float32 relative error <= {FLOAT32_REL_TOLERANCE:g}"
+    print(
+        "tolerances: " + tolerances + (f", {report.compute_dtype} <= {DTYPE_REL_TOLERANCE:g}" if half else "")
+    )
+    dtype_column = f"rel {report.compute_dtype}" if half else ""
+    print(f"{'image':24} {'shape':>16} {'max |Δ| f32':>12} {'rel f32':>10} {dtype_column:>14}  verdict")
+    for c in report.checks:
+        if c.error is not None:
+            print(f"{c.name[:24]:24} {'':>16} {'':>12} {'':>10} {'':>14}  FAIL: {c.error}")
+            continue
+        rel_half = f"{c.dtype_rel_error:.2e}" if c.dtype_rel_error is not None else ""
+        shape = "x".join(map(str, c.shape))
+        verdict = "ok" if c.passed else "FAIL"
+        print(f"{c.name[:24]:24} {shape:>16} {c.max_abs:12.2e} {c.rel_error:10.2e} {rel_half:>14}  {verdict}")
+    print(
+        "verdict: " + ("identical to the reference (within the tolerances)" if report.passed else "MISMATCH")
+    )
+    return 0 if report.passed else EXIT_MISMATCH
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -225,7 +487,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.bench.cli import add_bench_arguments
-    from pipeline.model.constants import CHECKPOINT_LAYOUTS, WEIGHT_FORMATS
+    from pipeline.model.constants import TINY_FORMATS, WEIGHT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="llava-features",
@@ -237,27 +499,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demo)")
     p.add_argument("directory")
-    p.add_argument("--format", choices=list(CHECKPOINT_LAYOUTS), default="llava")
+    p.add_argument("--format", choices=list(TINY_FORMATS), default="llava")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_make_tiny_model)
 
-    p = sub.add_parser("info", help="print the resolved model, config and fingerprint")
+    p = sub.add_parser("info", help="what the features will be: shapes, layer, projector, fingerprint")
     _add_model_args(p)
-    _add_settings(p, encoder=ENCODER_OPTIONS)
+    _add_settings(p, encoder=ENCODER_OPTIONS, decode=DECODE_OPTIONS)
+    p.add_argument("--json", action="store_true", help="the resolved config, encoder and fingerprint as JSON")
     p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser(
+        "inspect", help="look inside an output: rows, errors by code, columns, files, completeness, config"
+    )
+    p.add_argument("output", help="the job's output: local folder or s3:// / gs:// prefix")
+    p.add_argument("--json", action="store_true", help="the report as JSON (for scripts)")
+    add_setting(p, "job", "s3_endpoint")
+    p.set_defaults(handler=_cmd_inspect)
 
     p = sub.add_parser("encode", help="offline job: images → Parquet feature tables (Ray Data)")
     _add_model_args(p)
     p.add_argument(
-        "--input", required=True, help="local dir/glob, s3:// or gs:// prefix, or a .parquet/.csv manifest"
+        "--input",
+        required=True,
+        help="local dir, glob or brace list ({00000..00099}.tar), s3:// or gs:// prefix: image files, WebDataset "
+        "tar shards, .parquet/.csv manifests, or Parquet files of images (--image-column)",
     )
     p.add_argument(
         "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
     )
     p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
-    _add_settings(p, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (units, rows, shards, estimated output bytes) and exit; starts no Ray, writes nothing",
+    )
+    add_setting(p, "input", "format", flag="--input-format")
+    _add_settings(p, input=INPUT_OPTIONS, encoder=ENCODER_OPTIONS, job=JOB_OPTIONS, decode=DECODE_OPTIONS)
     p.set_defaults(handler=_cmd_encode)
+
+    p = sub.add_parser(
+        "verify", help="compare our features with the checkpoint's reference path (transformers' or LLaVA's)"
+    )
+    _add_model_args(p)
+    p.add_argument("--images", help="a folder of images (default: the bundled sample photos and odd shapes)")
+    p.add_argument("--limit", type=int, default=16, help="at most this many images of --images")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_settings(p, encoder=("anyres_output",), decode=DECODE_OPTIONS)
+    p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("demo", help="run the offline job on the embedded default (tiny model, sample photos)")
     p.add_argument("--output", default="demo-output", help="output folder (replaced by each demo run)")
@@ -268,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, serve")
+    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, profile")
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser
@@ -283,10 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return int(handler(args) or 0)
+        status = int(handler(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return status
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 - ``decode`` (:class:`DecodeConfig`): the decode guard's limits;
 - ``encoder`` (:class:`EncoderConfig`): what the encoder computes and returns (feature kind,
   pooling, output dtype, forward-pass batch sizes) — the same for both front doors;
+- ``input`` (:class:`InputConfig`): what the offline job's ``--input`` holds and which of its
+  columns to carry into the output;
 - ``job`` (:class:`JobConfig`): the offline Ray Data job;
 - ``serve`` (:class:`ServeConfig`): the online Ray Serve endpoint.
 
@@ -25,7 +27,16 @@ from typing import Any, ClassVar
 
 import yaml
 
-from .constants import Compression, FeatureKind, OutputDtype, TensorFormat
+from .constants import (
+    AlphaMode,
+    AnyresOutput,
+    Compression,
+    FeatureKind,
+    InputFormat,
+    OutputDtype,
+    SixteenBit,
+    TensorFormat,
+)
 from .model.config import ModelConfig, check_section, setting
 from .model.errors import ConfigError
 
@@ -35,11 +46,13 @@ __all__ = [
     "Config",
     "DecodeConfig",
     "EncoderConfig",
+    "InputConfig",
     "JobConfig",
     "ModelConfig",
     "ServeConfig",
     "config_to_dict",
     "load_config",
+    "resolve_model_path",
 ]
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
@@ -62,6 +75,12 @@ class DecodeConfig:
     """PIL format names accepted; anything else is ``unsupported_format``."""
     nvjpeg: bool = False
     """Opt-in: decode baseline JPEGs with nvJPEG on the encoder's GPU (pixels within rounding of the exact CPU path; fingerprinted)."""
+    exif_transpose: bool = False
+    """Opt-in: rotate images by their EXIF orientation first (LLaVA and its processors do not; fingerprinted)."""
+    alpha: AlphaMode = "auto"
+    """Transparency: auto (the checkpoint layout's own rule: drop for LLaVA, white for llava-hf), drop or white; fingerprinted."""
+    sixteen_bit: SixteenBit = "llava"
+    """16-bit images: llava (PIL's convert("RGB"), as LLaVA: values above 255 clip to white) or opt-in high_byte; fingerprinted."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -84,10 +103,41 @@ class EncoderConfig:
     """Images per forward pass (the offline job's batches; the endpoint's batches are at most serve.max_batch_size)."""
     batch_buckets: tuple[int, ...] = setting((), ge=1)
     """With model.compile: the compiled batch sizes (batches are padded up to one); empty: derived from batch_size."""
+    anyres_output: AnyresOutput = "tiles"
+    """LLaVA-NeXT (anyres) checkpoints: tiles [1 + tiles, tokens, dim] per image, or packed (spatial_unpad + image_newline)."""
 
     def __post_init__(self) -> None:
         check_section(self)
         object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What the offline job's ``--input`` holds, and which of its columns go into the output."""
+
+    SECTION: ClassVar[str] = "input"
+
+    format: InputFormat = setting("auto", message="Unknown input format")
+    """What --input holds: images, manifest (uri rows), webdataset (tar shards) or parquet (image bytes in input.image_column); auto: told from the names."""
+    image_column: str | None = None
+    """Parquet inputs: the column holding each image (binary, or the datasets Image struct {bytes, path}); set, the Parquet files are images, not manifests."""
+    id_column: str | None = None
+    """Parquet/CSV inputs: the column of image ids (default: image_id in manifests; <file>#<row> in Parquet images)."""
+    keep_columns: tuple[str, ...] = ()
+    """Input columns copied into the output rows: Parquet/CSV columns; for WebDataset, sidecars by extension (txt, cls; caption = txt) or .json fields."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        names = [c.strip() for c in self.keep_columns]
+        if any(not c for c in names):
+            raise ConfigError(f"input.keep_columns: empty column name in {list(self.keep_columns)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"input.keep_columns: a column is named twice in {names}")
+        object.__setattr__(self, "keep_columns", tuple(names))
+        for key in ("image_column", "id_column"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ConfigError(f"input.{key}: empty column name")
 
 
 @dataclass(frozen=True)
@@ -99,7 +149,7 @@ class JobConfig:
     tensor_format: TensorFormat = "binary"
     """``binary`` (raw bytes in our extension type; fast) or ``fixed_shape_tensor`` (canonical Arrow)."""
     shard_size: int = setting(256, ge=1)
-    """Inputs per output shard (one Parquet file each; the unit of resume)."""
+    """Inputs per output file; a unit of the plan (a tar, Parquet row groups, a manifest row range, listed files) may write several."""
     actors: tuple[int, int] = setting((1, 1), ge=1)
     """(min, max) encoder actors in the autoscaling pool."""
     num_gpus_per_actor: float | None = setting(None, ge=0)
@@ -116,6 +166,10 @@ class JobConfig:
     """S3 endpoint override (else AWS_ENDPOINT_URL / the AWS default)."""
     compression: Compression = "none"
     """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``, ``gzip``, ``brotli``)."""
+    read_timeout_s: float = setting(60.0, gt=0)
+    """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
+    address: str | None = None
+    """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -186,6 +240,8 @@ class Config:
     """Decode guard limits."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """What the encoder returns (both front doors)."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """What the offline job reads."""
     job: JobConfig = field(default_factory=JobConfig)
     """Offline job settings."""
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -196,6 +252,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "decode": DecodeConfig,
     "encoder": EncoderConfig,
+    "input": InputConfig,
     "job": JobConfig,
     "serve": ServeConfig,
 }
@@ -238,9 +295,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     model = loaded.get("model") or {}
     for key in _MODEL_PATH_KEYS:
         value = model.get(key)
-        if isinstance(value, str) and not os.path.isabs(value) and (path.parent / value).exists():
-            model[key] = str((path.parent / value).resolve())
+        if isinstance(value, str):
+            model[key] = resolve_model_path(value, path.parent)
     return loaded
+
+
+def resolve_model_path(value: str, folder: Path) -> str:
+    """A model path or id written in a YAML file in ``folder``, as :func:`load_config` reads it.
+
+    A value is a local path when it is absolute, starts with ``~`` or ``.`` (``./m``, ``../m``,
+    ``.demo/m``: no model id starts with a dot), or names something that exists in ``folder``;
+    relative paths are relative to ``folder``, never to the working directory. Anything else
+    (``org/name``) is a model id for the local Hugging Face cache and is returned unchanged.
+    """
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = folder / expanded
+    if expanded.startswith(".") or candidate.exists():
+        return str(candidate.resolve())
+    return value
 
 
 def load_config(
@@ -249,8 +323,10 @@ def load_config(
 ) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` ({section: {key: value}}).
 
-    ``None`` values in ``overrides`` mean "not given" and are skipped. Relative paths in the
-    YAML's ``model`` section are resolved against the YAML file's folder when they exist there.
+    ``None`` values in ``overrides`` mean "not given" and are skipped. Paths in the YAML's
+    ``model`` section (``checkpoint``, ``vision_tower``, ``projector_weights``) are relative to the
+    YAML file's folder (:func:`resolve_model_path`); paths in ``overrides`` are used as given
+    (relative to the working directory).
     Every value is checked (type, range) with an error naming its key.
     """
     data = _read_yaml(Path(path)) if path is not None else {}

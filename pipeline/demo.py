@@ -3,9 +3,10 @@
 Needs the ``demo`` extra (scikit-image for the sample photos, pandas for the peek), which
 ``make`` installs with the test extras.
 
-A local Ray, a generated tiny checkpoint (``.demo/tiny-llava``), a folder of sample photos (the
-ones bundled with scikit-image, plus two broken files to show error rows), output to a local
-folder; prints the job summary and a peek at the table.
+A local Ray, a generated tiny checkpoint (``.demo/tiny-llava`` under the working directory), a
+folder of sample photos (the ones bundled with scikit-image, plus two broken files to show error
+rows), output to a local folder; the command line prints the job summary, a peek at the table and
+where to go next (``llava-features inspect``, ``read_features``, DuckDB).
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def run_demo(output: Path) -> JobSummary:
     from .config import load_config
     from .job import run_job
     from .model.tiny import make_tiny_model
+    from .model.tower import quiet_progress_bars
 
     model_dir = DEMO_DIR / "tiny-llava"
     if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir, "llava")
+        with quiet_progress_bars():
+            make_tiny_model(model_dir, "llava")
     images = DEMO_DIR / "images"
     if not images.exists():
         write_sample_images(images)
@@ -63,4 +66,5 @@ def run_demo(output: Path) -> JobSummary:
         CONFIG_FILE,
         {"model": {"checkpoint": str(model_dir.resolve())}, "encoder": {"pooled": True}},
     )
-    return run_job(config, str(images), str(output))
+    # Absolute: the encoder actors write the shards, from their own working directory.
+    return run_job(config, str(images), str(output.resolve()))

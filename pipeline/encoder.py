@@ -29,16 +29,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, config_to_dict
+from .config import Config, DecodeConfig, config_to_dict
 from .constants import FeatureKind
 from .images.native import resampler_name
 from .images.normalize import Normalizer
 from .images.preprocess import PreparedImage, Preprocessor
 from .images.spec import PreprocessSpec
-from .model import ResolvedModel, load_model_modules, resolve_device, resolve_dtype, resolve_model
+from .model import (
+    ResolvedModel,
+    load_model_modules,
+    load_newline,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from .model.anyres import AnyresGrid, pack_tiles
 from .model.constants import CUDAGRAPH_COMPILE_MODES
-from .model.errors import DecodeError, ModelStateError
+from .model.errors import ConfigError, DecodeError, ModelStateError
 from .model.tower import DTYPE_NAMES
+from .records import RaggedRows
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +71,25 @@ def output_dtype_name(config: Config) -> str:
     return "float32" if config.model.dtype == "float32" else "float16"
 
 
-def preprocess_spec(resolved: ResolvedModel) -> PreprocessSpec:
-    """The preprocessing the resolved model expects (its image processor + LLaVA's aspect-ratio mode)."""
-    return PreprocessSpec.from_image_processor(resolved.image_processor, resolved.image_aspect_ratio)
+NUMERICS_VERSION = "2"
+"""Version of the product's numerics, part of every fingerprint: bumped whenever a change of the code
+(not of a setting) changes the features (2: the processor's exact normalisation, LLaVA's EXIF and
+colour-mode rules, content-addressed model digests)."""
+
+
+def preprocess_spec(resolved: ResolvedModel, decode: DecodeConfig | None = None) -> PreprocessSpec:
+    """The pixels the resolved model expects: its image processor, LLaVA's aspect-ratio mode (and anyres
+    grid), the layout's colour rules, and the decode options that deviate from them (opt-in)."""
+    decode = decode or DecodeConfig()
+    return PreprocessSpec.from_image_processor(
+        resolved.image_processor,
+        resolved.image_aspect_ratio,
+        grid_pinpoints=resolved.image_grid_pinpoints,
+        anyres_resample=resolved.anyres_resample,
+        alpha=resolved.alpha if decode.alpha == "auto" else decode.alpha,
+        exif_transpose=decode.exif_transpose,
+        sixteen_bit=decode.sixteen_bit,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,42 +100,99 @@ class EncoderDescription:
     """sha256 over everything that changes the numbers (model, layer, projector, dtypes, preprocessing)."""
     fields: dict[str, Any]
     """The fingerprinted fields, JSON-able."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """Where the model was read from (recorded, not fingerprinted: the same weights elsewhere are the same)."""
 
 
 def describe_encoder(config: Config, resolved: ResolvedModel | None = None) -> EncoderDescription:
-    """Fingerprint of the features ``config`` produces; reads configs and digests, loads no model."""
+    """Fingerprint of the features ``config`` produces; reads configs and digests, loads no model.
+
+    The fingerprint covers what the numbers depend on — the weights' digests and the model's
+    semantics, the preprocessing, the dtypes, the anyres output, the code's numerics version — and
+    never where the files are (recorded apart, under ``sources``). Settings that cannot give the
+    model's features are refused here (``llava-features info``), before any model is built.
+    """
     resolved = resolved or resolve_model(config.model)
+    spec = preprocess_spec(resolved, config.decode)
+    if spec.output_size is None:
+        raise ConfigError(
+            f"do_center_crop: false with image_aspect_ratio {spec.aspect_ratio!r} gives pixels of every size, which "
+            "a CLIP tower does not take (only 'pad', a square, works without the crop)"
+        )
+    tile = spec.output_size
+    if tile != (resolved.image_size, resolved.image_size):
+        raise ConfigError(
+            f"the image processor gives {tile[0]}x{tile[1]} pixels but the tower takes "
+            f"{resolved.image_size}x{resolved.image_size}: its crop/size do not match the tower"
+        )
+    anyres_output = config.encoder.anyres_output if resolved.anyres else None
+    if (
+        anyres_output == "packed"
+        and resolved.patch_merge_type == "spatial_unpad"
+        and not resolved.newline_sha256
+    ):
+        raise ConfigError(
+            f"encoder.anyres_output 'packed' with mm_patch_merge_type spatial_unpad needs the checkpoint's "
+            f"image_newline, and {resolved.checkpoint!r} has none"
+        )
+    if anyres_output == "packed" and config.encoder.features != "projected":
+        raise ConfigError(
+            "encoder.anyres_output 'packed' applies to the projected features (image_newline lives in their "
+            f"width): set encoder.features to 'projected', not {config.encoder.features!r}"
+        )
     device = resolve_device(config.model.device)
-    fields = {
-        "model": resolved.describe(),
+    fields: dict[str, Any] = {
+        "numerics_version": NUMERICS_VERSION,
+        "model": resolved.numerics(),
         "compute_dtype": str(resolve_dtype(config.model.dtype, device)).removeprefix("torch."),
         "output_dtype": output_dtype_name(config),
-        "preprocess": preprocess_spec(resolved).to_dict(),
+        "preprocess": spec.to_dict(),
     }
+    if anyres_output is not None:
+        fields["anyres_output"] = anyres_output
     if config.decode.nvjpeg:  # an opt-in deviation from the exact CPU pixels
+        if resolved.anyres:
+            raise ConfigError(
+                "decode.nvjpeg decodes single images; anyres (LLaVA-NeXT) tiling runs on the CPU"
+            )
         fields["decode_route"] = "nvjpeg"
-    fields["model"].pop("image_processor", None)  # represented by "preprocess"
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
-    return EncoderDescription(fingerprint=hashlib.sha256(blob).hexdigest(), fields=fields)
+    return EncoderDescription(
+        fingerprint=hashlib.sha256(blob).hexdigest(), fields=fields, sources=resolved.sources()
+    )
 
 
 @dataclass
 class EncodedBatch:
-    """Results of one batch, on the host, as numpy arrays (``None`` when not asked for)."""
+    """Results of one batch, on the host, as numpy arrays (``None`` when not asked for).
+
+    Features of fixed shape are ``(B, tokens, dim)`` arrays; LLaVA-NeXT's (anyres) vary from image to
+    image and are :class:`~pipeline.records.RaggedRows` (row ``i``: ``[1 + tiles, tokens, dim]``, or
+    ``[tokens, dim]`` packed), with the tile grids in ``grids``. ``batch[i]`` or :meth:`row` gives a
+    row either way.
+    """
 
     dtype: str
     """Returned dtype of ``projected`` and ``tower`` (``float16``, ``float32`` or ``bfloat16``)."""
-    projected: np.ndarray | None = None
-    """(B, tokens, dim) projected features; bfloat16 as its ``uint16`` bit pattern."""
-    tower: np.ndarray | None = None
-    """(B, tokens, tower_dim) tower features before the projector (same dtype)."""
+    projected: np.ndarray | RaggedRows | None = None
+    """Projected features; bfloat16 as its ``uint16`` bit pattern."""
+    tower: np.ndarray | RaggedRows | None = None
+    """Tower features before the projector (same dtype)."""
     pooled: np.ndarray | None = None
-    """(B, dim) float32 mean over tokens of the first feature kind returned."""
+    """(B, dim) float32 mean over all of a row's tokens of the first feature kind returned."""
+    grids: list[AnyresGrid | None] | None = None
+    """anyres: each row's tile grid (None otherwise)."""
 
     @property
-    def features(self) -> np.ndarray | None:
+    def features(self) -> np.ndarray | RaggedRows | None:
         """The first feature kind returned: ``projected``, else ``tower``."""
         return self.projected if self.projected is not None else self.tower
+
+    def row(self, index: int, name: str = "features") -> np.ndarray:
+        """Row ``index`` of ``projected``, ``tower`` or ``features`` (the first returned), with its own shape."""
+        values = getattr(self, name)
+        assert values is not None, f"{name} was not computed"
+        return values[index]
 
 
 def _host_array(t: torch.Tensor) -> np.ndarray:
@@ -155,20 +237,23 @@ class FeatureEncoder:
         resolved: ResolvedModel | None = None,
         *,
         modules: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+        image_newline: torch.Tensor | None = None,
     ) -> None:
         """Resolve (unless ``resolved`` is given) and load the model, then set up its fast path;
-        ``modules`` = (tower, projector) already built (benchmarks with random weights) skips loading."""
+        ``modules`` = (tower, projector) already built (benchmarks with random weights) skips loading,
+        and ``image_newline`` then stands for the checkpoint's (LLaVA-NeXT ``packed``)."""
         self.config = config
         self.settings = config.encoder
         self.resolved = resolved or resolve_model(config.model)
         self.description = describe_encoder(config, self.resolved)
-        self.spec = preprocess_spec(self.resolved)
+        self.spec = preprocess_spec(self.resolved, config.decode)
         self.preprocessor = Preprocessor(self.spec, config.decode)
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.output_dtype_name = output_dtype_name(config)
         self.output_dtype = DTYPE_NAMES[self.output_dtype_name]
         self.normalizer = Normalizer(self.spec, self.device)
+        self.anyres_output = config.encoder.anyres_output if self.resolved.anyres else None
         started = time.perf_counter()
         if modules is not None:
             self.tower, self.projector = modules
@@ -192,6 +277,18 @@ class FeatureEncoder:
             )
         self.fast = self._build_fast_path()
         self.gpu_decoder = self._build_gpu_decoder()
+        self.image_newline = (
+            image_newline.to(device=self.device, dtype=self.dtype)
+            if image_newline is not None
+            else load_newline(
+                self.resolved,
+                dtype=self.dtype,
+                device=self.device,
+                local_files_only=config.model.local_files_only,
+            )
+            if self.anyres_output == "packed"
+            else None
+        )
 
     # -- shapes ----------------------------------------------------------------------------
 
@@ -255,14 +352,26 @@ class FeatureEncoder:
         uploads, compute and pinned downloads on three streams), and a call holding a single
         batch is split into ``model.overlap_chunks`` sub-batches so its copies overlap compute.
         """
+        features = features or self.settings.features
+        pooled = self.settings.pooled if pooled is None else pooled
+        if len(pixels) == 0:
+            return self._empty(features, pooled)
+        out = self._run_batches(pixels, features, pooled, self.output_dtype, batch_size)
+        return EncodedBatch(self.output_dtype_name, **{name: _host_array(t) for name, t in out.items()})
+
+    def _run_batches(
+        self,
+        pixels: np.ndarray | torch.Tensor,
+        features: FeatureKind,
+        pooled: bool,
+        dtype: torch.dtype,
+        batch_size: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Host (CPU) tensors of ``pixels``' features in ``dtype`` (+ pooled), computed batch by batch."""
         from .model.fast import overlapped_map
 
         batch_size = batch_size or self.settings.batch_size
-        features = features or self.settings.features
-        pooled = self.settings.pooled if pooled is None else pooled
         n = len(pixels)
-        if n == 0:
-            return self._empty(features, pooled)
         step = batch_size
         if self.device.type == "cuda" and n <= batch_size and self.fast.overlap_chunks > 1:
             step = max(_MIN_OVERLAP_CHUNK, math.ceil(n / self.fast.overlap_chunks))
@@ -272,15 +381,67 @@ class FeatureEncoder:
             parts = list(
                 overlapped_map(
                     chunks,
-                    lambda batch: self._device_outputs(self._forward_device(batch, features), pooled),
+                    lambda batch: self._device_outputs(self._forward_device(batch, features), pooled, dtype),
                     self.device,
                 )
             )
-        out = {
+        return {
             name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
             for name in parts[0]
         }
-        return EncodedBatch(self.output_dtype_name, **{name: _host_array(t) for name, t in out.items()})
+
+    def encode_tiles(
+        self,
+        tiles: np.ndarray | torch.Tensor,
+        counts: Sequence[int],
+        grids: Sequence[AnyresGrid],
+        *,
+        features: FeatureKind | None = None,
+        pooled: bool | None = None,
+    ) -> EncodedBatch:
+        """LLaVA-NeXT (anyres) images: their uint8 tiles ``(sum(counts), 3, S, S)`` (each image's base
+        first), encoded together in batches, then per image as ``encoder.anyres_output`` says:
+        ``tiles`` rows ``[1 + tiles, tokens, dim]``, or ``packed`` rows ``[tokens, dim]``
+        (:func:`~pipeline.model.anyres.pack_tiles`, in the compute dtype, as LLaVA packs them).
+        Ragged results (:class:`~pipeline.records.RaggedRows`); ``pooled`` averages each row's tokens."""
+        features = features or self.settings.features
+        pooled = self.settings.pooled if pooled is None else pooled
+        if self.anyres_output is None:
+            raise ConfigError("encode_tiles is for anyres (LLaVA-NeXT) checkpoints")
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if offsets[-1] != len(tiles) or len(counts) != len(grids):
+            raise ValueError(f"{len(tiles)} tiles for counts {list(counts)} and {len(grids)} grids")
+        if len(counts) == 0:
+            return self._empty(features, pooled)
+        out = self._run_batches(tiles, features, False, self.dtype)
+        rows: dict[str, RaggedRows] = {}
+        pooled_rows = []
+        for name, values in out.items():
+            per_image = [values[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
+            if self.anyres_output == "packed":
+                per_image = [
+                    pack_tiles(
+                        t,
+                        grid,
+                        merge_type=self.resolved.patch_merge_type,
+                        image_newline=self.image_newline.cpu() if self.image_newline is not None else None,
+                        rounding=self.resolved.unpad_rounding,
+                        anyres_max=self.resolved.anyres_max,
+                    )
+                    for t, grid in zip(per_image, grids, strict=True)
+                ]
+            if pooled and not pooled_rows:
+                pooled_rows = [t.float().reshape(-1, t.shape[-1]).mean(dim=0) for t in per_image]
+            rows[name] = RaggedRows.from_rows(
+                [_host_array(t.to(self.output_dtype).contiguous()) for t in per_image]
+            )
+        return EncodedBatch(
+            self.output_dtype_name,
+            projected=rows.get("projected"),
+            tower=rows.get("tower"),
+            pooled=torch.stack(pooled_rows).numpy() if pooled else None,
+            grids=list(grids),
+        )
 
     def prepare_many(
         self, datas: Sequence[bytes], names: Sequence[str | None] | None = None
@@ -309,11 +470,18 @@ class FeatureEncoder:
         pooled: bool | None = None,
         features: FeatureKind | None = None,
     ) -> EncodedBatch:
-        """:meth:`encode_pixels` of prepared images (host numpy or device tensor pixels)."""
+        """:meth:`encode_pixels` (anyres: :meth:`encode_tiles`) of prepared images (host numpy or device
+        tensor pixels)."""
         if not prepared:
             return self._empty(
                 features or self.settings.features, self.settings.pooled if pooled is None else pooled
             )
+        if self.anyres_output is not None:
+            tiles = np.concatenate([p.tiles for p in prepared])
+            counts = [len(p.tiles) for p in prepared]
+            return self.encode_tiles(
+                tiles, counts, [p.grid for p in prepared], pooled=pooled, features=features
+            )  # type: ignore[misc]
         if any(isinstance(p.pixels, torch.Tensor) for p in prepared):
             stack = torch.stack([self._as_tensor(p.pixels).to(self.device) for p in prepared])
         else:
@@ -429,22 +597,31 @@ class FeatureEncoder:
 
         return run_bucketed(run, values, fast.buckets)
 
-    def _device_outputs(self, out: dict[str, torch.Tensor], pooled: bool) -> dict[str, torch.Tensor]:
-        """Features in the returned dtype (+ float32 mean over tokens), still on the device."""
+    def _device_outputs(
+        self, out: dict[str, torch.Tensor], pooled: bool, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Features in ``dtype`` (default: the returned dtype) (+ float32 mean over tokens), on the device."""
         result: dict[str, torch.Tensor] = {}
         first = out.get("projected", out.get("tower"))
         if pooled and first is not None:
             result["pooled"] = first.float().mean(dim=1)
         for name in ("projected", "tower"):
             if name in out:
-                result[name] = out[name].to(self.output_dtype).contiguous()
+                result[name] = out[name].to(dtype or self.output_dtype).contiguous()
         return result
 
     def _empty(self, features: FeatureKind, pooled: bool) -> EncodedBatch:
         """Zero-row results with the shapes and dtypes real ones have (e.g. a shard without a good image)."""
 
-        def tensor(dim: int) -> np.ndarray:
-            return _host_array(torch.zeros((0, self.num_tokens, dim), dtype=self.output_dtype))
+        def tensor(dim: int) -> np.ndarray | RaggedRows:
+            if self.anyres_output == "packed":
+                return RaggedRows.from_rows(
+                    [], like=_host_array(torch.zeros((0, dim), dtype=self.output_dtype))
+                )
+            array = _host_array(torch.zeros((0, self.num_tokens, dim), dtype=self.output_dtype))
+            if self.anyres_output == "tiles":
+                return RaggedRows.from_rows([], like=array[None])
+            return array
 
         projected = tensor(self.feature_dim) if features in ("projected", "both") else None
         tower = tensor(self.tower_dim) if features in ("tower", "both") else None
@@ -454,6 +631,7 @@ class FeatureEncoder:
             projected=projected,
             tower=tower,
             pooled=np.zeros((0, pooled_dim), np.float32) if pooled else None,
+            grids=[] if self.anyres_output else None,
         )
 
     @staticmethod

@@ -1,22 +1,27 @@
 """The offline job: object storage → CPU decode → GPU encoder actor pool → Parquet feature tables.
 
-Plan (driver, metadata only): list the inputs in a deterministic order, cut them into shards of
-``job.shard_size`` (the unit of output files and of resume), fingerprint the encoder, and check
-the output location (``_job.json`` records the plan and the fingerprint).
+Plan (driver, metadata only; :func:`pipeline.storage.plan_inputs`): list the inputs and cut them
+into *units* — groups of listed image files, row ranges of a manifest, WebDataset tars, row
+groups of Parquet files of images — in a deterministic order. The plan costs memory in
+proportion to its units; the driver never reads an image, a tar member or a Parquet image row.
+Fingerprint the plan and the encoder, and check the output location (``_job.json`` records both).
 
-Run (Ray Data, streaming): one row per pending shard →
-``decode_shard`` CPU tasks (read bytes, decode guard, preprocess to uint8; bad inputs become error
-records, never exceptions), each producing one typed :class:`~pipeline.records.DecodedShard` →
-:class:`EncodeShardActor`, an autoscaling actor pool where each actor
-holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the shard's ok images in
-batches and commits the shard's Parquet file itself (temporary name + rename locally, final-name
-PUT on object stores). Feature tensors therefore never travel back through the object store or
-the driver; only a small per-shard summary does. A shard that is retried (actor killed, node lost)
-is rewritten under the same name, so every input appears exactly once.
+Run (Ray Data, streaming): one row per pending unit → ``decode_unit`` CPU tasks, which expand
+their unit (read bytes, decode guard, preprocess to uint8; bad inputs become error records, never
+exceptions) into one typed :class:`~pipeline.records.DecodedShard` per output file of
+``job.shard_size`` inputs → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
+holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the file's ok images in
+batches and commits the Parquet file itself (temporary name + rename locally, final-name PUT on
+object stores). Feature tensors therefore never travel back through the object store or the
+driver; only a small per-file summary does. Once every file of a unit is committed, the driver
+writes the unit's commit record (``_commits/unit-NNNNNN.json``): a unit is committed exactly
+when its record exists, and ``--resume`` rewrites exactly the units without one. A file that is
+retried (actor killed, node lost) is rewritten under the same name, so every input row appears
+exactly once.
 
-Finish: counts are read back from the committed files' ``status`` column, ``_SUCCESS`` is written
-last (unless more than ``max_error_fraction`` of the inputs failed: then the job exits non-zero
-after writing everything it has).
+Finish: counts come from the commit records, files no record names (leftovers of interrupted
+writers) are removed, and ``_SUCCESS`` is written last (unless more than ``max_error_fraction``
+of the inputs failed: then the job exits non-zero after writing everything it has).
 """
 
 from __future__ import annotations
@@ -24,147 +29,274 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import Config, config_to_dict
 from .constants import CONFIG_KEY, FINGERPRINT_KEY, JOB_FILE, SUCCESS_FILE
-from .encoder import FeatureEncoder, describe_encoder, preprocess_spec
-from .model import ResolvedModel, resolve_model
 from .model.errors import (
+    ConfigError,
     DecodeError,
     ErrorBudgetExceededError,
     ErrorCode,
     InputReadError,
+    LlavaFeaturesError,
     OutputError,
 )
+from .ray_warnings import spend_actor_restart_warning
 from .records import DecodedShard, rows_of_batch, rows_to_batch
-from .storage import join_path
+from .storage import (
+    InputOptions,
+    InputPlan,
+    ReadOptions,
+    Unit,
+    absolute_uri,
+    join_path,
+    read_json,
+    split_uri,
+    write_json,
+)
+
+if TYPE_CHECKING:  # torch is imported when the model is resolved, after planning (see dry_run)
+    from .model import ResolvedModel
 
 logger = logging.getLogger(__name__)
+
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for the driver of a submitted job: its runtime environment (as JSON),
+whose ``working_dir`` says the driver runs in a temporary copy of the submitted folder."""
+_RAY_PROBE_TIMEOUT_S = 5.0
+_COMMIT_THREADS = 4
 
 
 @dataclass
 class JobSummary:
-    """What a run did (also written, with the fingerprint, into ``_SUCCESS``)."""
+    """What a run did (also written, with the fingerprints, into ``_SUCCESS``)."""
 
     output: str
-    """Where the Parquet dataset is."""
+    """Where the Parquet dataset is (local paths absolute)."""
     fingerprint: str
     """Encoder fingerprint of every row in the output."""
+    input: str = ""
+    """What was read (local paths absolute)."""
+    input_kind: str = ""
+    """``images``, ``manifest``, ``webdataset`` or ``parquet``."""
     inputs: int = 0
-    """Inputs in the plan (the whole job, including shards committed by earlier runs)."""
+    """Input rows of the whole job (including units committed by earlier runs)."""
     read: int = 0
-    """Inputs processed by this run."""
+    """Input rows processed by this run."""
     ok: int = 0
     """Rows with status ok in the whole output."""
     errors: dict[str, int] = field(default_factory=dict)
     """Error rows by error code in the whole output."""
+    units_total: int = 0
+    """Units in the plan (the unit of resume)."""
+    units_written: int = 0
+    """Units committed by this run."""
+    units_skipped: int = 0
+    """Units already committed (``--resume``)."""
     shards_total: int = 0
-    """Shards in the plan."""
+    """Output files in the whole output."""
     shards_written: int = 0
-    """Shards written by this run."""
-    shards_skipped: int = 0
-    """Shards already committed (``--resume``)."""
+    """Output files written by this run."""
     seconds: float = 0.0
     """Wall time of this run's pipeline."""
     images_per_s: float = 0.0
-    """Inputs processed by this run per second of its pipeline."""
+    """Input rows processed by this run per second of its pipeline."""
     error_fraction: float = 0.0
     """Error rows / rows in the whole output."""
+    max_error_fraction: float = 0.0
+    """The error budget this run's decision was made with."""
     error_budget_exceeded: bool = False
     """True when error_fraction > max_error_fraction (no _SUCCESS is written then)."""
+    up_to_date: bool = False
+    """True when a ``--resume`` found every unit committed and wrote nothing."""
+    recorded: dict[str, Any] | None = None
+    """With ``up_to_date``: the ``_SUCCESS`` the finished output holds (counts, budget, time), if any."""
 
     def format(self) -> str:
         errs = ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())) or "none"
-        return "\n".join(
-            [
-                f"images read:   {self.read} this run ({self.inputs} in the job)",
-                f"ok:            {self.ok}",
-                f"errors:        {sum(self.errors.values())} ({errs})",
-                f"shards:        {self.shards_written} written, {self.shards_skipped} already committed, "
-                f"{self.shards_total} in total",
-                f"throughput:    {self.images_per_s:.1f} images/s ({self.seconds:.1f} s)",
-                f"output:        {self.output}",
-                f"fingerprint:   {self.fingerprint[:16]}",
-            ]
-            + (
-                [f"ERROR BUDGET EXCEEDED: {self.error_fraction:.2%} of inputs failed"]
-                if self.error_budget_exceeded
-                else []
+        lines = [
+            f"input:         {self.input} ({self.input_kind})",
+            f"images read:   {self.read} this run ({self.inputs} in the job)",
+            f"ok:            {self.ok}",
+            f"errors:        {sum(self.errors.values())} ({errs})",
+            f"units:         {self.units_written} written, {self.units_skipped} already committed, "
+            f"{self.units_total} in total",
+            f"shards:        {self.shards_written} written, {self.shards_total} in the output",
+            f"throughput:    {self.images_per_s:.1f} images/s ({self.seconds:.1f} s)",
+            f"output:        {self.output}",
+            f"fingerprint:   {self.fingerprint[:16]}",
+        ]
+        if self.up_to_date:
+            if self.recorded is not None:
+                lines.append(
+                    f"up to date:    every unit was committed already; counts as recorded in {SUCCESS_FILE} "
+                    f"({self.recorded.get('finished', '?')}, max_error_fraction "
+                    f"{self.recorded.get('max_error_fraction', '?')}), left as it is"
+                )
+            elif self.error_budget_exceeded:
+                lines.append("up to date:    every unit was committed already; nothing was written")
+            else:
+                lines.append(
+                    f"up to date:    every unit was committed already; nothing was encoded again, {SUCCESS_FILE} written"
+                )
+        if self.error_budget_exceeded:
+            lines.append(
+                f"ERROR BUDGET EXCEEDED: {self.error_fraction:.2%} of inputs failed "
+                f"(max_error_fraction {self.max_error_fraction:.2%})"
             )
-        )
+        return "\n".join(lines)
 
 
 # -- stage 1: decode (CPU tasks) --------------------------------------------------------------
 
 
-def decode_shard(batch: dict[str, np.ndarray], *, config: Config, resolved: ResolvedModel) -> dict[str, Any]:
-    """Read, decode and preprocess every input of the shard rows in ``batch`` into one
-    :class:`DecodedShard` row each. Never raises for an input.
+def read_options(config: Config) -> ReadOptions:
+    """What decode tasks need to expand units, from the config."""
+    return ReadOptions(
+        s3_endpoint=config.job.s3_endpoint,
+        threads=config.job.decode_threads,
+        max_bytes=config.decode.max_bytes,
+        timeout_s=config.job.read_timeout_s,
+        image_column=config.input.image_column,
+        id_column=config.input.id_column,
+        keep_columns=config.input.keep_columns,
+    )
+
+
+def _decode_piece(
+    samples: list[Any],
+    unit: int,
+    piece: int,
+    last: bool,
+    preprocessor: Any,
+    device_decode: bool,
+    keep: tuple[str, ...],
+) -> DecodedShard:
+    record = DecodedShard(
+        shard=unit, piece=piece, last=last, data=[] if device_decode else None, carried={c: [] for c in keep}
+    )
+    ok_pixels = []
+    for sample in samples:
+        try:
+            if sample.error is not None:
+                raise sample.error
+            if device_decode:
+                record.data.append(sample.data)  # type: ignore[union-attr]
+                record.add_ok(sample.image_id, sample.uri, carried=sample.carried)
+                continue
+            prepared = preprocessor(sample.data, sample.uri)
+            tiles = prepared.tiles  # (1, 3, S, S); anyres: the base image and the grid's tiles
+            ok_pixels.append(tiles)
+            grid = (prepared.grid.rows, prepared.grid.cols) if prepared.grid is not None else (0, 0)
+            record.add_ok(
+                sample.image_id,
+                sample.uri,
+                prepared.width,
+                prepared.height,
+                carried=sample.carried,
+                tiles=len(tiles),
+                grid=grid,
+            )
+        except (DecodeError, InputReadError) as exc:
+            record.add_error(sample.image_id, sample.uri, str(exc.code), exc.message, carried=sample.carried)
+        except Exception as exc:  # a bug must not take the job down: record it on the row
+            logger.exception("Unexpected failure on %s", sample.uri)
+            record.add_error(
+                sample.image_id,
+                sample.uri,
+                str(ErrorCode.INTERNAL),
+                f"{type(exc).__name__}: {exc}",
+                sample.carried,
+            )
+        sample.data = None  # the encoded bytes are not needed any more
+    if ok_pixels:
+        record.pixels = np.concatenate(ok_pixels)
+    else:
+        spec = preprocessor.spec
+        record.pixels = np.zeros((0, 3, spec.crop_height, spec.crop_width), np.uint8)
+    return record
+
+
+def decode_unit(
+    batch: dict[str, np.ndarray],
+    *,
+    config: Config,
+    resolved: ResolvedModel,
+    read: ReadOptions,
+    shard_size: int,
+) -> Iterator[dict[str, Any]]:
+    """Expand every unit row of ``batch`` into its output files: one :class:`DecodedShard` row each,
+    ``shard_size`` inputs at a time, yielded as they are ready. Never raises for an input.
 
     With ``decode.nvjpeg`` the encoder decodes on its own device: inputs are only read here.
     """
+    from .encoder import preprocess_spec
     from .images.preprocess import Preprocessor
-    from .storage import read_bytes
+    from .storage import expand_unit
 
-    preprocessor = Preprocessor(preprocess_spec(resolved), config.decode)
+    preprocessor = Preprocessor(preprocess_spec(resolved, config.decode), config.decode)
     device_decode = config.decode.nvjpeg
-    rows = []
-    for shard, image_ids, uris in zip(batch["shard"], batch["image_id"], batch["uri"], strict=True):
-        record = DecodedShard(shard=int(shard), data=[] if device_decode else None)
-        datas = read_bytes(
-            [str(u) for u in uris],
-            s3_endpoint=config.job.s3_endpoint,
-            threads=config.job.decode_threads,
-            max_bytes=config.decode.max_bytes,
-        )
-        ok_pixels = []
-        for image_id, uri, data in zip(image_ids, uris, datas, strict=True):
-            image_id, uri = str(image_id), str(uri)
-            try:
-                if isinstance(data, InputReadError):
-                    raise data
-                if device_decode:
-                    record.data.append(data)  # type: ignore[union-attr]
-                    record.add_ok(image_id, uri)
-                    continue
-                prepared = preprocessor(data, uri)
-                ok_pixels.append(prepared.pixels)
-                record.add_ok(image_id, uri, prepared.width, prepared.height)
-            except (DecodeError, InputReadError) as exc:
-                record.add_error(image_id, uri, str(exc.code), exc.message)
-            except Exception as exc:  # a bug must not take the job down: record it on the row
-                logger.exception("Unexpected failure on %s", uri)
-                record.add_error(image_id, uri, str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}")
-        if ok_pixels:
-            record.pixels = np.stack(ok_pixels)
-        else:
-            spec = preprocessor.spec
-            record.pixels = np.zeros((0, 3, spec.crop_height, spec.crop_width), np.uint8)
-        rows.append(record.to_row())
-    return rows_to_batch(rows)
+    keep = tuple(read.keep_columns)
+    for row in rows_of_batch(batch):
+        unit = Unit.from_row(row)
+        pieces = expand_unit(unit, shard_size, read)
+        current = next(pieces, None)
+        if current is None:  # a unit without rows (an empty tar): committed with no file
+            yield rows_to_batch(
+                [_decode_piece([], unit.index, 0, True, preprocessor, device_decode, keep).to_row()]
+            )
+            continue
+        piece = 0
+        while current is not None:
+            record = _decode_piece(current, unit.index, piece, False, preprocessor, device_decode, keep)
+            current = next(pieces, None)  # read ahead: is this the unit's last file?
+            record.last = current is None
+            yield rows_to_batch([record.to_row()])
+            piece += 1
+
+
+def shard_batch(shards: Any) -> dict[str, np.ndarray]:
+    """The numpy batch of plan rows that :func:`decode_shard` receives for ``shards`` (a sequence of
+    :class:`~pipeline.storage.Shard`): ``shard`` indices and, per shard, the lists of ``image_id`` and
+    ``uri``. For running the job's stages in one process (the in-process benchmark, GPU tests)."""
+    ids = np.empty(len(shards), dtype=object)
+    uris = np.empty(len(shards), dtype=object)
+    for i, s in enumerate(shards):
+        ids[i] = [item.image_id for item in s.items]
+        uris[i] = [item.uri for item in s.items]
+    return {"shard": np.array([s.index for s in shards], dtype=np.int64), "image_id": ids, "uri": uris}
 
 
 # -- stage 2: encode + commit (actor pool) ----------------------------------------------------
 
 
 class EncodeShardActor:
-    """Ray Data actor: one FeatureEncoder replica; encodes shards and commits their Parquet files.
+    """Ray Data actor: one FeatureEncoder replica; encodes output files' inputs and commits the files.
 
-    Two calls may run at once on an actor: the device work is serialised by a lock, so one shard's
-    Parquet write overlaps the next shard's encode.
+    Two calls may run at once on an actor: the device work is serialised by a lock, so one file's
+    Parquet write overlaps the next one's encode.
     """
 
     def __init__(
-        self, config: Config, resolved: ResolvedModel, output: str, metadata: dict[str, str]
+        self,
+        config: Config,
+        resolved: ResolvedModel,
+        output: str,
+        metadata: dict[str, str],
+        carried_types: dict[str, str] | None = None,
     ) -> None:
+        from .encoder import FeatureEncoder
         from .sink import ensure_registered
         from .storage import resolve_filesystem
 
@@ -174,13 +306,30 @@ class EncodeShardActor:
         self.encoder.warmup(min(config.encoder.batch_size, 8))
         self.fs, self.out_path = resolve_filesystem(output, s3_endpoint=config.job.s3_endpoint)
         self.metadata = metadata
+        self.carried_types = dict(carried_types or {})
         self.lock = threading.Lock()
 
     def _encode(self, record: DecodedShard) -> Any:
-        """The shard's features (the inputs that fail the device decode become error rows)."""
+        """The file's features (the inputs that fail the device decode become error rows)."""
         if record.data is None:
             with self.lock:
-                return self.encoder.encode_pixels(record.pixels)
+                if self.encoder.anyres_output is None:
+                    return self.encoder.encode_pixels(record.pixels)
+                from .model.anyres import AnyresGrid
+
+                ok = record.ok
+                tile = self.encoder.spec.crop_height
+                grids = [
+                    AnyresGrid((int(w), int(h)), (int(cols) * tile, int(rows) * tile), tile)
+                    for w, h, rows, cols in zip(
+                        record.width[ok],
+                        record.height[ok],
+                        record.grid_rows[ok],
+                        record.grid_cols[ok],
+                        strict=True,
+                    )
+                ]
+                return self.encoder.encode_tiles(record.pixels, record.tiles[ok].tolist(), grids)
         ok_rows = np.flatnonzero(record.ok)
         with self.lock:
             prepared = self.encoder.prepare_many(record.data, [record.uri[i] for i in ok_rows])
@@ -195,53 +344,117 @@ class EncodeShardActor:
         return encoded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .constants import shard_file_name
         from .sink import ShardRows, build_table, write_shard
 
         summaries = []
         job = self.config.job
         for row in rows_of_batch(batch):
             record = DecodedShard.from_row(row)
-            encoded = self._encode(record)
-            rows = ShardRows.from_record(record)
-            table = build_table(
-                rows,
-                features=encoded.projected,
-                tower_features=encoded.tower,
-                pooled=encoded.pooled,
-                dtype=encoded.dtype,
-                tensor_format=job.tensor_format,
-                metadata=self.metadata,
+            name = ""
+            if len(record):
+                encoded = self._encode(record)
+                rows = ShardRows.from_record(record)
+                table = build_table(
+                    rows,
+                    features=encoded.projected,
+                    tower_features=encoded.tower,
+                    pooled=encoded.pooled,
+                    dtype=encoded.dtype,
+                    tensor_format=job.tensor_format,
+                    metadata=self.metadata,
+                    grids=encoded.grids,
+                    carried_types=self.carried_types,
+                )
+                write_shard(
+                    table,
+                    self.out_path,
+                    record.shard,
+                    filesystem=self.fs,
+                    compression=job.compression,
+                    piece=record.piece,
+                )
+                name = shard_file_name(record.shard, record.piece)
+            codes = Counter(c for c, ok in zip(record.error_code, record.ok, strict=True) if not ok)
+            summaries.append(
+                {
+                    "shard": record.shard,
+                    "piece": record.piece,
+                    "last": record.last,
+                    "rows": len(record),
+                    "ok": record.num_ok,
+                    "file": name,
+                    "codes": sorted(codes),
+                    "counts": [codes[c] for c in sorted(codes)],
+                }
             )
-            write_shard(table, self.out_path, record.shard, filesystem=self.fs, compression=job.compression)
-            summaries.append({"shard": record.shard, "rows": len(rows), "ok": rows.num_ok})
         return rows_to_batch(summaries)
+
+
+# -- commit records (driver) --------------------------------------------------------------------
+
+
+class _Commits:
+    """Collects the actors' per-file summaries and writes each unit's commit record once all of its
+    files are in (on a few threads, so slow stores do not hold up the pipeline)."""
+
+    def __init__(self, fs: Any, out_path: str, units: dict[int, Unit]) -> None:
+        self.fs, self.out_path, self.units = fs, out_path, units
+        self.pieces: dict[int, dict[int, dict[str, Any]]] = {}
+        self.last: dict[int, int] = {}
+        self.committed: dict[int, Any] = {}
+        self.pool = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="commit")
+        self.futures: list[Future[str]] = []
+
+    def add(self, summary: dict[str, Any]) -> bool:
+        """Record one file's summary; True when it is new (a retried file reports again)."""
+        from .sink import UnitCommit, commit_unit
+
+        unit, piece = int(summary["shard"]), int(summary["piece"])
+        pieces = self.pieces.setdefault(unit, {})
+        new = piece not in pieces
+        pieces[piece] = summary
+        if bool(summary["last"]):
+            self.last[unit] = piece
+        last = self.last.get(unit)
+        if last is None or any(p not in pieces for p in range(last + 1)):
+            return new
+        files = [pieces[p] for p in range(last + 1)]
+        errors: Counter[str] = Counter()
+        for f in files:
+            errors.update(dict(zip([str(c) for c in f["codes"]], [int(n) for n in f["counts"]], strict=True)))
+        commit = UnitCommit(
+            unit=unit,
+            rows=sum(int(f["rows"]) for f in files),
+            ok=sum(int(f["ok"]) for f in files),
+            errors=dict(errors),
+            files=[(str(f["file"]), int(f["rows"])) for f in files if f["file"]],
+        )
+        planned = self.units[unit].rows
+        if planned is not None and commit.rows != planned:
+            raise OutputError(f"Unit {unit} wrote {commit.rows} rows for its {planned} inputs")  # a bug
+        self.committed[unit] = commit
+        self.futures.append(self.pool.submit(commit_unit, self.out_path, self.fs, commit))
+        return new
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for future in self.futures:
+            future.result()  # a failed commit write fails the job (its unit is rewritten on resume)
 
 
 # -- the driver -------------------------------------------------------------------------------
 
 
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def _write_json(fs: Any, path: str, value: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(value, indent=2, sort_keys=True, default=str).encode())
-
-
 def _check_output(
     fs: Any, out_path: str, output: str, job_record: dict[str, Any], resume: bool, s3_endpoint: str | None
-) -> None:
+) -> dict[str, Any] | None:
+    """The existing ``_job.json`` of a resumable output (None for an empty one); OutputError otherwise."""
     from .storage import output_is_empty
 
     if output_is_empty(output, s3_endpoint=s3_endpoint):
-        return
-    existing = _read_json(fs, join_path(out_path, JOB_FILE))
+        return None
+    existing = read_json(fs, join_path(out_path, JOB_FILE))
     if not resume:
         raise OutputError(
             f"Output {output} is not empty. Pass --resume to continue the job that wrote it, or choose "
@@ -260,108 +473,281 @@ def _check_output(
         )
     if existing.get("plan_fingerprint") != job_record["plan_fingerprint"]:
         raise OutputError(
-            f"Output {output} was written for a different input plan (inputs, order, --limit or shard size changed): "
-            "resuming would mix shards. Use the original input and options, or another output location.",
+            f"Output {output} was written for a different input plan (inputs changed, or their order, sizes or "
+            "modification times, --limit, --shard-size or the input options): resuming would mix units. "
+            "Use the original input and options, or another output location.",
             code=ErrorCode.FINGERPRINT_MISMATCH,
         )
+    return existing
 
 
-def _count_output(fs: Any, out_path: str) -> tuple[int, Counter[str]]:
-    import pyarrow.dataset as pads
+def ray_job_working_dir() -> str | None:
+    """The ``working_dir`` of the Ray job this driver runs in (``ray job submit --working-dir``), if any."""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        runtime_env = (json.loads(raw) or {}).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
+    return str(working_dir) if working_dir else None
 
-    from .sink import ensure_registered
 
-    ensure_registered()
-    ds = pads.dataset(
-        out_path, filesystem=fs, format="parquet", exclude_invalid_files=False, ignore_prefixes=[".", "_"]
+def resolve_output(output_uri: str) -> str:
+    """``output_uri`` with a local path made absolute on the driver. Raises ConfigError for a relative
+    local path when the driver runs inside a Ray job's working directory: Ray deletes that folder
+    (with everything written into it) when the job ends."""
+    raw = output_uri.strip()
+    scheme, _ = split_uri(raw)
+    if scheme == "local":
+        written = raw[len("file://") :] if raw.lower().startswith("file://") else raw
+        if not os.path.isabs(os.path.expanduser(written)):
+            working_dir = ray_job_working_dir()
+            if working_dir is not None:
+                raise ConfigError(
+                    f"--output {output_uri!r} is a relative path, and this driver runs in the temporary copy of "
+                    f"the job's working directory that Ray made ({os.getcwd()}, from {working_dir}) and deletes "
+                    "when the job ends: the features would be lost. Give an absolute path on storage that "
+                    "outlives the job (a shared filesystem), or an s3:// / gs:// URI."
+                )
+    return absolute_uri(raw) if scheme == "local" else raw.rstrip("/")
+
+
+def make_plan(config: Config, input_uri: str) -> InputPlan:
+    """The input plan of ``config`` for ``input_uri`` (:func:`pipeline.storage.plan_inputs`)."""
+    from .sink import OUTPUT_COLUMNS
+    from .storage import plan_inputs
+
+    clash = sorted(set(config.input.keep_columns) & OUTPUT_COLUMNS)
+    if clash:
+        raise ConfigError(f"input.keep_columns {clash}: the output has column(s) of that name already")
+    i, job = config.input, config.job
+    return plan_inputs(
+        input_uri,
+        options=InputOptions(i.format, i.image_column, i.id_column, i.keep_columns),
+        shard_size=job.shard_size,
+        limit=job.limit,
+        s3_endpoint=job.s3_endpoint,
+        timeout_s=job.read_timeout_s,
     )
-    import pyarrow.compute as pc
-
-    table = ds.to_table(columns=["status", "error_code"])
-    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    counts = pc.value_counts(table.column("error_code").drop_null()).to_pylist()
-    return ok, Counter({c["values"]: c["counts"] for c in counts})
 
 
-def _init_ray() -> Any:
+def _ray_target(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _probe_ray(target: str, source: str) -> None:
+    """Fail fast, with a typed error, when nothing answers at a Ray address (``ray.init`` waits minutes)."""
+    hostport = target.split("://", 1)[1] if "://" in target else target
+    if target == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            hostport = canonicalize_bootstrap_address("auto") or ""
+        except Exception as exc:  # no cluster found, or Ray's private helper moved
+            raise LlavaFeaturesError(
+                f"Could not find the Ray cluster for address 'auto': {exc}", code=ErrorCode.UNAVAILABLE
+            ) from exc
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: let ray.init say what is wrong
+    try:
+        with socket.create_connection((host, int(port)), timeout=_RAY_PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise LlavaFeaturesError(
+            f"No Ray cluster answers at {target} (from {source}): {exc}. Start the cluster, or leave "
+            "--address and RAY_ADDRESS unset to run on a new local Ray. Nothing was written.",
+            code=ErrorCode.UNAVAILABLE,
+        ) from exc
+
+
+def _init_ray(address: str | None = None) -> Any:
+    """Ray for this job: the one already initialised in this process, else the cluster at ``address``
+    (``job.address``) or ``RAY_ADDRESS``, else a new local Ray (never one found running on the host).
+    Raises a typed error (code ``unavailable``) when Ray cannot be started or reached."""
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`, or by the user) connects to a cluster; otherwise a
-        # local Ray starts for this process.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
+    if ray.is_initialized():
+        return ray
+    target = _ray_target(address)
+    if target is not None:
+        _probe_ray(target, "--address / job.address" if address else "RAY_ADDRESS")
+    try:
+        ray.init(address=target or "local", logging_level=logging.WARNING)
+    except Exception as exc:
+        where = f"the Ray cluster at {target}" if target else "a local Ray"
+        raise LlavaFeaturesError(
+            f"Could not start {where}: {type(exc).__name__}: {exc}. Nothing was written.",
+            code=ErrorCode.UNAVAILABLE,
+        ) from exc
     return ray
 
 
-def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = False) -> JobSummary:
-    """Encode every input under ``input_uri`` into a Parquet dataset at ``output_uri``."""
-    from .storage import ensure_output_dir, list_inputs, plan_fingerprint, plan_shards, resolve_filesystem
-
-    job = config.job  # every value was checked (types, ranges) when the config was loaded
-
-    resolved = resolve_model(config.model)
-    description = describe_encoder(config, resolved)
-    items = list_inputs(input_uri, s3_endpoint=job.s3_endpoint, limit=job.limit)
-    shards = plan_shards(items, job.shard_size)
-    job_record = {
+def _job_record(config: Config, plan: InputPlan, description: Any) -> dict[str, Any]:
+    return {
         "fingerprint": description.fingerprint,
-        "plan_fingerprint": plan_fingerprint(items, job.shard_size),
-        "input": input_uri,
-        "inputs": len(items),
-        "shards": len(shards),
-        "shard_size": job.shard_size,
+        "plan_fingerprint": plan.fingerprint,
+        "input": plan.input,
+        "input_kind": plan.kind,
+        "input_options": plan.options,
+        "carried_columns": plan.carried,
+        "source_files": plan.files,
+        "units": len(plan.units),
+        "rows": plan.rows,
+        "shard_size": plan.shard_size,
         "encoder": description.fields,
         "config": config_to_dict(config),
         "created": datetime.now(UTC).isoformat(),
     }
+
+
+def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = False) -> JobSummary:
+    """Encode every input of ``input_uri`` into a Parquet dataset at ``output_uri``."""
+    from .encoder import describe_encoder
+    from .model import resolve_model
+    from .sink import committed_units, remove_stale_temp_files
+    from .storage import ensure_output_dir, resolve_filesystem
+
+    job = config.job  # every value was checked (types, ranges) when the config was loaded
+    output_uri = resolve_output(output_uri)
+    plan = make_plan(config, input_uri)
+    release_memory()
+    resolved = resolve_model(config.model)
+    description = describe_encoder(config, resolved)
+    job_record = _job_record(config, plan, description)
     fs, out_path = resolve_filesystem(output_uri, s3_endpoint=job.s3_endpoint)
-    _check_output(fs, out_path, output_uri, job_record, resume, job.s3_endpoint)
-    ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
-    if _read_json(fs, join_path(out_path, JOB_FILE)) is None:
-        _write_json(fs, join_path(out_path, JOB_FILE), job_record)
-
-    from .sink import committed_shards, remove_stale_temp_files
-
-    remove_stale_temp_files(out_path, fs)
-    done = committed_shards(out_path, fs)
-    pending = [s for s in shards if s.index not in done]
+    existing = _check_output(fs, out_path, output_uri, job_record, resume, job.s3_endpoint)
+    done = committed_units(out_path, fs) if existing is not None else set()
+    pending = [u for u in plan.units if u.index not in done]
     summary = JobSummary(
         output=output_uri,
         fingerprint=description.fingerprint,
-        inputs=len(items),
-        shards_total=len(shards),
-        shards_skipped=len(shards) - len(pending),
+        input=plan.input,
+        input_kind=plan.kind,
+        units_total=len(plan.units),
+        units_skipped=len(plan.units) - len(pending),
+        max_error_fraction=job.max_error_fraction,
     )
     logger.info(
-        "%d inputs in %d shards; %d already committed, %d to write",
-        len(items),
-        len(shards),
+        "%d unit(s) (%s rows) to %s: %d already committed, %d to write",
+        len(plan.units),
+        plan.rows if plan.rows is not None else "unknown",
+        output_uri,
         len(done),
         len(pending),
     )
+    if not pending:
+        return _finish_up_to_date(config, plan, fs, out_path, summary)
+
+    # Ray first: when it cannot start, nothing has been written to the output.
+    _init_ray(job.address)
+    ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
+    if existing is None:
+        write_json(fs, join_path(out_path, JOB_FILE), job_record)
+    remove_stale_temp_files(out_path, fs)
+    _remove_uncommitted(fs, out_path, {u.index for u in pending})
+    commits = _Commits(fs, out_path, {u.index: u for u in plan.units})
     started = time.perf_counter()
-    if pending:
-        _run_pipeline(config, resolved, pending, output_uri, job_record, summary)
-        # A writer that died mid-shard (actor or node lost) left its temporary file; the shard was
-        # written again by the retry and no writer of this job is running any more.
-        remove_stale_temp_files(out_path, fs)
+    try:
+        _run_pipeline(config, resolved, pending, output_uri, job_record, summary, commits, plan)
+    finally:
+        commits.close()
+    # A writer that died mid-file (actor or node lost) left its temporary file; the file was
+    # written again by the retry and no writer of this job is running any more.
+    remove_stale_temp_files(out_path, fs)
     summary.seconds = time.perf_counter() - started
     summary.images_per_s = summary.read / summary.seconds if summary.seconds > 0 else 0.0
+    summary.units_written = len(commits.committed)
+    return _finish(config, plan, fs, out_path, summary, commits.committed, done)
 
-    ok, errors = _count_output(fs, out_path)
-    summary.ok, summary.errors = ok, dict(errors)
-    total = ok + sum(errors.values())
-    summary.error_fraction = (total - ok) / total if total else 0.0
-    summary.error_budget_exceeded = summary.error_fraction > job.max_error_fraction
-    if total != len(items):
-        raise OutputError(f"Output {output_uri} holds {total} rows for {len(items)} inputs: it is incomplete")
-    if not summary.error_budget_exceeded:
-        _write_json(
-            fs,
-            join_path(out_path, SUCCESS_FILE),
-            {**asdict(summary), "finished": datetime.now(UTC).isoformat()},
+
+def _remove_uncommitted(fs: Any, out_path: str, units: set[int]) -> None:
+    """Remove the output files of ``units`` (uncommitted: an interrupted run's) before rewriting them."""
+    from .sink import output_files, remove_files
+
+    remove_files(
+        out_path, fs, [name for name, (unit, _) in output_files(out_path, fs).items() if unit in units]
+    )
+
+
+def _count(summary: JobSummary, commits: dict[int, Any], max_error_fraction: float) -> None:
+    errors: Counter[str] = Counter()
+    for commit in commits.values():
+        errors.update(commit.errors)
+    summary.ok = sum(c.ok for c in commits.values())
+    summary.errors = dict(errors)
+    summary.inputs = sum(c.rows for c in commits.values())
+    summary.shards_total = sum(len(c.files) for c in commits.values())
+    summary.error_fraction = (summary.inputs - summary.ok) / summary.inputs if summary.inputs else 0.0
+    summary.error_budget_exceeded = summary.error_fraction > max_error_fraction
+
+
+def _write_success(fs: Any, out_path: str, summary: JobSummary, plan: InputPlan) -> None:
+    record = {
+        **asdict(summary),
+        "plan_fingerprint": plan.fingerprint,
+        "finished": datetime.now(UTC).isoformat(),
+    }
+    record.pop("recorded", None)
+    write_json(fs, join_path(out_path, SUCCESS_FILE), record)
+
+
+def _finish(
+    config: Config,
+    plan: InputPlan,
+    fs: Any,
+    out_path: str,
+    summary: JobSummary,
+    written: dict[int, Any],
+    done: set[int],
+) -> JobSummary:
+    from .sink import output_files, read_commits, remove_files
+
+    commits = {**read_commits(out_path, fs, done - set(written)), **written}
+    missing = [u.index for u in plan.units if u.index not in commits]
+    if missing:
+        raise OutputError(
+            f"Output {summary.output} is incomplete: {len(missing)} unit(s) have no commit record (e.g. unit "
+            f"{missing[0]}); run again with --resume"
         )
+    for unit in plan.units:
+        if unit.rows is not None and commits[unit.index].rows != unit.rows:
+            raise OutputError(
+                f"Output {summary.output}: unit {unit.index} holds {commits[unit.index].rows} rows for its "
+                f"{unit.rows} inputs"
+            )
+    present = output_files(out_path, fs)
+    named = {name for c in commits.values() for name, _ in c.files}
+    lost = sorted(named - set(present))
+    if lost:
+        raise OutputError(f"Output {summary.output} is missing {len(lost)} committed file(s), e.g. {lost[0]}")
+    remove_files(out_path, fs, set(present) - named)  # left by writers of an earlier attempt
+    _count(summary, commits, config.job.max_error_fraction)
+    if not summary.error_budget_exceeded:
+        _write_success(fs, out_path, summary, plan)
     return summary
+
+
+def _finish_up_to_date(
+    config: Config, plan: InputPlan, fs: Any, out_path: str, summary: JobSummary
+) -> JobSummary:
+    """A resume with nothing to write: the recorded summary, this run's own budget decision, and a
+    ``_SUCCESS`` that is never rewritten (it says what the run that finished the output decided)."""
+    summary.up_to_date = True
+    recorded = read_json(fs, join_path(out_path, SUCCESS_FILE))
+    if recorded is not None and recorded.get("plan_fingerprint") == plan.fingerprint:
+        summary.recorded = recorded
+        summary.ok = int(recorded.get("ok", 0))
+        summary.errors = {str(k): int(v) for k, v in dict(recorded.get("errors") or {}).items()}
+        summary.inputs = int(recorded.get("inputs", 0))
+        summary.shards_total = int(recorded.get("shards_total", 0))
+        summary.error_fraction = (summary.inputs - summary.ok) / summary.inputs if summary.inputs else 0.0
+        summary.error_budget_exceeded = summary.error_fraction > config.job.max_error_fraction
+        return summary
+    # Every unit is committed but no run wrote _SUCCESS (one exceeded its budget): decide now.
+    return _finish(config, plan, fs, out_path, summary, {}, {u.index for u in plan.units})
 
 
 _DECODE_WORKER_BASE_BYTES = 512 * 1024 * 1024  # a Python worker with PIL, numpy and the decode guard loaded
@@ -390,48 +776,65 @@ def _worker_runtime_env() -> dict[str, Any] | None:
 
 
 def _decode_task_memory(config: Config, resolved: ResolvedModel) -> int:
-    spec = preprocess_spec(resolved)
-    per_image = 3 * spec.crop_height * spec.crop_width + 4 * 1024 * 1024  # pixels + an encoded photo
+    from .encoder import preprocess_spec
+
+    spec = preprocess_spec(resolved, config.decode)
+    # One output file's uint8 pixels (anyres: the base image and the tiles of the largest canvas), its
+    # encoded inputs and the next file's (read ahead).
+    tiles = 1 + max(
+        (w * h // (spec.crop_height * spec.crop_width) for w, h in spec.grid_pinpoints), default=0
+    )
+    per_image = tiles * 3 * spec.crop_height * spec.crop_width + 2 * 4 * 1024 * 1024
     return _DECODE_WORKER_BASE_BYTES + config.job.shard_size * per_image
+
+
+def shard_metadata(job_record: dict[str, Any]) -> dict[str, str]:
+    """Key-value metadata of every shard file of a job (``job_record``: what ``_job.json`` holds):
+    the encoder fingerprint and the resolved config + encoder description as JSON."""
+    return {
+        FINGERPRINT_KEY: job_record["fingerprint"],
+        CONFIG_KEY: json.dumps(
+            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
+        ),
+    }
 
 
 def _run_pipeline(
     config: Config,
     resolved: ResolvedModel,
-    pending: list[Any],
+    pending: list[Unit],
     output_uri: str,
     job_record: dict[str, Any],
     summary: JobSummary,
+    commits: _Commits,
+    plan: InputPlan,
 ) -> None:
-    ray = _init_ray()
+    ray = _init_ray(config.job.address)
+    # Ray Data's actor pools always trigger one harmless ERROR line of Ray's (the pool's own
+    # arguments are object refs; see pipeline/ray_warnings.py): spend it here, out of sight.
+    spend_actor_restart_warning()
     job = config.job
     gpus = job.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if gpus == 0 and config.model.device == "auto":
         config = replace(config, model=replace(config.model, device="cpu"))
-    metadata = {
-        FINGERPRINT_KEY: job_record["fingerprint"],
-        CONFIG_KEY: json.dumps(
-            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
-        ),
-    }
+    metadata = shard_metadata(job_record)
     from ray.data import ActorPoolStrategy
 
-    ds = ray.data.from_items(
-        [
-            {"shard": s.index, "image_id": [i.image_id for i in s.items], "uri": [i.uri for i in s.items]}
-            for s in pending
-        ],
-        override_num_blocks=len(pending),
-    )
+    ds = ray.data.from_items([u.to_row() for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
-        decode_shard,
-        fn_kwargs={"config": config, "resolved": resolved},
+        decode_unit,
+        fn_kwargs={
+            "config": config,
+            "resolved": resolved,
+            "read": read_options(config),
+            "shard_size": job.shard_size,
+        },
         batch_size=1,
         num_cpus=1,
-        # What a decode task holds: the shard's encoded bytes and its uint8 pixels. Reserving it
-        # also keeps the decode tasks a separate pool (Ray Data fuses stages with equal resource
+        # What a decode task holds: one output file's encoded bytes and uint8 pixels. Reserving
+        # it also keeps the decode tasks a separate pool (Ray Data fuses stages with equal resource
         # requests, which would move decoding into the encoder actors on CPU-only clusters).
         memory=_decode_task_memory(config, resolved),
         runtime_env=_worker_runtime_env(),
@@ -444,6 +847,7 @@ def _run_pipeline(
             "resolved": resolved,
             "output": output_uri,
             "metadata": metadata,
+            "carried_types": dict(plan.carried),
         },
         batch_size=1,
         batch_format="numpy",
@@ -454,21 +858,176 @@ def _run_pipeline(
         num_cpus=job.num_cpus_per_actor,
         runtime_env=_worker_runtime_env(),
     )
-    seen: set[int] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
-            if int(shard) in seen:  # a retried task reports again; the file was replaced, not duplicated
-                continue
-            seen.add(int(shard))
-            summary.read += int(rows)
-            summary.shards_written += 1
+        for row in rows_of_batch(batch):
+            if commits.add(row):  # a retried file reports again; it was replaced, not duplicated
+                summary.read += int(row["rows"])
+                summary.shards_written += 1 if row["file"] else 0
 
 
 def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededError | None:
     """The typed error for a run above ``max_error_fraction`` (None when within budget)."""
     if not summary.error_budget_exceeded:
         return None
+    if summary.up_to_date and summary.recorded is not None:
+        return ErrorBudgetExceededError(
+            f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
+            f"{config.job.max_error_fraction:.2%}; nothing was written (every unit was committed already), and "
+            f"{SUCCESS_FILE}, written by the run that allowed "
+            f"{float(summary.recorded.get('max_error_fraction', 0)):.2%}, is left as it is"
+        )
     return ErrorBudgetExceededError(
         f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-        f"{config.job.max_error_fraction:.2%}; every row was written, _SUCCESS was not"
+        f"{config.job.max_error_fraction:.2%}; every row was written, {SUCCESS_FILE} was not. "
+        f"See the failures with `llava-features inspect {summary.output}`; to accept them, raise the "
+        f"budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, "
+        f"which writes {SUCCESS_FILE} without encoding anything again"
     )
+
+
+# -- dry run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DryRun:
+    """What ``encode --dry-run`` reports: the plan, the output it would write, and the output's state."""
+
+    plan: InputPlan
+    output: str
+    plan_seconds: float
+    bytes_per_row: int
+    """Feature bytes per ok row (tokens × dim × itemsize of each stored tensor, + pooled)."""
+    feature_shapes: dict[str, list[int]]
+    output_state: str
+    plan_peak_rss_mb: float | None = None
+    """The driver's peak resident memory when planning ended (before the model is loaded)."""
+
+    @property
+    def estimated_bytes(self) -> int:
+        """Feature bytes of the rows the plan knows (a lower bound when some rows are unknown)."""
+        return self.plan.known_rows * self.bytes_per_row
+
+    def format(self) -> str:
+        plan = self.plan
+        rows = (
+            f"{plan.rows}"
+            if plan.rows is not None
+            else (f"{plan.known_rows} known; {plan.unknown_units} unit(s) counted when read")
+        )
+        shards = plan.shards()
+        shapes = ", ".join(f"{k} {v}" for k, v in self.feature_shapes.items())
+        size = _human(self.estimated_bytes) + (
+            "" if plan.rows is not None else " + the rows of the unknown units"
+        )
+        source = _human(plan.source_bytes) if plan.source_bytes is not None else "unknown"
+        return "\n".join(
+            [
+                f"input:         {plan.input} ({plan.kind}: {plan.files} file(s), {source})",
+                f"units:         {len(plan.units)}",
+                f"rows:          {rows}",
+                f"shards:        {shards if shards is not None else 'at least ' + str(len(plan.units))} "
+                f"(up to {plan.shard_size} rows each)",
+                f"features:      {shapes} ({_human(self.bytes_per_row)} per row)",
+                f"output bytes:  ~{size}",
+                f"carried:       {', '.join(f'{c} ({t})' for c, t in plan.carried.items()) or 'none'}",
+                f"output:        {self.output} ({self.output_state})",
+                f"plan:          {plan.fingerprint[:16]} (planned in {self.plan_seconds:.2f} s"
+                + (f", driver peak RSS {self.plan_peak_rss_mb:.0f} MB)" if self.plan_peak_rss_mb else ")"),
+            ]
+        )
+
+
+def _human(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "PB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"
+
+
+def feature_bytes(config: Config, resolved: ResolvedModel) -> tuple[int, dict[str, list[int]]]:
+    """Bytes per ok row of the stored features, and their shapes by column."""
+    from .encoder import output_dtype_name
+
+    itemsize = 4 if output_dtype_name(config) == "float32" else 2
+    tokens = resolved.num_tokens
+    shapes: dict[str, list[int]] = {}
+    if config.encoder.features in ("projected", "both"):
+        shapes["features"] = [tokens, resolved.feature_dim]
+    if config.encoder.features in ("tower", "both"):
+        shapes["tower_features"] = [tokens, resolved.mm_hidden_size]
+    total = sum(a * b * itemsize for a, b in shapes.values())
+    if config.encoder.pooled:
+        first = next(iter(shapes.values()))
+        shapes["pooled"] = [first[1]]
+        total += 4 * first[1]
+    return total, shapes
+
+
+def release_memory() -> None:
+    """Hand the heap that planning freed back to the system (glibc keeps it otherwise), before the
+    model and torch are loaded; a no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
+    """Plan the job and describe what it would write, without starting Ray or writing anything.
+
+    The plan is made first, before the model (and torch) is loaded to know the feature shapes.
+    """
+    from .sink import committed_units
+    from .storage import output_is_empty, resolve_filesystem
+
+    output_uri = resolve_output(output_uri)
+    started = time.perf_counter()
+    plan = make_plan(config, input_uri)
+    plan_seconds = time.perf_counter() - started
+    plan_rss = peak_rss_mb()
+    release_memory()
+    from .encoder import describe_encoder  # torch and transformers from here on
+    from .model import resolve_model
+
+    resolved = resolve_model(config.model)
+    per_row, shapes = feature_bytes(config, resolved)
+    fs, out_path = resolve_filesystem(output_uri, s3_endpoint=config.job.s3_endpoint)
+    if output_is_empty(output_uri, s3_endpoint=config.job.s3_endpoint):
+        state = "empty: a new job"
+    else:
+        existing = read_json(fs, join_path(out_path, JOB_FILE))
+        if existing is None:
+            state = f"not empty and no {JOB_FILE}: the job would refuse it"
+        elif existing.get("plan_fingerprint") != plan.fingerprint:
+            state = "written for another plan: --resume would refuse it"
+        elif existing.get("fingerprint") != describe_encoder(config, resolved).fingerprint:
+            state = "written by another encoder: --resume would refuse it"
+        else:
+            done = len(committed_units(out_path, fs) & {u.index for u in plan.units})
+            finished = read_json(fs, join_path(out_path, SUCCESS_FILE)) is not None
+            state = f"{done} of {len(plan.units)} unit(s) committed{', finished' if finished else ''}: --resume continues it"
+    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state, plan_rss)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB: ``VmHWM`` (Linux; reset by ``exec``, unlike
+    ``ru_maxrss``, which a child started by ``fork`` + ``exec`` inherits from its parent), else
+    ``ru_maxrss``; None where neither exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -4,10 +4,10 @@
 >>> fs.table.column("image_id"), fs.features.shape          # doctest: +SKIP
 (<...>, (1000, 576, 4096))
 
-An output is a folder of ``part-NNNNNN.parquet`` shards (see :mod:`pipeline.sink`); files whose
-name starts with ``.`` or ``_`` (temporary files of unfinished writes, markers) and files not
-ending in ``.parquet`` are ignored. Shards are read in shard order, so rows come back in input
-order.
+An output is a folder of ``part-UUUUUU-PPPPP.parquet`` files (unit, then piece within the unit;
+see :mod:`pipeline.sink`); files whose name starts with ``.`` or ``_`` (temporary files of
+unfinished writes, markers, commit records) and files not ending in ``.parquet`` are ignored.
+Files are read in unit and piece order, so rows come back in input order.
 """
 
 from __future__ import annotations
@@ -26,10 +26,20 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .constants import shard_index
+from .constants import shard_piece
 from .model.errors import ConfigError, InputReadError
 from .storage import resolve_filesystem
-from .tensors import BFloat16As, TensorSpec, ensure_registered, numpy_to_torch, tensor_spec, valid_mask
+from .tensors import (
+    BFloat16As,
+    TensorSpec,
+    VariableSpec,
+    ensure_registered,
+    numpy_to_torch,
+    tensor_spec,
+    valid_mask,
+    variable_rows,
+    variable_spec,
+)
 from .tensors import to_numpy as _to_numpy
 
 if TYPE_CHECKING:
@@ -37,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureSet", "list_output_files", "read_features", "read_metadata", "resolve_path"]
+__all__ = ["FeatureSet", "array_spec", "list_output_files", "read_features", "read_metadata", "resolve_path"]
 
 _INTERNAL_KEYS = frozenset({"ARROW:schema", "pandas"})
 _T = TypeVar("_T")
@@ -55,7 +65,9 @@ class FeatureSet:
     table: pa.Table
     """Non-tensor columns of the returned rows."""
     features: np.ndarray | torch.Tensor | None
-    """``(rows, *shape)`` features; zeros at rows without features (see ``valid``); None if not read."""
+    """``(rows, *shape)`` features; zeros at rows without features (see ``valid``); None if not read.
+    A variable-shape column (LLaVA-NeXT) gives a list of per-row arrays (None at rows without
+    features), or with ``padded=True`` a zero-padded ``(rows, max_len, *inner)`` array and ``lengths``."""
     column: str | None
     """Name of the tensor column in ``features``."""
     spec: TensorSpec | None
@@ -66,6 +78,8 @@ class FeatureSet:
     """File-level metadata of the output (``llava_features.config``, ``llava_features.fingerprint``)."""
     files: list[str] = field(default_factory=list)
     """The shard files read, in order."""
+    lengths: np.ndarray | None = None
+    """Variable-shape columns (LLaVA-NeXT): each row's first dimension (0 where it has none)."""
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -96,10 +110,10 @@ def resolve_path(
         raise InputReadError(f"Cannot open {path}: {exc}") from exc
 
 
-def _sort_key(path: str) -> tuple[int, int, str]:
+def _sort_key(path: str) -> tuple[int, int, int, str]:
     name = path.rsplit("/", 1)[-1]
-    index = shard_index(name)
-    return (0, index, name) if index is not None else (1, 0, name)
+    parsed = shard_piece(name)
+    return (0, *parsed, name) if parsed is not None else (1, 0, 0, name)
 
 
 def list_output_files(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:
@@ -188,14 +202,15 @@ def read_features(
     status: str | None = "ok",
     bfloat16_as: BFloat16As = "uint16",
     max_files_in_flight: int | None = None,
+    padded: bool = False,
 ) -> FeatureSet:
     """Read an output (folder or single shard; local path or ``s3://``, ``gs://`` URI).
 
     - ``columns``: the non-tensor columns to put in ``table`` (default: every non-tensor column:
       ``image_id``, ``uri``, ``status``, ``error_code``, ``error_message``, ``width``, ``height``,
       ``pooled`` when present).
-    - ``column``: the tensor column to load into ``features`` (``features`` or
-      ``tower_features``); ``None`` reads no tensor.
+    - ``column``: the array column to load into ``features``: ``features`` or ``tower_features``
+      (``(rows, tokens, dim)``), or ``pooled`` (``(rows, dim)`` float32); ``None`` reads none.
     - ``status``: keep only rows with this status (default ``ok``); ``None`` keeps every row,
       with zeros in ``features`` and ``valid=False`` at rows without features.
     - ``as_torch``: return ``features`` as a torch tensor (bfloat16 as ``torch.bfloat16``);
@@ -229,12 +244,32 @@ def read_features(
     if column is not None:
         if column not in schema.names:
             raise ConfigError(f"Output {path} has no column {column!r}; columns: {schema.names}")
-        try:
-            spec = tensor_spec(schema.field(column))
-        except ConfigError as exc:
-            raise ConfigError(f"Column {column!r} of {path} is not a tensor column: {exc}") from exc
+        variable = variable_spec(schema.field(column))
+        if variable is not None:
+            return _read_variable(
+                fs,
+                files,
+                footers,
+                schema,
+                column,
+                variable,
+                columns,
+                status,
+                as_torch,
+                bfloat16_as,
+                padded,
+                workers,
+            )
+        spec = array_spec(schema.field(column))
+        if spec is None:
+            arrays = [f.name for f in schema if array_spec(f) is not None or variable_spec(f) is not None]
+            raise ConfigError(
+                f"Column {column!r} of {path} is not a tensor column nor pooled (it is "
+                f"{schema.field(column).type}): its values are in FeatureSet.table (columns=[...]); "
+                f"the columns column= reads: {arrays}"
+            )
     if columns is None:
-        columns = [f.name for f in schema if not _is_tensor_field(f)]
+        columns = [f.name for f in schema if not _is_tensor_field(f) and f.name != column]
     else:
         missing = [c for c in columns if c not in schema.names]
         if missing:
@@ -249,15 +284,7 @@ def read_features(
     tables: list[pa.Table] = []
     pos = 0
 
-    footer_of = dict(zip(files, footers, strict=True))
-
-    def load(f: str) -> pa.Table:
-        try:
-            with fs.open_input_file(f) as source:
-                return pq.ParquetFile(source, metadata=footer_of[f]).read(columns=wanted, use_threads=True)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise InputReadError(f"Cannot read {f}: {exc}") from exc
-
+    load = _shard_loader(fs, files, footers, wanted)
     for f, table in zip(files, _ordered_map(load, files, workers), strict=True):
         if status is not None:
             keep = np.asarray(
@@ -322,8 +349,102 @@ def read_features(
 
 
 def _is_tensor_field(f: pa.Field) -> bool:
+    if variable_spec(f) is not None:
+        return True
     try:
         tensor_spec(f)
     except ConfigError:
         return False
     return True
+
+
+def array_spec(f: pa.Field) -> TensorSpec | None:
+    """dtype and per-row shape of a column :func:`read_features` can load as an array: a tensor
+    column (``features``, ``tower_features``: ``(tokens, dim)``) or ``pooled``
+    (``fixed_size_list<float32>[dim]``: ``(dim,)``); None for any other column, and for
+    variable-shape tensor columns (their per-row shapes differ: :func:`~pipeline.tensors.variable_spec`)."""
+    if variable_spec(f) is not None:
+        return None
+    if _is_tensor_field(f):
+        return tensor_spec(f)
+    t = f.type
+    if pa.types.is_fixed_size_list(t) and t.value_type == pa.float32():
+        return TensorSpec("float32", (t.list_size,))
+    return None
+
+
+def _shard_loader(
+    fs: pafs.FileSystem, files: list[str], footers: list[pq.FileMetaData], wanted: list[str]
+) -> Callable[[str], pa.Table]:
+    """``load(file)``: the ``wanted`` columns of one shard, reusing its already-read footer."""
+    footer_of = dict(zip(files, footers, strict=True))
+
+    def load(f: str) -> pa.Table:
+        try:
+            with fs.open_input_file(f) as source:
+                return pq.ParquetFile(source, metadata=footer_of[f]).read(columns=wanted, use_threads=True)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputReadError(f"Cannot read {f}: {exc}") from exc
+
+    return load
+
+
+def _read_variable(
+    fs: pafs.FileSystem,
+    files: list[str],
+    footers: list[pq.FileMetaData],
+    schema: pa.Schema,
+    column: str,
+    spec: VariableSpec,
+    columns: list[str] | None,
+    status: str | None,
+    as_torch: bool,
+    bfloat16_as: BFloat16As,
+    padded: bool,
+    workers: int,
+) -> FeatureSet:
+    """:func:`read_features` of a variable-shape tensor column: per-row arrays (or padded + lengths)."""
+    if columns is None:
+        columns = [f.name for f in schema if not _is_tensor_field(f)]
+    wanted = list(dict.fromkeys([*columns, *(["status"] if status is not None else []), column]))
+    load = _shard_loader(fs, files, footers, wanted)
+    rows: list[np.ndarray | None] = []
+    tables: list[pa.Table] = []
+    for table in _ordered_map(load, files, workers):
+        if status is not None:
+            keep = pc.equal(table.column("status"), status).fill_null(False)
+            table = table.filter(keep)
+        rows.extend(variable_rows(table.column(column), spec))
+        tables.append(table.select(columns))
+    result = (
+        pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    ).combine_chunks()
+    valid = np.array([r is not None for r in rows], dtype=bool)
+    lengths = np.array([0 if r is None else len(r) for r in rows], dtype=np.int64)
+
+    def convert(arr: np.ndarray) -> Any:
+        if as_torch:
+            return numpy_to_torch(arr, spec.dtype)
+        if spec.dtype == "bfloat16" and bfloat16_as == "float32":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    features: Any
+    if padded:
+        out = np.zeros((len(rows), int(lengths.max(initial=0)), *spec.inner_shape), spec.numpy_dtype)
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i, : len(r)] = r
+        features = convert(out)
+    else:
+        features = [None if r is None else convert(r) for r in rows]
+    return FeatureSet(
+        table=result,
+        features=features,
+        column=column,
+        spec=None,
+        valid=valid,
+        metadata=_decode_metadata(schema.metadata),
+        files=files,
+        lengths=lengths,
+    )

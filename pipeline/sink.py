@@ -2,10 +2,12 @@
 
 Layout of an output folder (local path or object-store prefix)::
 
-    <output>/part-000000.parquet
-    <output>/part-000001.parquet
+    <output>/part-000000-00000.parquet          unit 0, first output file
+    <output>/part-000000-00001.parquet          unit 0, second output file (units may have several)
+    <output>/part-000001-00000.parquet
     ...
-    <output>/.part-000002.parquet.<hex>.tmp   (local only: a shard being written; hidden)
+    <output>/.part-000002-00000.parquet.<hex>.tmp   (local only: a file being written; hidden)
+    <output>/_commits/unit-000000.json           unit 0 is committed: its files, rows and counts
 
 Each file holds one row per input of its shard, in input order:
 
@@ -19,6 +21,7 @@ column             type                         meaning
 ``error_message``  string                       readable reason; null when ok
 ``width``          int32                        original image width; null when unknown
 ``height``         int32                        original image height; null when unknown
+(carried columns)  string/int64/float64/bool    ``input.keep_columns``, in order; null when missing
 ``features``       tensor ``[tokens, dim]``     projected features; null on error rows
 ``tower_features`` tensor ``[tokens, dim]``     optional: vision-tower features
 ``pooled``         fixed_size_list<float>[D]    optional: mean over tokens, float32
@@ -29,11 +32,13 @@ key-value metadata (``schema.metadata``) holds what the caller passes (the job r
 ``llava_features.config`` as JSON and ``llava_features.fingerprint``) plus
 ``llava_features.layout`` (the version of this layout).
 
-Commit protocol: a shard exists once ``part-NNNNNN.parquet`` exists, and then it is complete.
-On a local filesystem the file is written under a hidden temporary name, fsynced, then renamed
+Commit protocol: a file exists once ``part-*.parquet`` exists, and then it is complete. On a
+local filesystem the file is written under a hidden temporary name, fsynced, then renamed
 (``os.replace``); on object stores (S3, GCS, Azure) it is uploaded straight to its final name,
 since an upload only becomes visible when it completes (a failed write deletes what a
-completed partial upload left).
+completed partial upload left). A unit of the job is committed once its commit record
+(:func:`commit_unit`, written after every file of the unit) exists; files of units without a
+record are leftovers of an interrupted run, rewritten (or removed) when the job resumes.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +61,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .constants import (
+    COMMIT_FILE_PATTERN,
+    COMMITS_DIR,
     COMPRESSIONS,
     LAYOUT_KEY,
     LAYOUT_VERSION,
@@ -62,33 +70,52 @@ from .constants import (
     STATUS_ERROR,
     STATUS_OK,
     TENSOR_FORMATS,
+    commit_file_name,
     shard_file_name,
+    shard_piece,
 )
 from .constants import shard_index as parse_shard_index
 from .model.errors import ConfigError
-from .storage import join_path
+from .records import RaggedRows
+from .storage import join_path, read_json, write_json
 from .tensors import (
     as_numpy_tensor,
     ensure_registered,
     make_tensor_array,
     pooled_array,
+    variable_tensor_column,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CARRIED_TYPES",
     "DEFAULT_ROW_GROUP_BYTES",
     "METADATA_COLUMNS",
+    "OUTPUT_COLUMNS",
     "ShardRows",
+    "UnitCommit",
     "build_table",
+    "commit_unit",
     "committed_shards",
+    "committed_units",
     "ensure_registered",
+    "output_files",
+    "read_commits",
+    "remove_files",
     "remove_stale_temp_files",
     "shard_name",
     "write_shard",
 ]
 
 shard_name = shard_file_name
+GRID_COLUMNS = {
+    "grid_rows": lambda grid: grid.rows,
+    "grid_cols": lambda grid: grid.cols,
+    "canvas_width": lambda grid: grid.canvas[0],
+    "canvas_height": lambda grid: grid.canvas[1],
+}
+"""anyres outputs: each row's tile grid and the canvas its image was letterboxed onto (null on error rows)."""
 METADATA_COLUMNS: tuple[str, ...] = (
     "image_id",
     "uri",
@@ -99,6 +126,17 @@ METADATA_COLUMNS: tuple[str, ...] = (
     "height",
 )
 """The non-tensor columns of every shard, in order."""
+TENSOR_COLUMNS: tuple[str, ...] = ("features", "tower_features", "pooled")
+"""The feature columns a shard may have."""
+OUTPUT_COLUMNS: frozenset[str] = frozenset(METADATA_COLUMNS + TENSOR_COLUMNS + tuple(GRID_COLUMNS))
+"""Every column name the job writes itself (carried columns may not take one)."""
+CARRIED_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+}
+"""Arrow types of carried columns by name (see :data:`pipeline.storage.units.CarriedType`)."""
 
 DEFAULT_ROW_GROUP_BYTES = 256 * 1024 * 1024
 """Target size of a row group (about 54 rows of 576x4096 float16 features)."""
@@ -131,11 +169,13 @@ class ShardRows:
     error_message: list[str | None] = field(default_factory=list)
     width: list[int | None] = field(default_factory=list)
     height: list[int | None] = field(default_factory=list)
+    carried: dict[str, list[Any]] = field(default_factory=dict)
+    """Carried columns (``input.keep_columns``): one value per input each (None where missing)."""
 
     @classmethod
     def from_record(cls, record: Any) -> ShardRows:
         """The rows of a :class:`~pipeline.records.DecodedShard` (width/height null where unknown)."""
-        rows = cls()
+        rows = cls(carried={name: list(values) for name, values in getattr(record, "carried", {}).items()})
         for i, ok in enumerate(record.ok):
             size = {"width": int(record.width[i]) or None, "height": int(record.height[i]) or None}
             if ok:
@@ -199,6 +239,9 @@ class ShardRows:
         for name in METADATA_COLUMNS:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"ShardRows.{name} has {len(getattr(self, name))} entries, image_id has {n}")
+        for name, values in self.carried.items():
+            if len(values) != n:
+                raise ValueError(f"carried column {name!r} has {len(values)} entries, image_id has {n}")
         for i, (status, code) in enumerate(zip(self.status, self.error_code, strict=True)):
             if status == STATUS_OK:
                 if code is not None:
@@ -271,6 +314,8 @@ def build_table(
     dtype: str | None = None,
     tensor_format: str = "binary",
     metadata: Mapping[str, str] | None = None,
+    grids: Sequence[Any] | None = None,
+    carried_types: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """The Arrow table of one shard (schema in this module's docstring).
 
@@ -283,6 +328,14 @@ def build_table(
     arrays must stay unchanged until the table is written. A column passed as ``None`` is left
     out; for a shard with no ok row pass an empty ``(0, tokens, dim)`` array so that every shard
     has the same schema. ``metadata`` goes to ``schema.metadata`` (the file's key-value metadata).
+
+    LLaVA-NeXT (anyres) features vary in their first dimension: pass them as
+    :class:`~pipeline.records.RaggedRows` (a variable-shape tensor column, see
+    :func:`pipeline.tensors.variable_tensor_column`), with ``grids``, the ok rows' tile grids
+    (``grid_rows``, ``grid_cols``, ``canvas_width``, ``canvas_height`` int32 columns).
+    ``carried_types`` (``{column: "string" | "int64" | "float64" | "bool"}``, in order) fixes the
+    carried columns and their types, so that every shard of a job has the same schema; ``rows.carried``
+    must hold exactly those columns.
     """
     if tensor_format not in TENSOR_FORMATS:
         raise ConfigError(f"Unknown tensor_format {tensor_format!r}; expected one of {list(TENSOR_FORMATS)}")
@@ -299,11 +352,39 @@ def build_table(
         pa.array(rows.height, pa.int32()),
     ]
     fields = list(_METADATA_FIELDS)
+    carried_types = dict(carried_types or {})
+    if set(carried_types) != set(rows.carried):
+        raise ValueError(f"carried columns {sorted(rows.carried)} do not match {sorted(carried_types)}")
+    for name, kind in carried_types.items():
+        if name in OUTPUT_COLUMNS:
+            raise ConfigError(f"Carried column {name!r} would replace the output column of that name")
+        if kind not in CARRIED_TYPES:
+            raise ConfigError(f"Unknown carried column type {kind!r}; expected one of {list(CARRIED_TYPES)}")
+        try:
+            arrays.append(pa.array(rows.carried[name], CARRIED_TYPES[kind]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"carried column {name!r} does not fit {kind}: {exc}") from exc
+        fields.append(pa.field(name, CARRIED_TYPES[kind]))
     for name, values in (("features", features), ("tower_features", tower_features)):
-        if values is not None:
+        if isinstance(values, RaggedRows):
+            col, field_metadata = variable_tensor_column(
+                values.data, values.offsets, ok, tensor_format=tensor_format, dtype=dtype
+            )
+            arrays.append(col)
+            fields.append(pa.field(name, col.type, metadata=field_metadata))
+        elif values is not None:
             col = _scatter_tensor(values, ok, tensor_format, name, dtype)
             arrays.append(col)
             fields.append(pa.field(name, col.type))
+    if grids is not None:
+        if len(grids) != int(ok.sum()):
+            raise ValueError(f"{len(grids)} grids for {int(ok.sum())} ok rows")
+        for name, value in GRID_COLUMNS.items():
+            full: list[int | None] = [None] * len(ok)
+            for row, grid in zip(np.flatnonzero(ok), grids, strict=True):
+                full[row] = int(value(grid))
+            arrays.append(pa.array(full, pa.int32()))
+            fields.append(pa.field(name, pa.int32()))
     if pooled is not None:
         col = _scatter_pooled(pooled, ok)
         arrays.append(col)
@@ -321,9 +402,11 @@ def build_table(
 
 
 def _row_bytes(typ: pa.DataType) -> int:
-    """Bytes per value of fixed-width tensor/list columns (0 for others)."""
+    """Bytes per value of fixed-width tensor/list columns, a page for variable-shape tensors (0 for others)."""
     if isinstance(typ, pa.BaseExtensionType):
         typ = typ.storage_type
+    if pa.types.is_struct(typ):  # a variable-shape tensor: rows of megabytes, one page each
+        return _PAGE_BYTES
     if pa.types.is_fixed_size_binary(typ):
         return int(typ.byte_width)
     if pa.types.is_fixed_size_list(typ) and pa.types.is_primitive(typ.value_type):
@@ -398,8 +481,10 @@ def write_shard(
     compression: str = "none",
     row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
     fsync: bool = True,
+    piece: int | None = None,
 ) -> str:
-    """Write ``table`` as ``<output>/part-{shard_index:06d}.parquet`` atomically; return its path.
+    """Write ``table`` as ``<output>/part-{shard_index:06d}.parquet`` (with ``piece``:
+    ``part-{shard_index:06d}-{piece:05d}.parquet``) atomically; return its path.
 
     ``output`` is a path in ``filesystem`` (no scheme, as from ``pyarrow.fs.FileSystem.from_uri``).
     Local filesystems: written to ``.part-NNNNNN.parquet.<hex>.tmp`` in the same folder,
@@ -409,7 +494,8 @@ def write_shard(
     An existing shard of the same index is replaced. Row groups hold about ``row_group_bytes``;
     ``compression`` (``none`` by default) applies to every column.
     """
-    final = join_path(output, shard_name(shard_index))
+    name = shard_name(shard_index, piece)
+    final = join_path(output, name)
     kind = filesystem.type_name
     start = time.perf_counter()
     if kind in _OBJECT_STORES:
@@ -421,7 +507,7 @@ def write_shard(
             raise
     else:
         filesystem.create_dir(output, recursive=True)
-        tmp = join_path(output, f".{shard_name(shard_index)}.{uuid.uuid4().hex}.tmp")
+        tmp = join_path(output, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
             _write_parquet(table, tmp, filesystem, compression, row_group_bytes)
             if kind == "local":
@@ -457,9 +543,10 @@ def _list(output: str, filesystem: pafs.FileSystem) -> list[pafs.FileInfo]:
 
 
 def committed_shards(output: str, filesystem: pafs.FileSystem) -> set[int]:
-    """Indices of the committed shards (``part-NNNNNN.parquet``) in ``output``; temp files are ignored.
+    """Unit (shard) indices of the output files (``part-*.parquet``) in ``output``; temp files are ignored.
 
-    An output folder that does not exist has none.
+    An output folder that does not exist has none. (The job's units are committed by their
+    commit records: :func:`committed_units`.)
     """
     found: set[int] = set()
     for info in _list(output, filesystem):
@@ -472,7 +559,7 @@ def committed_shards(output: str, filesystem: pafs.FileSystem) -> set[int]:
 def remove_stale_temp_files(
     output: str, filesystem: pafs.FileSystem, *, older_than_s: float | None = None
 ) -> list[str]:
-    """Delete temporary shard files (``.part-*.parquet.*.tmp``) left by interrupted writers.
+    """Delete temporary output files (``.part-*.parquet.*.tmp``) left by interrupted writers.
 
     Call it before any writer starts (e.g. when a job resumes): a temp file of a shard being
     written right now would be removed too, unless ``older_than_s`` spares recent ones.
@@ -497,4 +584,108 @@ def remove_stale_temp_files(
         removed.append(info.path)
     if removed:
         logger.info("removed %d stale temp file(s) from %s", len(removed), output)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Commit records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitCommit:
+    """A unit's commit record: its files and what they hold. Written after all of them."""
+
+    unit: int
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    """Error rows by error code."""
+    files: list[tuple[str, int]] = field(default_factory=list)
+    """``(file name, rows)`` of each of the unit's output files, in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "rows": self.rows,
+            "ok": self.ok,
+            "errors": dict(sorted(self.errors.items())),
+            "files": [[name, rows] for name, rows in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> UnitCommit:
+        return cls(
+            unit=int(value["unit"]),
+            rows=int(value["rows"]),
+            ok=int(value["ok"]),
+            errors={str(k): int(v) for k, v in dict(value.get("errors") or {}).items()},
+            files=[(str(name), int(rows)) for name, rows in value.get("files") or []],
+        )
+
+
+def commit_unit(output: str, filesystem: pafs.FileSystem, commit: UnitCommit) -> str:
+    """Write ``commit`` as ``<output>/_commits/unit-NNNNNN.json`` (atomically); return its path.
+
+    Call it only once every file the record names is written.
+    """
+    path = join_path(join_path(output, COMMITS_DIR), commit_file_name(commit.unit))
+    write_json(filesystem, path, commit.to_dict())
+    return path
+
+
+def committed_units(output: str, filesystem: pafs.FileSystem) -> set[int]:
+    """Indices of the units of ``output`` that have a commit record (one listing)."""
+    found: set[int] = set()
+    for info in _list(join_path(output, COMMITS_DIR), filesystem):
+        match = COMMIT_FILE_PATTERN.match(info.base_name)
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
+def read_commits(
+    output: str, filesystem: pafs.FileSystem, units: Iterable[int], *, threads: int = 16
+) -> dict[int, UnitCommit]:
+    """The commit records of ``units`` (read ``threads`` at a time); a missing one is left out."""
+    folder = join_path(output, COMMITS_DIR)
+
+    def one(unit: int) -> tuple[int, UnitCommit | None]:
+        value = read_json(filesystem, join_path(folder, commit_file_name(unit)))
+        return unit, UnitCommit.from_dict(value) if value is not None else None
+
+    wanted = sorted(set(units))
+    if len(wanted) <= 1:
+        pairs = [one(u) for u in wanted]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(wanted)), thread_name_prefix="commits") as pool:
+            pairs = list(pool.map(one, wanted))
+    return {unit: commit for unit, commit in pairs if commit is not None}
+
+
+def output_files(output: str, filesystem: pafs.FileSystem) -> dict[str, tuple[int, int]]:
+    """``{file name: (unit, piece)}`` of every output file (``part-*.parquet``) in ``output`` (one listing)."""
+    out: dict[str, tuple[int, int]] = {}
+    for info in _list(output, filesystem):
+        parsed = shard_piece(info.base_name)
+        if parsed is not None:
+            out[info.base_name] = parsed
+    return out
+
+
+def remove_files(output: str, filesystem: pafs.FileSystem, names: Iterable[str]) -> list[str]:
+    """Delete the files ``names`` of ``output`` (output files of uncommitted units); returns their paths."""
+    removed = []
+    for name in sorted(names):
+        path = join_path(output, name)
+        try:
+            filesystem.delete_file(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("removed %d output file(s) of uncommitted units from %s", len(removed), output)
     return removed

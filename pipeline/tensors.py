@@ -43,8 +43,10 @@ import contextlib
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -231,14 +233,16 @@ class TensorScalar(pa.ExtensionScalar):
 
 
 def ensure_registered() -> None:
-    """Register :class:`TensorType` with pyarrow in this process; idempotent and cheap.
+    """Register :class:`TensorType` and :class:`VariableTensorType` with pyarrow in this process;
+    idempotent and cheap.
 
     Needed before reading Parquet/IPC data so that the column comes back as a
     :class:`TensorArray` (otherwise it is plain ``fixed_size_binary``). Safe when another copy
     of this module (e.g. in a Ray worker) registered it first.
     """
-    with contextlib.suppress(pa.ArrowKeyError):  # already registered
-        pa.register_extension_type(TensorType("float16", (1,)))
+    for typ in (TensorType("float16", (1,)), VariableTensorType("float16", (1,))):
+        with contextlib.suppress(pa.ArrowKeyError):  # already registered
+            pa.register_extension_type(typ)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,3 +536,190 @@ def to_torch(
     """
     spec = tensor_spec(column.type, dtype=dtype, shape=shape)
     return numpy_to_torch(to_numpy(column, dtype=spec.dtype, shape=spec.shape), spec.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Variable-shape tensors (LLaVA-NeXT: rows differ in their first dimension)
+# --------------------------------------------------------------------------------------------
+
+VARIABLE_EXTENSION_NAME = "llava_features.variable_tensor"
+"""Arrow extension name of :class:`VariableTensorType`."""
+CANONICAL_VARIABLE_NAME = "arrow.variable_shape_tensor"
+"""Arrow's canonical variable-shape tensor extension (written with ``tensor_format: fixed_shape_tensor``)."""
+
+
+class VariableTensorType(pa.ExtensionType):
+    """``llava_features.variable_tensor``: tensors ``[n_i, *inner_shape]`` whose first dimension varies.
+
+    Storage: ``struct<shape: fixed_size_list<int32>[ndim], data: large_binary>``: each row's own shape
+    and its raw little-endian C-order bytes, so a row is a zero-copy view, and readers without this
+    package see a plain struct of a shape and a blob. Metadata: ``{"dtype", "inner_shape"}``.
+    """
+
+    def __init__(self, dtype: str, inner_shape: Sequence[int]) -> None:
+        self._dtype, self._inner = (
+            _check_spec(dtype, (1, *inner_shape))[0],
+            tuple(int(d) for d in inner_shape),
+        )
+        storage = pa.struct(
+            [
+                pa.field("shape", pa.list_(pa.int32(), 1 + len(self._inner))),
+                pa.field("data", pa.large_binary()),
+            ]
+        )
+        super().__init__(storage, VARIABLE_EXTENSION_NAME)
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def inner_shape(self) -> tuple[int, ...]:
+        """The shape every row shares after its first dimension, e.g. ``(576, 4096)`` for tiles."""
+        return self._inner
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return json.dumps({"dtype": self._dtype, "inner_shape": list(self._inner)}, sort_keys=True).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> VariableTensorType:
+        meta = json.loads(serialized.decode())
+        return cls(meta["dtype"], meta["inner_shape"])
+
+    def __hash__(self) -> int:
+        return hash((VARIABLE_EXTENSION_NAME, self._dtype, self._inner))
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """dtype and shared trailing shape of a variable-shape tensor column."""
+
+    dtype: str
+    inner_shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return _NUMPY_DTYPES[self.dtype]
+
+
+def variable_tensor_column(
+    data: Any,
+    offsets: np.ndarray,
+    valid: np.ndarray,
+    *,
+    tensor_format: str = "binary",
+    dtype: str | None = None,
+) -> tuple[pa.Array, dict[bytes, bytes] | None]:
+    """A full-length variable-shape tensor column and the field metadata it needs (None for ours).
+
+    ``data`` (``(sum n_i, *inner)``) and ``offsets`` (``(k + 1,)``) hold the ``k`` valid rows, in order;
+    ``valid`` (``(rows,)`` bool, ``k`` True) places them; the other rows are null. ``binary``:
+    :class:`VariableTensorType`, zero-copy over ``data``. ``fixed_shape_tensor``: Arrow's canonical
+    ``arrow.variable_shape_tensor`` (``struct<data: list<T>, shape: fixed_size_list<int32>[ndim]>``,
+    flagged by field metadata; float16/float32 only).
+    """
+    values, dtype = as_numpy_tensor(data, dtype)
+    valid = np.asarray(valid, dtype=bool)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) != int(valid.sum()) + 1 or offsets[-1] != len(values):
+        raise ValueError(f"{len(offsets) - 1} rows of values for {int(valid.sum())} valid rows")
+    inner = values.shape[1:]
+    n = len(valid)
+    lengths = np.zeros(n, np.int64)
+    lengths[valid] = np.diff(offsets)
+    shapes = np.zeros((n, 1 + len(inner)), np.int32)
+    shapes[valid, 0] = lengths[valid]
+    shapes[valid, 1:] = inner
+    mask = pa.array(~valid)
+    shape_array = pa.FixedSizeListArray.from_arrays(pa.array(shapes.reshape(-1)), 1 + len(inner))
+    per_row = math.prod(inner)
+    if tensor_format == "binary":
+        ensure_registered()
+        byte_offsets = np.concatenate([[0], np.cumsum(lengths * per_row * values.itemsize)]).astype(np.int64)
+        blobs = pa.Array.from_buffers(
+            pa.large_binary(), n, [None, pa.py_buffer(byte_offsets), pa.py_buffer(values)]
+        )
+        storage = pa.StructArray.from_arrays([shape_array, blobs], names=["shape", "data"], mask=mask)
+        return pa.ExtensionArray.from_storage(VariableTensorType(dtype, inner), storage), None
+    if tensor_format != "fixed_shape_tensor":
+        raise ConfigError(f"Unknown tensor_format {tensor_format!r}; expected one of {list(TENSOR_FORMATS)}")
+    if dtype not in _ARROW_VALUE_TYPES:
+        raise ConfigError("tensor_format 'fixed_shape_tensor' does not support bfloat16; use 'binary'")
+    element_offsets = np.concatenate([[0], np.cumsum(lengths * per_row)]).astype(np.int64)
+    if element_offsets[-1] >= 2**31:
+        raise ConfigError("a shard's variable-shape tensors exceed 2**31 values: lower job.shard_size")
+    flat = pa.Array.from_buffers(
+        _ARROW_VALUE_TYPES[dtype], int(element_offsets[-1]), [None, pa.py_buffer(values)]
+    )
+    lists = pa.ListArray.from_arrays(pa.array(element_offsets.astype(np.int32)), flat)
+    storage = pa.StructArray.from_arrays([lists, shape_array], names=["data", "shape"], mask=mask)
+    metadata = {
+        b"ARROW:extension:name": CANONICAL_VARIABLE_NAME.encode(),
+        b"ARROW:extension:metadata": json.dumps({"uniform_shape": [None, *inner]}).encode(),
+    }
+    return storage, metadata
+
+
+def variable_spec(typ: pa.DataType | pa.Field) -> VariableSpec | None:
+    """:class:`VariableSpec` of a variable-shape tensor column (ours or Arrow's canonical), else None."""
+    field = typ if isinstance(typ, pa.Field) else None
+    t = field.type if field is not None else typ
+    name = t.extension_name if isinstance(t, pa.BaseExtensionType) else None
+    if name == VARIABLE_EXTENSION_NAME:
+        meta = json.loads(t.__arrow_ext_serialize__().decode())
+        return VariableSpec(meta["dtype"], tuple(meta["inner_shape"]))
+    if name == CANONICAL_VARIABLE_NAME:
+        storage = t.storage_type
+        value_type = storage.field("data").type.value_type
+        dtype = next((k for k, v in _ARROW_VALUE_TYPES.items() if v == value_type), None)
+        # pyarrow exposes the C++ canonical type without its metadata: read it from the type's text.
+        match = re.search(r"uniform_shape=\[([^\]]*)\]", str(t))
+        uniform = (
+            [None if v.strip() == "null" else int(v) for v in match.group(1).split(",")] if match else []
+        )
+        if dtype is None or None in uniform[1:] or len(uniform) != storage.field("shape").type.list_size:
+            raise ConfigError(f"variable_shape_tensor column {t} is not one this package writes")
+        return VariableSpec(dtype, tuple(uniform[1:]))
+    md = (field.metadata or {}) if field is not None else {}
+    if md.get(b"ARROW:extension:name") == VARIABLE_EXTENSION_NAME.encode():
+        meta = json.loads(md[b"ARROW:extension:metadata"].decode())
+        return VariableSpec(meta["dtype"], tuple(meta["inner_shape"]))
+    return None
+
+
+def variable_rows(column: pa.Array | pa.ChunkedArray, spec: VariableSpec) -> list[np.ndarray | None]:
+    """Each row of a variable-shape tensor column as a numpy array of its own shape (None where null).
+
+    Rows of our type are read-only zero-copy views of the column's buffer; canonical rows too
+    when they hold no nulls inside.
+    """
+    out: list[np.ndarray | None] = []
+    for chunk in _chunks(column):
+        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        shape_field = storage.field("shape")
+        ndim = shape_field.type.list_size
+        shapes = shape_field.values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        shapes = shapes[shape_field.offset * ndim : (shape_field.offset + len(storage)) * ndim].reshape(
+            -1, ndim
+        )
+        valid = storage.is_valid().to_numpy(zero_copy_only=False)
+        data = storage.field("data")
+        if pa.types.is_large_binary(data.type):
+            offsets = np.frombuffer(data.buffers()[1], np.int64, count=len(data) + 1, offset=data.offset * 8)
+            buf = data.buffers()[2]
+            for i in range(len(storage)):
+                if not valid[i]:
+                    out.append(None)
+                    continue
+                row = np.frombuffer(
+                    buf, spec.numpy_dtype, count=int(shapes[i].prod()), offset=int(offsets[i])
+                )
+                out.append(row.reshape(tuple(shapes[i])))
+        else:
+            for i in range(len(storage)):
+                if not valid[i]:
+                    out.append(None)
+                    continue
+                values = data[i].values.to_numpy(zero_copy_only=False)
+                out.append(values.astype(spec.numpy_dtype, copy=False).reshape(tuple(shapes[i])))
+    return out

@@ -13,5 +13,6 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.gcs",
     "tests.fixtures.models",
+    "tests.fixtures.ray_cluster",  # before serve, which imports it
     "tests.fixtures.serve",
 ]

@@ -286,8 +286,9 @@ def write_bad_corpus(dir: Path) -> dict[str, str | None]:
 def expected_rgb(name: str) -> np.ndarray | None:
     """The exact (H, W, 3) uint8 pixels a lossless corpus file must decode to, else None.
 
-    Documents the conversion semantics: alpha is dropped (not composited), palette transparency
-    shows the palette colour, 16-bit is scaled by keeping the high byte, 1-bit is 0/255,
+    Documents LLaVA's conversion semantics (``Image.open(f).convert("RGB")``), the default: alpha is
+    dropped (not composited), palette transparency shows the palette colour, 16-bit grey clips to
+    white above 255 (a 16-bit RGB PNG is read as 8-bit by PIL: its high byte), 1-bit is 0/255,
     animated/multi-page files give their first frame.
     """
 
@@ -300,8 +301,8 @@ def expected_rgb(name: str) -> np.ndarray | None:
         "photo.bmp": lambda: _gradient(),
         "grey.png": lambda: grey(_gradient()[..., 0]),
         "bilevel.png": lambda: grey(np.where(_BILEVEL, 255, 0).astype(np.uint8)),
-        "grey16.png": lambda: grey((_GRAY16 >> 8).astype(np.uint8)),
-        "grey16.tiff": lambda: grey((_GRAY16 >> 8).astype(np.uint8)),
+        "grey16.png": lambda: grey(np.minimum(_GRAY16, 255).astype(np.uint8)),
+        "grey16.tiff": lambda: grey(np.minimum(_GRAY16, 255).astype(np.uint8)),
         "rgb16.png": lambda: grey((_GRAY16 >> 8).astype(np.uint8)),
         "palette_transparent.png": lambda: np.asarray(_PALETTE, dtype=np.uint8).reshape(256, 3)[
             _PALETTE_INDEX

@@ -8,9 +8,9 @@ Layers, bottom to top (a module may import its own layer and the ones below):
    ``pipeline.config``, ``pipeline.constants``: pure Python (errors, config, vocabulary);
 1. ``pipeline.model``: torch + transformers (never ray, PIL, pyarrow);
 2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.tensors``, ``pipeline.sink``, ``pipeline.reader``,
-   ``pipeline.records``;
+   ``pipeline.records``, ``pipeline.inspect``;
 3. ``pipeline.encoder``;
-4. ``pipeline.job``, ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
+4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
    ``pipeline`` package facade, with its lazy ``read_features``, sits here too);
 5. ``llava_features`` (the command line).
 """
@@ -45,10 +45,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.sink",
         "pipeline.reader",
         "pipeline.records",
+        "pipeline.inspect",
     ),
     ("pipeline.encoder",),
     # The package facade (``pipeline.__version__``, a lazy ``read_features``) sits with the front doors.
-    ("pipeline", "pipeline.job", "pipeline.demo", "pipeline.bench", "deployments"),
+    ("pipeline", "pipeline.job", "pipeline.ray_warnings", "pipeline.demo", "pipeline.bench", "deployments"),
     ("llava_features",),
 )
 FRONT_DOORS = (("pipeline.job", "pipeline.demo", "pipeline.bench"), ("deployments",))

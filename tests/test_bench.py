@@ -95,6 +95,8 @@ def test_bench_encoder_tiny_cli_writes_json(tmp_path, capsys):
             "plain",
             "--ceiling-size",
             "256",
+            "--anyres-images",
+            "3",
             "--json",
             str(out),
         ]
@@ -117,12 +119,46 @@ def test_bench_encoder_tiny_cli_writes_json(tmp_path, capsys):
         assert set(row["variants"]) == {"fast", "plain"}
     assert enc["rel_error"]["ours_vs_fp32_seed"] < 1e-5  # float32 on CPU
     assert enc["rel_error"]["variants_vs_fp32_seed"]["plain"] < 1e-5
+    from pipeline.bench.encoder import ANYRES_MIX, anyres_pinpoints
+    from pipeline.model.anyres import grid_for
+
+    anyres = enc["anyres"]  # the first 3 sizes of the mix on LLaVA-NeXT's grid for 56 px tiles
+    grids = [grid_for(size, anyres_pinpoints(56), 56) for size in ANYRES_MIX[:3]]
+    per_image = sum(1 + g.num_tiles for g in grids) / 3
+    assert anyres["images"] == 3 and anyres["mean_tiles_per_image"] == pytest.approx(per_image)
+    tiles, packed = anyres["outputs"]["tiles"], anyres["outputs"]["packed"]
+    assert tiles["tokens_per_image"] == pytest.approx(per_image * 16)  # [1 + tiles, 16 tokens] per image
+    assert 16 < packed["tokens_per_image"] < per_image * 16 + 16  # base + unpadded grid + newlines
+    for v in (tiles, packed):
+        assert v["images_per_s"] > 0 and v["tiles_per_s"] == pytest.approx(per_image * v["images_per_s"])
+        assert v["tiles_vs_host_images"] > 0
     printed = capsys.readouterr().out
-    assert "ours img/s" in printed and "×seed" in printed
+    assert "ours img/s" in printed and "×seed" in printed and "anyres (LLaVA-NeXT)" in printed
 
 
 def test_bench_needs_config_or_tiny():
     assert cli_main(["bench", "encoder"]) == 2
+    assert cli_main(["bench", "all"]) == 2
+
+
+def test_bench_preprocess_needs_no_model_and_measures_the_tiny_size(tmp_path):
+    """preprocess runs without --config/--tiny (LLaVA-1.5's 336 px); --tiny measures the tiny
+    architecture's 56 px, not 336."""
+    for flags, size in (([], 336), (["--tiny"], 56)):
+        out = tmp_path / f"pre-{size}.json"
+        argv = ["bench", "preprocess", *flags, "--opt", "seconds=0.05", "--json", str(out)]
+        assert cli_main(argv) == 0
+        result = json.loads(out.read_text())["results"]["preprocess"]
+        assert result["size"] == size and result["max_abs_diff"] < 1e-5
+        assert result["ours_images_per_s"] > 0 and result["hf_images_per_s"] > 0
+
+
+def test_bench_sink_with_tiny_writes_the_tiny_shapes(monkeypatch):
+    calls: list[dict] = []
+    _fake_bench_module(monkeypatch, calls)
+    assert cli_main(["bench", "sink", "--tiny", "--opt", "rows=2"]) == 0
+    arch = tiny_arch()
+    assert (calls[0]["tokens"], calls[0]["dim"]) == (arch.num_tokens, arch.feature_dim) == (16, 64)
 
 
 def _fake_bench_module(monkeypatch, calls):
@@ -148,8 +184,7 @@ def test_bench_dispatches_to_external_modules_with_supported_options(monkeypatch
     rc = cli_main(
         [
             "bench",
-            "sink",
-            "--tiny",
+            "sink",  # needs neither --config nor --tiny: LLaVA-1.5's 576 x 4096 features
             "--repeats",
             "2",
             "--opt",
@@ -177,6 +212,7 @@ def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_p
         raise RuntimeError("boom")
 
     monkeypatch.setitem(bench_cli.RUNNERS, "pipeline", broken)
+    monkeypatch.setitem(bench_cli.RUNNERS, "plan", lambda args, config, workdir, table: {"planned": True})
     out = tmp_path / "all.json"
     rc = cli_main(["bench", "all", "--tiny", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
@@ -184,7 +220,7 @@ def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_p
     assert results["encoder"] == {"ok": True}
     assert results["pipeline"]["error"] == "RuntimeError: boom"
     assert "skipped" in results["preprocess"] and "skipped" in results["serve"]
-    assert results["sink"]["rows"] == 64
+    assert results["sink"]["rows"] == 64 and results["plan"] == {"planned": True}
     # A single missing benchmark is a usage error.
     assert cli_main(["bench", "preprocess", "--tiny"]) == 2
 
@@ -240,3 +276,58 @@ def test_bench_pipeline_tiny_end_to_end(tmp_path):
     assert result["job"]["ok"] == 48 and result["job"]["errors"] == {}
     assert result["encoder_only_images_per_s"] > 0 and result["job_images_per_s"] > 0
     assert result["job_steady_images_per_s"] > 0 and result["sink_mb_per_s"] > 0
+
+
+def test_profile_kernel_kinds_by_name():
+    from pipeline.bench.profile import kernel_kind
+
+    gemm = [
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT",
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn",
+        "triton_tem_fused_addmm_0",
+        "aten::addmm",
+    ]
+    attention = [
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>",
+        "fmha_cutlassF_bf16_aligned",
+    ]
+    other = [
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>",
+        "triton_per_fused_native_layer_norm_0",
+    ]
+    assert [kernel_kind(n) for n in gemm] == ["gemm"] * len(gemm)
+    assert [kernel_kind(n) for n in attention] == ["attention"] * len(attention)
+    assert [kernel_kind(n) for n in other] == ["other"] * len(other)
+
+
+@pytest.mark.slow
+def test_bench_plan_measures_dry_runs_in_fresh_processes(tmp_path):
+    out = tmp_path / "plan.json"
+    opts = [
+        "--opt",
+        "rows=3000",
+        "--opt",
+        "manifest_files=3",
+        "--opt",
+        "tars=40",
+        "--opt",
+        f"workdir={tmp_path / 'w'}",
+    ]
+    assert cli_main(["bench", "plan", "--tiny", *opts, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["plan"]
+    manifest, tars = result["cases"]["manifest"], result["cases"]["webdataset"]
+    assert (manifest["kind"], manifest["files"], manifest["rows"], manifest["units"]) == (
+        "manifest",
+        3,
+        3000,
+        12,
+    )
+    assert (tars["kind"], tars["files"], tars["rows"], tars["units"]) == ("webdataset", 40, None, 40)
+    for case in (manifest, tars):
+        assert 0 < case["plan_s"] < case["command_s"]
+        assert 0 < case["plan_peak_rss_mb"] <= case["command_peak_rss_mb"]
+        assert case["met"] is True  # tiny inputs: far within the targets
+    assert sorted(p.name for p in (tmp_path / "w" / "manifests").iterdir()) == [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]

@@ -25,7 +25,7 @@ def test_make_tiny_model_and_info(fmt, weights, tmp_path, capsys):
     assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--format", fmt, "--weights", weights]) == 0
     out = capsys.readouterr().out
     flag, path = out.strip().split("Use it with: ")[1].split(" ", 1)
-    assert cli_main(["info", flag, path]) == 0
+    assert cli_main(["info", "--json", flag, path]) == 0
     info = json.loads(capsys.readouterr().out)
     assert len(info["fingerprint"]) == 64
     assert info["encoder"]["model"]["format"] == fmt
@@ -100,3 +100,132 @@ def test_cli_reports_typed_errors_with_exit_code(tmp_path, capsys):
     rc = cli_main(["info", "--model", str(tmp_path)])
     assert rc == 2
     assert "checkpoint_not_found" in capsys.readouterr().err
+
+
+def test_info_says_in_one_line_what_the_features_are(tiny_llava, capsys):
+    assert cli_main(["info", "--model", str(tiny_llava)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        f"features: 16 × 64 float16 per image (2.0 kB) from layer -2 of {tiny_llava / 'vision_tower'}, "
+        "projector mlp2x_gelu"
+    )
+    assert len(lines) <= 8 and not any(line.lstrip().startswith(("{", '"')) for line in lines)
+    fingerprint = describe_encoder(load_config(None, {"model": {"checkpoint": str(tiny_llava)}})).fingerprint
+    assert f"fingerprint:   {fingerprint}" in lines
+    assert any(line.startswith("checkpoint:") and "(llava layout)" in line for line in lines)
+    assert any(line.startswith("preprocessing:") and "center crop 56 × 56" in line for line in lines)
+    assert any(line.startswith("resize route:") for line in lines)
+    assert (
+        cli_main(["info", "--model", str(tiny_llava), "--features", "both", "--pooled", "--dtype", "float32"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("features: 16 × 64 float32 per image (4.1 kB) from layer -2")
+    assert lines[1].startswith("tower_features: 16 × 32 float32 per image (2.0 kB)")
+    assert lines[2] == "pooled: 64 float32 per image (the mean over tokens)"
+
+
+def test_info_line_for_llava_1_5_7b():
+    """The line for LLaVA-1.5-7B's vision path (its resolved description, built here: no download)."""
+    from llava_features.cli import info_lines
+    from pipeline.bench.common import clip_image_processor_dict
+    from pipeline.model import ResolvedModel
+
+    cfg = load_config(REPO / "configs" / "llava-v1.5-7b.yaml")
+    resolved = ResolvedModel(
+        format="llava",
+        checkpoint="liuhaotian/llava-v1.5-7b",
+        vision_tower="openai/clip-vit-large-patch14-336",
+        tower_revision=None,
+        tower_sha256="0" * 64,
+        select_layer=-2,
+        select_feature="patch",
+        projector_type="mlp2x_gelu",
+        mm_hidden_size=1024,
+        hidden_size=4096,
+        projector_sha256="0" * 64,
+        projector_weights="liuhaotian/llava-v1.5-7b",
+        image_aspect_ratio="pad",
+        image_processor=clip_image_processor_dict(336),
+        vision_config={},
+        image_size=336,
+        patch_size=14,
+    )
+    desc = describe_encoder(cfg, resolved)
+    lines = info_lines(cfg, resolved, desc.fields, desc.fingerprint, "compiled")
+    assert lines[0] == (
+        "features: 576 × 4096 float16 per image (4.7 MB) from layer -2 of openai/clip-vit-large-patch14-336, "
+        "projector mlp2x_gelu"
+    )
+    assert "resize the shortest side to 336 (bicubic), center crop 336 × 336" in lines[3]
+
+
+def test_info_json_shows_the_resolved_settings(tiny_llava, capsys):
+    """`info --json`: the model settings the config left null are shown as the checkpoint resolves them."""
+    assert cli_main(["info", "--json", "--model", str(tiny_llava)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = info["config"]["model"]
+    resolved = resolve_model(ModelConfig(checkpoint=str(tiny_llava)))
+    assert (model["select_layer"], model["select_feature"], model["projector_type"]) == (
+        -2,
+        "patch",
+        "mlp2x_gelu",
+    )
+    assert (model["mm_hidden_size"], model["hidden_size"], model["image_aspect_ratio"]) == (32, 64, "pad")
+    assert (
+        model["vision_tower"] == resolved.vision_tower
+        and model["projector_weights"] == resolved.projector_weights
+    )
+    assert info["config"]["encoder"]["output_dtype"] == "float16"
+    assert "model.select_layer" in info["resolved_keys"] and "encoder.output_dtype" in info["resolved_keys"]
+    assert all(
+        model[key.split(".")[1]] is not None for key in info["resolved_keys"] if key.startswith("model.")
+    )
+    # A value the config sets is its own, not marked as resolved.
+    assert cli_main(["info", "--json", "--model", str(tiny_llava), "--select-layer", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["model"]["select_layer"] == 1 and "model.select_layer" not in info["resolved_keys"]
+
+
+def test_info_line_for_llava_next_tiles_and_packed(tiny_models, capsys):
+    model = str(tiny_models["llava-next"])  # pinpoints 56x112, 112x56, 112x112 of 56 px tiles
+    assert cli_main(["info", "--model", model]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "features: (1 + tiles) × 16 × 64 float16 per image: the base image and 2 to 4 tiles by its grid "
+        f"(2.0 kB each, up to 10.2 kB) from layer -2 of {tiny_models['llava-next'] / 'vision_tower'}, "
+        "projector mlp2x_gelu"
+    )
+    assert cli_main(["info", "--model", model, "--anyres-output", "packed"]) == 0
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .startswith(
+            "features: n × 64 float16 per image (n tokens: the tiles packed by spatial_unpad) from layer -2"
+        )
+    )
+    assert cli_main(["info", "--json", "--model", model]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]["model"]
+    assert (config["image_aspect_ratio"], config["patch_merge_type"]) == ("anyres", "spatial_unpad")
+
+
+def test_a_closed_stdout_is_no_traceback(tiny_llava):
+    """`llava-features info ... | head -1`: the reader going away ends the command quietly."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_features", "info", "--model", str(tiny_llava)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

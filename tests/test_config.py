@@ -48,7 +48,11 @@ from pipeline.model.errors import ConfigError
         ("model", {"device": "gpu"}, r"model\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("model", {"compile_mode": "fastest"}, r"model\.compile_mode"),
         ("model", {"overlap_chunks": 0}, r"model\.overlap_chunks must be >= 1"),
-        ("model", {"select_layer": "-2"}, r"model\.select_layer: expected an integer or null"),
+        (
+            "model",
+            {"select_layer": "-2"},
+            r"model\.select_layer: expected an integer or a list of integers or null",
+        ),
     ],
 )
 def test_bad_values_are_refused_at_load_naming_the_key(section, values, message, tmp_path):
@@ -132,3 +136,33 @@ def test_select_layer_out_of_range_fails_at_info(tiny_llava, capsys):
     err = capsys.readouterr().err
     assert "invalid_config" in err and "select_layer=99" in err and "valid: -4..3" in err
     assert cli_main(["info", "--model", str(tiny_llava), "--select-layer", "-4"]) == 0
+
+
+def test_model_paths_in_a_yaml_are_relative_to_its_folder(tmp_path, monkeypatch):
+    """Relative paths in a YAML's model section are the file's, from any working directory; model
+    ids (org/name) stay ids; command-line values stay relative to the working directory."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    assert load_config(repo / "configs" / "tiny.yaml").model.checkpoint == str(repo / ".demo" / "tiny-llava")
+    folder = tmp_path / "configs"
+    (folder / "beside").mkdir(parents=True)
+    path = folder / "c.yaml"
+    path.write_text(
+        "model:\n  checkpoint: ./models/llava\n  vision_tower: openai/clip-vit-large-patch14-336\n"
+        "  projector_weights: beside\n"
+    )
+    model = load_config(path).model
+    assert model.checkpoint == str(folder / "models" / "llava")  # need not exist yet
+    assert model.vision_tower == "openai/clip-vit-large-patch14-336"  # a model id
+    assert model.projector_weights == str(folder / "beside")  # exists beside the file
+    path.write_text(
+        "model:\n  checkpoint: ../up\n  vision_tower: ~/towers/clip\n  projector_weights: /abs/p\n"
+    )
+    model = load_config(path).model
+    assert model.checkpoint == str(tmp_path / "up")
+    assert model.vision_tower == str(Path.home() / "towers" / "clip")
+    assert model.projector_weights == "/abs/p"
+    # Overrides (the command line's --model) are used as given.
+    assert load_config(path, {"model": {"checkpoint": "rel/m"}}).model.checkpoint == "rel/m"

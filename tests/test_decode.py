@@ -83,15 +83,20 @@ def test_formats_reported(corpus):
         assert _decode(folder / name).format == fmt, name
 
 
-def test_exif_orientation_is_applied(corpus):
+def test_exif_orientation_is_ignored_like_llava_unless_asked(corpus):
+    """LLaVA and the CLIP processors encode an image as stored: so does the default; the EXIF
+    orientation is applied only with ``exif_transpose`` (``decode.exif_transpose``, opt-in)."""
     folder, _ = corpus
     data = (folder / "exif_rotated.jpg").read_bytes()
-    stored = Image.open(folder / "exif_rotated.jpg").convert("RGB")  # as stored, orientation ignored
+    stored = Image.open(folder / "exif_rotated.jpg").convert("RGB")  # what LLaVA's loader gives
     assert stored.size == (100, 60)
     result = decode_image(data)
-    assert (result.width, result.height) == (60, 100)  # the size as displayed
+    assert (result.width, result.height) == (100, 60)
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(stored))
+    rotated = decode_image(data, exif_transpose=True)
+    assert (rotated.width, rotated.height) == (60, 100)  # the size as displayed
     # Orientation 6 = rotate 90 degrees clockwise = np.rot90 with k=-1.
-    np.testing.assert_array_equal(np.asarray(result.image), np.rot90(np.asarray(stored), k=-1))
+    np.testing.assert_array_equal(np.asarray(rotated.image), np.rot90(np.asarray(stored), k=-1))
 
 
 def test_lossy_conversions_match_pil_convert_rgb(corpus):
@@ -109,15 +114,18 @@ def test_lossy_conversions_match_pil_convert_rgb(corpus):
     assert (grey_jpeg[..., 0] == grey_jpeg[..., 1]).all() and (grey_jpeg[..., 1] == grey_jpeg[..., 2]).all()
 
 
-def test_sixteen_bit_is_scaled_not_clipped(corpus):
+def test_sixteen_bit_clips_like_llava_unless_high_byte_is_asked(corpus):
     folder, _ = corpus
     src = Image.open(folder / "grey16.png")
     assert src.mode == "I;16"
-    decoded = np.asarray(_decode(folder / "grey16.png").image)
-    assert decoded.max() > 200 and decoded.min() == 0  # the full range survives
-    # PIL's own convert("RGB") clips everything above 255 to white: the reason we deviate.
+    # LLaVA's convert("RGB") clips everything above 255 to white: the default does the same.
     clipped = np.asarray(src.convert("RGB"))
     assert (clipped == 255).mean() > 0.9
+    np.testing.assert_array_equal(np.asarray(_decode(folder / "grey16.png").image), clipped)
+    # Opt-in: keep the high byte, the full range survives.
+    data = (folder / "grey16.png").read_bytes()
+    decoded = np.asarray(decode_image(data, sixteen_bit="high_byte").image)
+    assert decoded.max() > 200 and decoded.min() == 0
     # A 16-bit RGB PNG of the same picture (which PIL reads as 8-bit by keeping the high byte)
     # decodes to the same pixels.
     np.testing.assert_array_equal(decoded, np.asarray(_decode(folder / "rgb16.png").image))
@@ -131,6 +139,20 @@ def test_transparency_is_dropped_like_llava(corpus):
         np.testing.assert_array_equal(np.asarray(_decode(folder / name).image), llava, err_msg=name)
     palette = np.asarray(_decode(folder / "palette_transparent.png").image)
     assert tuple(palette[0, 0]) == (255, 0, 0)  # index 0 is transparent, its palette colour shows
+
+
+def test_transparency_onto_white_like_transformers(corpus):
+    """``alpha="white"`` (the llava-hf layout's rule): transformers' own ``convert_to_rgb``, exactly."""
+    from transformers.image_transforms import convert_to_rgb
+
+    folder, _ = corpus
+    for name in ("rgba.png", "la.png", "palette_transparent.png", "photo.png", "grey.png", "cmyk.jpg"):
+        image = Image.open(folder / name)
+        want = convert_to_rgb(image, return_numpy=True)
+        got = np.asarray(decode_image((folder / name).read_bytes(), alpha="white").image)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    palette = np.asarray(decode_image((folder / "palette_transparent.png").read_bytes(), alpha="white").image)
+    assert tuple(palette[0, 0]) == (255, 255, 255)  # the transparent index is white now
 
 
 def test_first_frame_of_animations_and_multipage(corpus):
@@ -167,9 +189,11 @@ def test_to_rgb_every_mode():
         assert out.mode == "RGB" and out.size == (4, 3), mode
     for mode in ("I;16", "I;16B", "I;16L"):
         image = Image.new(mode, (4, 3), 40000)
-        assert np.asarray(to_rgb(image))[0, 0].tolist() == [40000 >> 8] * 3, mode
+        assert np.asarray(to_rgb(image))[0, 0].tolist() == [255] * 3, mode  # LLaVA's convert("RGB")
+        assert np.asarray(to_rgb(image, sixteen_bit="high_byte"))[0, 0].tolist() == [40000 >> 8] * 3, mode
     big = Image.fromarray(np.array([[-5, 70000, 256 * 100]], dtype=np.int32))
-    assert np.asarray(to_rgb(big))[0, :, 0].tolist() == [0, 255, 100]
+    assert np.asarray(to_rgb(big))[0, :, 0].tolist() == np.asarray(big.convert("RGB"))[0, :, 0].tolist()
+    assert np.asarray(to_rgb(big, sixteen_bit="high_byte"))[0, :, 0].tolist() == [0, 255, 100]
     rgb = Image.new("RGB", (2, 2))
     assert to_rgb(rgb) is rgb
 

@@ -19,12 +19,12 @@ def _tiny_encoder(variant: str) -> FeatureEncoder:
     """A tiny random-weight encoder of the benchmark's ``variant`` (plain, fast, compiled) that
     returns both feature kinds and the pooled vector."""
     from pipeline.bench.common import random_modules
-    from pipeline.bench.encoder import _make_encoder
+    from pipeline.bench.encoder import make_bench_encoder
 
     arch = tiny_arch()
     modules = random_modules(arch)
     device = torch.device("cpu")
-    return _make_encoder(
+    return make_bench_encoder(
         Config(), arch, modules, device, torch.float32, variant, (4, 8), None, features="both", pooled=True
     )
 

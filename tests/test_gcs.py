@@ -383,3 +383,84 @@ def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
     got = read_features(f"gs://{bucket}/out")
     np.testing.assert_array_equal(got.features, feats)
     assert read_metadata(f"gs://{bucket}/out")[FINGERPRINT_KEY] == "fp-uri"
+
+
+# ------------------------------------------------------------------------------------------
+# The job: tar shards and Parquet images on gs://, through a local Ray
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+    from tests.datasets import photo_bytes, write_image_parquet, write_shards
+
+    bucket = gcs_env.create_bucket()
+    expected = write_shards(tmp_path / "shards", shards=2, per_shard=3)
+    for tar in sorted((tmp_path / "shards").glob("*.tar")):
+        gcs_env.put_object(bucket, f"wds/{tar.name}", tar.read_bytes())
+    images = photo_bytes(4)
+    write_image_parquet(tmp_path / "hf.parquet", images, columns={"caption": list("abcd")}, row_group_size=2)
+    gcs_env.put_object(bucket, "hf/train-0.parquet", (tmp_path / "hf.parquet").read_bytes())
+
+    def config(**input_section):
+        return load_config(
+            None,
+            {
+                "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
+                "input": {"keep_columns": ["caption"], **input_section},
+                "job": {"shard_size": 2, "max_error_fraction": 0.0},
+            },
+        )
+
+    ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        wds = run_job(config(), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
+        hf = run_job(config(image_column="image"), f"gs://{bucket}/hf", f"gs://{bucket}/out/hf")
+    finally:
+        ray.shutdown()
+    assert (wds.input_kind, wds.ok, wds.units_total, wds.shards_total) == ("webdataset", 6, 2, 4)
+    assert (hf.input_kind, hf.ok, hf.units_total) == ("parquet", 4, 2)
+    got = read_features(f"gs://{bucket}/out/wds").table
+    assert got.column("image_id").to_pylist() == sorted(expected)
+    assert got.column("caption").to_pylist() == [expected[k]["caption"] for k in sorted(expected)]
+    got = read_features(f"gs://{bucket}/out/hf").table
+    assert got.column("image_id").to_pylist() == [f"train-0.parquet#{i}" for i in range(4)]
+    assert got.column("uri").to_pylist()[3] == f"gs://{bucket}/hf/train-0.parquet#3"
+    assert got.column("caption").to_pylist() == list("abcd")
+    keys = gcs_env.list_keys(bucket, "out/")
+    assert "out/wds/_SUCCESS" in keys and "out/hf/_commits/unit-000001.json" in keys
+
+
+def test_plan_and_expand_webdataset_and_parquet_on_gcs(gcs_env: GcsServer, tmp_path) -> None:
+    from pipeline.storage import InputOptions, ReadOptions, expand_unit, plan_inputs
+    from tests.datasets import photo_bytes, write_image_parquet, write_shards
+
+    bucket = gcs_env.create_bucket()
+    expected = write_shards(tmp_path / "shards", shards=3, per_shard=2)
+    for tar in sorted((tmp_path / "shards").glob("*.tar")):
+        gcs_env.put_object(bucket, f"shards/{tar.name}", tar.read_bytes())
+    plan = plan_inputs(f"gs://{bucket}/shards/{{00000..00002}}.tar")
+    assert (
+        plan.kind == "webdataset"
+        and len(plan.units) == 3
+        and plan.units[0].stamp.startswith(str((tmp_path / "shards" / "00000.tar").stat().st_size))
+    )
+    samples = [
+        s
+        for u in plan.units
+        for chunk in expand_unit(u, 10, ReadOptions(keep_columns=("url",)))
+        for s in chunk
+    ]
+    assert [s.image_id for s in samples] == sorted(expected)
+    assert [s.carried["url"] for s in samples] == [expected[k]["url"] for k in sorted(expected)]
+    images = photo_bytes(3)
+    write_image_parquet(tmp_path / "x.parquet", images, struct=False)
+    gcs_env.put_object(bucket, "pq/x.parquet", (tmp_path / "x.parquet").read_bytes())
+    plan = plan_inputs(f"gs://{bucket}/pq/x.parquet", options=InputOptions(image_column="image"))
+    (chunk,) = expand_unit(plan.units[0], 10, ReadOptions(image_column="image"))
+    assert [s.data for s in chunk] == images

@@ -20,12 +20,13 @@ import pytest
 
 from llava_features.cli import main as cli_main
 from pipeline.config import load_config
-from pipeline.constants import JOB_FILE, SUCCESS_FILE
+from pipeline.constants import COMMITS_DIR, JOB_FILE, SUCCESS_FILE
 from pipeline.encoder import FeatureEncoder
 from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
 from pipeline.reader import read_features
 from tests.corpus import write_bad_corpus, write_real_photos
+from tests.fixtures.ray_cluster import local_ray
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray (4 CPUs, no dashboard) on free ports and its own temp dir (see ``local_ray``)."""
     import ray
 
-    ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING"):
+        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,9 @@ def _many_images(folder: Path, n: int) -> Path:
 
 
 def _committed(out: Path) -> list[Path]:
-    return sorted(out.glob("part-*.parquet"))
+    """The output files of the committed units (those with a commit record)."""
+    units = {int(p.stem.split("-")[1]) for p in (out / COMMITS_DIR).glob("unit-*.json")}
+    return sorted(p for p in out.glob("part-*.parquet") if int(p.name.split("-")[1]) in units)
 
 
 def _encoder_actor_pid() -> int | None:
@@ -250,8 +252,20 @@ def _encoder_actor_pid() -> int | None:
     return None
 
 
-def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, tmp_path):
-    images = _many_images(tmp_path, 100)
+def _many_inputs(folder: Path, n: int, kind: str) -> tuple[Path, list[str]]:
+    """``n`` inputs of one kind: a folder of image files, or WebDataset tars of 5 samples (one output
+    file each at shard size 1, so a unit has 5). Returns the input and the ids it must give."""
+    if kind == "images":
+        images = _many_images(folder, n)
+        return images, sorted(p.name for p in images.iterdir())
+    from tests.datasets import write_shards
+
+    return folder / "shards", sorted(write_shards(folder / "shards", shards=n // 5, per_shard=5))
+
+
+@pytest.mark.parametrize(("kind", "n"), [("images", 100), ("webdataset", 40)])
+def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, tmp_path, kind, n):
+    images, expected_ids = _many_inputs(tmp_path, n, kind)
     out = tmp_path / "out"
     result: dict = {}
     thread = threading.Thread(
@@ -276,17 +290,18 @@ def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, 
         except ProcessLookupError:  # the pool replaced that process already: take the current one
             pid = _encoder_actor_pid() or pid
             time.sleep(0.01)
-    assert killed_at is not None and 1 <= killed_at < 100, "the job was not running when the actor was killed"
+    assert killed_at is not None and 1 <= killed_at < n, "the job was not running when the actor was killed"
     thread.join(timeout=300)
     assert "summary" in result
     ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
-    assert sorted(ids) == sorted(p.name for p in images.iterdir())  # every row exactly once
-    assert len(_committed(out)) == 100 and (out / SUCCESS_FILE).exists()
+    assert sorted(ids) == expected_ids  # every row exactly once
+    assert len(_committed(out)) == n and (out / SUCCESS_FILE).exists()
     assert not list(out.glob(".*.tmp"))
 
 
-def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_path):
-    images = _many_images(tmp_path, 40)
+@pytest.mark.parametrize("kind", ["images", "webdataset"])
+def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_path, kind):
+    images, expected_ids = _many_inputs(tmp_path, 40, kind)
     out, clean = tmp_path / "out", tmp_path / "clean"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     cmd = [
@@ -302,20 +317,24 @@ def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
+    first_units = len(_commit_records(out))
     assert 5 <= len(first) < 40, "the job was not interrupted part-way"
     assert not (out / SUCCESS_FILE).exists()
 
     summary = run_job(
         _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
     )
-    assert summary.shards_skipped == len(first) and summary.shards_written == 40 - len(first)
+    assert summary.units_skipped == first_units and summary.shards_written == 40 - len(first)
+    assert first_units == (len(first) if kind == "images" else len(first) // 5)
     assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
-    run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
     resumed = read_features(str(out))
-    reference = read_features(str(clean))
-    assert sorted(resumed.image_ids) == sorted(reference.image_ids) and len(set(resumed.image_ids)) == 40
-    a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
-    assert np.array_equal(resumed.features[a], reference.features[b])
+    assert sorted(resumed.image_ids) == expected_ids  # every row exactly once
+    if kind == "images":  # the same features as a run that was never interrupted
+        run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
+        reference = read_features(str(clean))
+        assert sorted(resumed.image_ids) == sorted(reference.image_ids)
+        a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
+        assert np.array_equal(resumed.features[a], reference.features[b])
     assert (out / SUCCESS_FILE).exists()
     # resuming a finished job writes nothing
     again = run_job(
@@ -354,6 +373,68 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
     assert set(codes) == {p.name for p in photos} and all(c is None for c in codes.values())
 
 
+def test_s3_webdataset_and_parquet_images_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
+    """Tar shards and a Parquet file of images read from S3 (moto), carried columns, output on S3."""
+    from pipeline.storage import resolve_filesystem
+    from tests.datasets import photo_bytes, write_image_parquet, write_shards
+
+    endpoint = s3_server.endpoint_url
+    expected = write_shards(tmp_path / "shards", shards=2, per_shard=3)
+    for tar in (tmp_path / "shards").glob("*.tar"):
+        s3_server.put_object("in-containers", f"wds/{tar.name}", tar.read_bytes())
+    images = photo_bytes(3)
+    write_image_parquet(
+        tmp_path / "hf.parquet", images, ids=["p0", "p1", "p2"], columns={"caption": ["x", "y", "z"]}
+    )
+    s3_server.put_object("in-containers", "hf/train.parquet", (tmp_path / "hf.parquet").read_bytes())
+    s3_server.create_bucket("out-containers")
+    common = (
+        "--s3-endpoint",
+        endpoint,
+        "--keep-columns",
+        "caption",
+        "--shard-size",
+        "2",
+        "--max-error-fraction",
+        "0",
+    )
+    assert (
+        cli_main(
+            _encode_args(
+                tiny_llava, "s3://in-containers/wds/{00000..00001}.tar", "s3://out-containers/wds", *common
+            )
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            _encode_args(
+                tiny_llava,
+                "s3://in-containers/hf",
+                "s3://out-containers/hf",
+                "--image-column",
+                "image",
+                "--id-column",
+                "id",
+                *common,
+            )
+        )
+        == 0
+    )
+    for prefix, want in (
+        ("wds", {k: v["caption"] for k, v in expected.items()}),
+        ("hf", {"p0": "x", "p1": "y", "p2": "z"}),
+    ):
+        keys = s3_server.list_keys("out-containers", f"{prefix}/")
+        assert f"{prefix}/_SUCCESS" in keys and any(k.startswith(f"{prefix}/_commits/unit-") for k in keys)
+        fs, path = resolve_filesystem(f"s3://out-containers/{prefix}", s3_endpoint=endpoint)
+        got = read_features(path, filesystem=fs).table
+        assert (
+            dict(zip(got.column("image_id").to_pylist(), got.column("caption").to_pylist(), strict=True))
+            == want
+        )
+
+
 def test_fixed_shape_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_path):
     photos = write_real_photos(tmp_path / "photos", n=3)
     out = tmp_path / "out"
@@ -390,9 +471,9 @@ def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_
     config = _config(tiny_llava, shard_size=2, pooled=True, features="both", max_error_fraction=1.0)
     summary = run_job(config, str(folder), str(out))
     assert summary.ok == 2 and summary.errors == {"empty": 1, "not_an_image": 1}
-    first = pq.read_table(out / "part-000000.parquet")  # the two bad files: no ok row
+    first = pq.read_table(out / "part-000000-00000.parquet")  # the two bad files: no ok row
     assert first.column("status").to_pylist() == ["error", "error"]
-    assert first.schema == pq.read_table(out / "part-000001.parquet").schema
+    assert first.schema == pq.read_table(out / "part-000001-00000.parquet").schema
     assert first.column("features").null_count == 2 and first.column("pooled").null_count == 2
 
 
@@ -435,3 +516,320 @@ def test_decode_on_the_encoder_device_gives_the_same_rows(ray_local, tiny_llava,
         assert a.table.column(column).to_pylist() == b.table.column(column).to_pylist(), column
     np.testing.assert_array_equal(a.features, b.features)
     assert sum(code is None for code in expected.values()) == default.ok
+
+
+@pytest.mark.parametrize("anyres_output", ["tiles", "packed"])
+def test_llava_next_job_writes_each_images_own_shape(ray_local, tiny_models, tmp_path, anyres_output):
+    """LLaVA-NeXT (anyres): every image has its own tile grid, so its own number of rows; the job
+    writes a variable-shape column with the grid beside it, equal to the in-process encoder's rows
+    (which tests/test_fidelity.py holds to transformers' LlavaNext classes)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    model = tiny_models["llava-next-hf"]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut = Image.fromarray(skdata.astronaut())
+    for name, size in {"square": (300, 300), "wide": (400, 150), "tall": (90, 260), "tiny": (20, 14)}.items():
+        astronaut.resize(size).save(folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "out"
+    extra = ("--anyres-output", anyres_output, "--max-error-fraction", "0.5")
+    assert cli_main(_encode_args(model, folder, out, *extra)) == 0
+
+    every = read_features(str(out), status=None)
+    assert every.table.num_rows == 5 and every.valid.sum() == 4
+    ok = read_features(str(out), columns=["image_id", "uri", "grid_rows", "grid_cols"])
+    sections = {
+        "model": {"checkpoint": str(model), "dtype": "float32"},
+        "encoder": {"anyres_output": anyres_output},
+    }
+    encoder = FeatureEncoder(load_config(None, sections))
+    shapes = set()
+    for row, uri in enumerate(ok.table.column("uri").to_pylist()):
+        prepared = encoder.encode_pre(Path(uri).read_bytes())
+        want = np.asarray(encoder.encode_prepared([prepared]).projected[0])
+        got = ok.features[row]
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5, uri
+        rows, cols = ok.table.column("grid_rows")[row].as_py(), ok.table.column("grid_cols")[row].as_py()
+        assert (rows, cols) == (prepared.grid.rows, prepared.grid.cols)
+        if anyres_output == "tiles":
+            assert got.shape[0] == 1 + rows * cols
+        shapes.add(got.shape)
+    assert len(shapes) > 1  # the grids differ, and so do the rows
+    padded = read_features(str(out), padded=True)
+    assert padded.lengths.tolist() == [len(f) for f in ok.features]
+
+
+# -- the input kinds of large jobs ------------------------------------------------------------------
+
+
+def _parity(out: Path, model: Path, data_of) -> None:
+    """Every ok row's features equal the in-process encoder's on the same bytes (float32)."""
+    encoder = FeatureEncoder(_config(model))
+    ok = read_features(str(out))
+    assert ok.num_rows > 0
+    for row, image_id in enumerate(ok.image_ids):
+        prepared = encoder.encode_pre(data_of(image_id), image_id)
+        ref = encoder.encode_pixels(prepared.pixels[None])
+        assert np.abs(ok.features[row] - ref.projected[0]).max() <= 1e-5, image_id
+
+
+def _commit_records(out: Path) -> dict[int, dict]:
+    return {
+        int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (out / COMMITS_DIR).glob("unit-*.json")
+    }
+
+
+def test_webdataset_shards_with_carried_columns(ray_local, tiny_llava, tmp_path):
+    """Brace notation over tar shards: one row per sample, several files per tar, captions and json
+    fields carried, bad members and a truncated tar as error rows — never a failed job."""
+    from tests.datasets import (
+        photo_bytes,
+        sample_members,
+        tar_bytes,
+        truncate_inside_last_member,
+        write_shards,
+    )
+
+    folder = tmp_path / "shards"
+    expected = write_shards(folder, shards=2, per_shard=5)
+    good = (folder / "00000.tar").read_bytes()
+    bad = tar_bytes(
+        [
+            *sample_members("bad-0", photo_bytes(1)[0][:700], caption="a jpeg cut short"),
+            *sample_members("bad-1", None, caption="no image"),
+            *sample_members("bad-2", b"", caption="empty"),
+        ]
+    )
+    (folder / "00002.tar").write_bytes(bad)
+    (folder / "00003.tar").write_bytes(truncate_inside_last_member(good))
+    out = tmp_path / "out"
+    rc = cli_main(
+        _encode_args(
+            tiny_llava,
+            f"{folder}/{{00000..00003}}.tar",
+            out,
+            "--shard-size",
+            "2",
+            "--keep-columns",
+            "caption,url",
+            "--max-error-fraction",
+            "0.5",
+        )
+    )
+    assert rc == 0
+    table = read_features(str(out), status=None).table
+    rows = {(r["uri"].split("#")[0].rsplit("/", 1)[1], r["image_id"]): r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == 10 + 3 + 5  # every sample exactly once, the truncated tar too
+    for image_id, want in expected.items():
+        row = rows[(want["tar"], image_id)]
+        assert row["status"] == "ok" and (row["caption"], row["url"]) == (want["caption"], want["url"])
+        assert row["uri"] == f"{folder / want['tar']}#{want['member']}"
+    assert {k[1]: rows[k]["error_code"] for k in rows if k[0] == "00002.tar"} == {
+        "bad-0": "truncated",
+        "bad-1": "read_failed",
+        "bad-2": "empty",
+    }
+    assert rows[("00002.tar", "bad-1")]["caption"] == "no image"  # carried on error rows too
+    truncated = [rows[k] for k in rows if k[0] == "00003.tar"]
+    assert [r["status"] for r in truncated] == ["ok"] * 4 + ["error"]
+    assert (
+        truncated[-1]["error_code"] == "truncated" and "ends inside member" in truncated[-1]["error_message"]
+    )
+    assert table.schema.field("caption").type == pa.string()
+    records = _commit_records(out)
+    assert sorted(records) == [0, 1, 2, 3] and [len(records[u]["files"]) for u in range(4)] == [3, 3, 2, 3]
+    assert sum(r["rows"] for r in records.values()) == 18
+    _parity(out, tiny_llava, lambda image_id: _member(folder, image_id))  # 00003.tar repeats 00000's keys
+
+
+def _member(folder: Path, image_id: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(folder / f"{image_id[:5]}.tar") as tf:
+        return tf.extractfile(f"{image_id}.jpg").read()  # type: ignore[union-attr]
+
+
+def test_parquet_images_and_sharded_manifests(ray_local, tiny_llava, tmp_path):
+    """Parquet files with the image bytes (the datasets Image struct), ids and carried columns of
+    their own types; then a manifest split into Parquet and CSV files."""
+    import pyarrow.csv as pacsv
+
+    from tests.datasets import photo_bytes, write_image_parquet
+
+    images = photo_bytes(7)
+    images[3] = b"not an image"
+    ds = tmp_path / "hf" / "data"
+    write_image_parquet(
+        ds / "train-00000-of-00002.parquet",
+        images[:5],
+        ids=[f"hf-{i}" for i in range(5)],
+        columns={"caption": [f"caption {i}" for i in range(5)], "aesthetic": [0.5 * i for i in range(5)]},
+        row_group_size=2,
+    )
+    write_image_parquet(
+        ds / "train-00001-of-00002.parquet",
+        images[5:],
+        ids=["hf-5", "hf-6"],
+        columns={"caption": ["caption 5", "caption 6"], "aesthetic": [2.5, 3.0]},
+    )
+    out = tmp_path / "out-hf"
+    rc = cli_main(
+        _encode_args(
+            tiny_llava,
+            ds,
+            out,
+            "--image-column",
+            "image",
+            "--id-column",
+            "id",
+            "--keep-columns",
+            "caption,aesthetic",
+            "--shard-size",
+            "3",
+            "--max-error-fraction",
+            "0.5",
+        )
+    )
+    assert rc == 0
+    table = read_features(str(out), status=None).table
+    assert table.column("image_id").to_pylist() == [f"hf-{i}" for i in range(7)]  # input order
+    assert table.column("caption").to_pylist() == [f"caption {i}" for i in range(7)]
+    assert (
+        table.schema.field("aesthetic").type == pa.float64() and table.column("aesthetic")[4].as_py() == 2.0
+    )
+    assert table.column("error_code").to_pylist()[3] == "not_an_image"
+    assert table.column("uri")[6].as_py() == f"{ds / 'train-00001-of-00002.parquet'}#1"
+    _parity(out, tiny_llava, lambda image_id: images[int(image_id.split("-")[1])])
+
+    photos = sorted(write_real_photos(tmp_path / "photos", n=5))
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    pq.write_table(
+        pa.table(
+            {"uri": [str(p) for p in photos[:3]], "image_id": ["a", "b", "c"], "caption": ["ca", "cb", "cc"]}
+        ),
+        manifests / "000.parquet",
+    )
+    pacsv.write_csv(
+        pa.table(
+            {
+                "uri": [f"../photos/{p.name}" for p in photos[3:]],
+                "image_id": ["d", "e"],
+                "caption": ["cd", "ce"],
+            }
+        ),
+        manifests / "001.csv",
+    )
+    summary = run_job(
+        load_config(
+            None,
+            {
+                "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
+                "input": {"keep_columns": ["caption"]},
+                "job": {"shard_size": 2, "max_error_fraction": 0.0},
+            },
+        ),
+        f"{manifests}/*",
+        str(tmp_path / "out-manifest"),
+    )
+    assert (summary.input_kind, summary.ok, summary.units_total) == ("manifest", 5, 3)
+    got = read_features(str(tmp_path / "out-manifest")).table
+    assert got.column("image_id").to_pylist() == list("abcde")
+    assert got.column("caption").to_pylist() == ["ca", "cb", "cc", "cd", "ce"]
+
+
+def test_resume_rewrites_exactly_the_incomplete_units(ray_local, tiny_llava, tmp_path):
+    """A unit is committed when its record exists: one that lost its record (a run killed between
+    its files and its record) is rewritten whole, its stray files removed; the others are untouched."""
+    from tests.datasets import write_shards
+
+    expected = write_shards(tmp_path / "shards", shards=3, per_shard=5)
+    out = tmp_path / "out"
+    config = _config(tiny_llava, shard_size=2, max_error_fraction=0.0)
+    first = run_job(config, str(tmp_path / "shards"), str(out))
+    assert (first.units_written, first.shards_written, first.inputs) == (3, 9, 15)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    (out / COMMITS_DIR / "unit-000001.json").unlink()  # unit 1: files written, record not
+    (out / "part-000001-00002.parquet").unlink()
+    shutil.copy(
+        out / "part-000001-00000.parquet", out / "part-000001-00007.parquet"
+    )  # an older attempt's file
+    (out / SUCCESS_FILE).unlink()
+    from pipeline.job import dry_run
+
+    assert dry_run(config, str(tmp_path / "shards"), str(out)).output_state.startswith(
+        "2 of 3 unit(s) committed: --resume continues it"
+    )
+    again = run_job(config, str(tmp_path / "shards"), str(out), resume=True)
+    assert (again.units_written, again.units_skipped, again.shards_written, again.read) == (1, 2, 3, 5)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert sorted(after) == sorted(before)  # the stray file is gone, the lost one back
+    assert all(after[n] == t for n, t in before.items() if not n.startswith("part-000001-"))
+    assert all(after[n] != t for n, t in before.items() if n.startswith("part-000001-"))
+    ids = read_features(str(out), status=None).image_ids
+    assert sorted(ids) == sorted(expected) and len(ids) == 15
+    assert (out / SUCCESS_FILE).exists()
+
+
+def test_bad_folder_entries_get_error_rows_through_the_job(ray_local, tiny_llava, tmp_path):
+    folder = tmp_path / "images"
+    photos = write_real_photos(folder, n=2)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")  # a loop: each real file still once
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    summary = run_job(_config(tiny_llava, max_error_fraction=1.0), str(folder), str(tmp_path / "out"))
+    table = read_features(str(tmp_path / "out"), status=None).table
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted([p.name for p in photos] + ["dangling.jpg", "loop.jpg", "pipe.jpg"])
+    assert summary.ok == 2 and summary.errors == {"read_failed": 3}
+    assert "dangling symbolic link" in rows["dangling.jpg"]["error_message"]
+    assert "symbolic link loop" in rows["loop.jpg"]["error_message"]
+    assert "FIFO" in rows["pipe.jpg"]["error_message"]
+
+
+def test_resume_of_a_finished_output_reports_what_was_recorded(
+    ray_local, tiny_llava, corpus, tmp_path, capsys, monkeypatch
+):
+    """A resume with nothing to do prints the recorded counts and decides with its own budget; it never
+    rewrites _SUCCESS, so the marker never contradicts a command's output. Relative outputs are shown
+    absolute."""
+    folder, expected = corpus
+    monkeypatch.chdir(tmp_path)
+    n_err = sum(code is not None for code in expected.values())
+    assert cli_main(_encode_args(tiny_llava, folder, "out", "--max-error-fraction", "0.9")) == 0
+    printed = capsys.readouterr().out
+    assert f"output:        {tmp_path / 'out'}\n" in printed
+    success = (tmp_path / "out" / SUCCESS_FILE).read_bytes()
+    assert json.loads(success)["max_error_fraction"] == 0.9
+
+    assert cli_main(_encode_args(tiny_llava, folder, "out", "--resume")) == 3  # default budget: 0.01
+    captured = capsys.readouterr()
+    assert f"errors:        {n_err} " in captured.out and "images read:   0 this run" in captured.out
+    assert "up to date" in captured.out and "left as it is" in captured.err
+    assert (tmp_path / "out" / SUCCESS_FILE).read_bytes() == success  # untouched
+    assert cli_main(_encode_args(tiny_llava, folder, "out", "--resume", "--max-error-fraction", "0.9")) == 0
+    assert (tmp_path / "out" / SUCCESS_FILE).read_bytes() == success
+
+    # A run over its budget writes no _SUCCESS; a resume that allows more writes it, without encoding again.
+    assert cli_main(_encode_args(tiny_llava, folder, "strict")) == 3
+    assert not (tmp_path / "strict" / SUCCESS_FILE).exists()
+    capsys.readouterr()
+    assert (
+        cli_main(_encode_args(tiny_llava, folder, "strict", "--resume", "--max-error-fraction", "0.9")) == 0
+    )
+    assert "images read:   0 this run" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "strict" / SUCCESS_FILE).read_text())
+    assert recorded["max_error_fraction"] == 0.9 and recorded["ok"] == len(expected) - n_err
+
+
+def test_non_utf8_manifest_is_a_typed_error_naming_the_file(tiny_llava, tmp_path, capsys):
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes("uri\ncaf\xe9.jpg\n".encode("latin-1"))
+    assert cli_main(_encode_args(tiny_llava, manifest, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "invalid_config" in err and str(manifest) in err and "not valid UTF-8" in err
+    assert not (tmp_path / "out").exists()

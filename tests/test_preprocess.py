@@ -289,7 +289,9 @@ def test_spec_to_dict_round_trip():
         ({"image_std": (1.0, 0.0, 1.0)}, None),
         ({"resample": 9}, None),
         ({}, {"size": {"height": 224, "width": 224}}),
-        ({}, {"do_resize": False}),
+        ({}, {"size": {"shortest_edge": 224, "longest_edge": 300}}),  # not implemented: refused
+        ({}, {"use_square_size": True}),
+        ({}, {"do_thumbnail": True}),  # a field not known to leave pixels alone
         ({}, {"crop_size": "big"}),
         ({}, {"image_mean": ["a", 0, 0]}),
         ({}, "/nonexistent/preprocessor_config.json"),

@@ -324,6 +324,36 @@ def test_pixel_budget_admission_and_device_queue():
     assert isinstance(release_free_memory(), bool)
 
 
+def test_framework_errors_in_our_error_shape():
+    """Unknown routes (404) and wrong methods (405) answer {"error": {...}}, not FastAPI's {"detail"}."""
+    from fastapi import FastAPI
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    api = FastAPI()
+
+    async def features(request):
+        return PlainTextResponse("ok")
+
+    api.add_route("/v1/features", features, methods=["POST"])  # a plain Starlette route
+    H.install_error_handlers(api)
+    with TestClient(api) as client:
+        assert client.post("/v1/features").text == "ok"
+        r = client.get("/v1/nope")
+        assert r.status_code == 404 and "detail" not in r.json()
+        assert (
+            r.json()["error"]["code"] == "not_found" and "POST /v1/features" in r.json()["error"]["message"]
+        )
+        r = client.get("/v1/features")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"] == {
+            "code": "method_not_allowed",
+            "message": "GET /v1/features is not allowed; use POST",
+            "type": "invalid_request_error",
+        }
+    assert H.status_for(ErrorCode.NOT_FOUND) == 404 and H.status_for(ErrorCode.METHOD_NOT_ALLOWED) == 405
+
+
 def test_build_args_and_deployment_options(tmp_path, monkeypatch):
     """configs/serve.yaml is a valid Serve config whose args build (writing the tiny demo model)."""
     from ray.serve.schema import ServeDeploySchema
@@ -382,12 +412,63 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
         assert r.status_code == 200 and H.load_npy(r.content).shape[0] > 0
         proc.send_signal(signal.SIGTERM)  # Ctrl-C (SIGINT) takes the same path
         assert proc.wait(timeout=90) == 0
+        assert f"llava-features listens on http://127.0.0.1:{port}: POST /v1/features" in (
+            proc.stdout.read().decode(errors="replace")
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+@slow
+def test_serve_run_config_prints_where_it_listens(tmp_path):
+    """`serve run configs/serve.yaml` (Ray's CLI, onto a token-auth cluster on free ports) says where
+    the endpoint listens, and it answers there."""
+    from tests.fixtures.ray_cluster import ray_head
+
+    port = free_port()
+    config = (REPO / "configs" / "serve.yaml").read_text().replace("port: 8000", f"port: {port}")
+    assert f"port: {port}" in config
+    (tmp_path / "serve.yaml").write_text(config)
+    announced = (
+        f"llava-features will listen, once its replicas are up (`serve status`), on http://127.0.0.1:{port}:"
+    )
+    with ray_head(num_cpus=2) as head:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("serve")), "run", "serve.yaml"],
+            cwd=tmp_path,
+            env=head.client_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(
+            target=lambda: lines.extend(iter(lambda: proc.stdout.readline().decode(errors="replace"), "")),
+            daemon=True,
+        )
+        reader.start()
+        try:
+            deadline = time.monotonic() + 180
+            ready = False
+            while time.monotonic() < deadline and proc.poll() is None and not ready:
+                with contextlib.suppress(httpx.TransportError):
+                    ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+                time.sleep(0.5 if ready else 1)
+            assert ready, "".join(lines)[-3000:]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(announced in line for line in lines):
+                time.sleep(0.2)
+            assert any(announced in line for line in lines), "".join(lines)[-3000:]
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve down on the cluster
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # -- the endpoint --------------------------------------------------------------------------------
@@ -640,6 +721,15 @@ def test_models_and_healthz(main, local_encoder):
     assert card["fingerprint"] == local_encoder.fingerprint
     assert card["num_tokens"] == local_encoder.num_tokens and card["feature_dim"] == local_encoder.feature_dim
     assert card["resampler"] == local_encoder.info()["resampler"] != "pillow"
+
+
+@slow
+def test_unknown_route_and_wrong_method_are_our_errors(main):
+    _assert_error(main.get("/v1/nope"), 404, "not_found")
+    r = _assert_error(main.get("/v1/features"), 405, "method_not_allowed")
+    assert "POST" in r["error"]["message"]
+    _assert_error(main.post("/healthz"), 405, "method_not_allowed")
+    _ok(main)
 
 
 @slow

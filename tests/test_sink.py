@@ -193,6 +193,20 @@ def test_write_and_read_round_trip(tmp_path: Path, shard: Shard) -> None:
     assert errors.table.column("error_code").to_pylist() == ["corrupt", "corrupt"]
 
 
+def test_pooled_reads_as_a_rows_by_dim_array(tmp_path: Path, shard: Shard) -> None:
+    out, _ = _write(tmp_path, shard)
+    got = read_features(out, column="pooled")
+    assert got.features.dtype == np.float32 and got.features.shape == (3, DIM)
+    np.testing.assert_array_equal(got.features, shard.pooled)
+    assert got.spec is not None and got.spec.shape == (DIM,) and "pooled" not in got.table.column_names
+    every = read_features(out, column="pooled", status=None, as_torch=True)
+    assert every.features.shape == (5, DIM) and every.valid.tolist() == [True, False, False, True, True]
+    assert torch.equal(every.features[OK_ROWS], torch.from_numpy(shard.pooled))
+    assert not every.features[[1, 2]].any()
+    with pytest.raises(ConfigError, match=r"FeatureSet\.table.*\['features', 'tower_features', 'pooled'\]"):
+        read_features(out, column="width")
+
+
 def test_several_shards_read_in_shard_order(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     expected = []
@@ -431,3 +445,107 @@ def test_bench_sink_smoke(tmp_path: Path) -> None:
     for result in figures["results"].values():
         assert result["write_mb_s"] > 0 and result["read_mb_s"] > 0
     assert pa.cpu_count() > 0 and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# Variable-shape tensors (LLaVA-NeXT: every image has its own number of tiles / tokens)
+# ------------------------------------------------------------------------------------------
+
+
+def _ragged(dtype: str = "float16") -> tuple[list[np.ndarray], list[Any]]:
+    """Three ok rows of 3, 1 and 5 "tiles" (base + grid) of (TOKENS, DIM), and their grids."""
+    from pipeline.model.anyres import AnyresGrid
+
+    rng = np.random.default_rng(7)
+    rows = [rng.standard_normal((n, TOKENS, DIM), dtype=np.float32).astype(dtype) for n in (3, 1, 5)]
+    grids = [
+        AnyresGrid((90, 40), (224, 112), 112),
+        AnyresGrid((50, 50), (112, 112), 112),
+        AnyresGrid((300, 310), (224, 224), 112),
+    ]
+    return rows, grids
+
+
+@pytest.mark.parametrize("tensor_format", ["binary", "fixed_shape_tensor"])
+def test_variable_shape_rows_round_trip(tmp_path: Path, tensor_format: str) -> None:
+    from pipeline.records import RaggedRows
+    from pipeline.tensors import VariableTensorType, variable_spec
+
+    values, grids = _ragged()
+    table = build_table(
+        _rows(), features=RaggedRows.from_rows(values), grids=grids, tensor_format=tensor_format
+    )
+    assert table.column("grid_rows").to_pylist() == [1, None, None, 1, 2]
+    assert table.column("grid_cols").to_pylist() == [2, None, None, 1, 2]
+    assert table.column("canvas_width").to_pylist() == [224, None, None, 112, 224]
+    out = str(tmp_path / "out")
+    path = write_shard(table, out, 0, filesystem=LOCAL)
+    field = pq.read_schema(path).field("features")
+    if tensor_format == "binary":
+        assert field.type == VariableTensorType("float16", (TOKENS, DIM))
+    else:  # Arrow's canonical variable_shape_tensor, as other Arrow readers know it
+        assert field.type.extension_name == "arrow.variable_shape_tensor"
+        assert pa.types.is_list(field.type.storage_type.field("data").type)
+    spec = variable_spec(field)
+    assert spec is not None and (spec.dtype, spec.inner_shape) == ("float16", (TOKENS, DIM))
+
+    got = read_features(out)
+    assert got.table.column("image_id").to_pylist() == ["img-0", "img-3", "img-4"]
+    assert [r.shape for r in got.features] == [v.shape for v in values]
+    for r, v in zip(got.features, values, strict=True):
+        np.testing.assert_array_equal(r, v)
+    padded = read_features(out, padded=True)
+    assert padded.features.shape == (3, 5, TOKENS, DIM) and padded.lengths.tolist() == [3, 1, 5]
+    np.testing.assert_array_equal(padded.features[0, :3], values[0])
+    assert not padded.features[1, 1:].any() and not padded.features[0, 3:].any()
+    every = read_features(out, status=None, as_torch=True)
+    assert [None if r is None else tuple(r.shape) for r in every.features] == [
+        (3, TOKENS, DIM),
+        None,
+        None,
+        (1, TOKENS, DIM),
+        (5, TOKENS, DIM),
+    ]
+    assert every.valid.tolist() == [True, False, False, True, True]
+    assert torch.equal(every.features[4], torch.from_numpy(values[2]))
+
+
+def test_inspect_reports_variable_shape_columns(tmp_path: Path) -> None:
+    from pipeline.inspect import inspect_output
+    from pipeline.records import RaggedRows
+
+    values, grids = _ragged()
+    table = build_table(_rows(), features=RaggedRows.from_rows(values), grids=grids)
+    write_shard(table, str(tmp_path / "out"), 0, filesystem=LOCAL)
+    report = inspect_output(tmp_path / "out")
+    assert report.state == "unknown" and report.rows == 5 and report.ok == 3  # no _job.json: no plan
+    (col,) = report.columns
+    assert (col.name, col.dtype, col.shape, col.bytes_per_row) == (
+        "features",
+        "float16",
+        [None, TOKENS, DIM],
+        None,
+    )
+
+
+def test_variable_shape_bfloat16_and_duckdb(tmp_path: Path) -> None:
+    from pipeline.records import RaggedRows
+
+    values = [torch.randn(n, TOKENS, DIM).to(torch.bfloat16) for n in (2, 4, 1)]
+    bits = [v.view(torch.int16).numpy().view(np.uint16) for v in values]
+    table = build_table(_rows(), features=RaggedRows.from_rows(bits), dtype="bfloat16")
+    out = str(tmp_path / "out")
+    write_shard(table, out, 0, filesystem=LOCAL)
+    got = read_features(out, as_torch=True)
+    assert all(
+        g.dtype == torch.bfloat16 and torch.equal(g, v) for g, v in zip(got.features, values, strict=True)
+    )
+    as_f32 = read_features(out, bfloat16_as="float32").features
+    np.testing.assert_array_equal(as_f32[1], values[1].float().numpy())
+    # DuckDB (and any Parquet reader) sees a struct of the shape and the little-endian bytes.
+    con = duckdb.connect()
+    shape, blob = con.sql(
+        f"select features.shape, features.data from read_parquet('{out}/*.parquet') where image_id = 'img-4'"
+    ).fetchall()[0]
+    assert list(shape) == [1, TOKENS, DIM] and len(blob) == TOKENS * DIM * 2
+    assert np.array_equal(np.frombuffer(blob, "<u2"), bits[2].reshape(-1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -508,3 +509,132 @@ def test_s3_output_helpers(s3_server, s3_bucket: str) -> None:  # type: ignore[n
     assert not output_is_empty(f"s3://{s3_bucket}/imgs", s3_endpoint=endpoint)
     s3_server.put_object(s3_bucket, "out/part-0.parquet", b"x")
     assert not output_is_empty(f"s3://{s3_bucket}/out", s3_endpoint=endpoint)
+
+
+# ------------------------------------------------------------------------------------------
+# Links, special files, stalled reads
+# ------------------------------------------------------------------------------------------
+
+
+def test_symlink_loops_list_every_real_file_once(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    for i in range(30):
+        _write(root, f"{i:02d}.jpg")
+    for i in range(7):
+        _write(root, f"sub/{i}.png")
+    (root / "sub" / "up").symlink_to("..")  # a link back to the root: today every file 41 times
+    items = list_inputs(str(root))
+    assert len(items) == 37 and len({i.uri for i in items}) == 37
+    assert not any("/up/" in i.uri for i in items)
+
+    selfish = tmp_path / "selfish"
+    for i in range(5):
+        _write(selfish, f"{i}.jpg")
+    (selfish / "a").symlink_to(".")  # two self-links: an exponential listing today
+    (selfish / "b").symlink_to(".")
+    assert [i.image_id for i in list_inputs(str(selfish))] == [f"{i}.jpg" for i in range(5)]
+
+    # A link out of the tree is followed once; a link to a file listed under its own name is not listed again.
+    outside = tmp_path / "outside"
+    _write(outside, "o.jpg")
+    (root / "ext").symlink_to(outside)
+    (root / "ext2").symlink_to(outside)
+    (root / "alias.jpg").symlink_to(root / "00.jpg")
+    ids = [i.image_id for i in list_inputs(str(root))]
+    assert len(ids) == 38 and ids.count("ext/o.jpg") + ids.count("ext2/o.jpg") == 1 and "alias.jpg" not in ids
+
+
+def test_special_files_in_a_folder_get_error_rows(tmp_path: Path) -> None:
+    import socket
+
+    root = tmp_path / "special"
+    _write(root, "good.jpg", b"an image")
+    (root / "dangling.jpg").symlink_to(root / "missing.jpg")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    os.mkfifo(root / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jpg"))
+    try:
+        items = {i.image_id: i for i in list_inputs(str(root))}
+        assert sorted(items) == ["dangling.jpg", "good.jpg", "loop.png", "pipe.jpg", "sock.jpg"]
+        assert items["good.jpg"].error is None
+        assert "dangling symbolic link" in items["dangling.jpg"].error
+        assert "symbolic link loop" in items["loop.png"].error
+        assert "FIFO" in items["pipe.jpg"].error and "socket" in items["sock.jpg"].error
+        # ... and the decode tasks turn them into read_failed error rows, without opening anything
+        plan = storage.plan_inputs(str(root))
+        (chunk,) = storage.expand_unit(plan.units[0], 10, storage.ReadOptions(timeout_s=5))
+        rows = {s.image_id: s for s in chunk}
+        assert rows["good.jpg"].data == b"an image"
+        for name in ("dangling.jpg", "loop.png", "pipe.jpg", "sock.jpg"):
+            assert (
+                rows[name].error.code == ErrorCode.READ_FAILED
+                and items[name].error in rows[name].error.message
+            )
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_named_in_a_manifest_is_refused_without_opening(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would block until a writer comes
+    _write(tmp_path, "ok.jpg", b"fine")
+    manifest = _manifest(tmp_path / "m.csv", {"uri": ["pipe.jpg", "ok.jpg", "/dev/zero"]})
+    uris = [i.uri for i in list_inputs(manifest)]
+    fifo, ok, device = read_bytes(uris, timeout_s=None)  # no timeout needed: nothing blocks
+    assert (
+        isinstance(fifo, InputReadError) and "FIFO" in fifo.message and "not a regular file" in fifo.message
+    )
+    assert ok == b"fine"
+    assert isinstance(device, InputReadError) and "character device" in device.message
+    with pytest.raises(InputReadError, match="FIFO"):
+        storage.open_input(uris[0])
+
+
+@pytest.fixture()
+def stalled_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a stuck object store)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    clients: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                clients.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(timeout=5)
+    for client in clients:  # the blocked reads fail now, and their threads end
+        client.close()
+    server.close()
+
+
+@pytest.mark.timeout(120)
+def test_reads_that_stall_become_errors_after_the_read_timeout(stalled_endpoint: str, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    started = time.monotonic()
+    results = read_bytes(
+        [f"s3://stuck/{i}.jpg" for i in range(6)], s3_endpoint=stalled_endpoint, threads=2, timeout_s=1.0
+    )
+    assert time.monotonic() - started < 30  # 6 stuck reads on 2 threads: each replaced when it times out
+    for result in results:
+        assert isinstance(result, InputReadError) and result.code == ErrorCode.READ_FAILED
+        assert "timed out after 1 s (job.read_timeout_s)" in result.message
+    unit = storage.Unit(index=0, kind="webdataset", source="s3://stuck/shard.tar", name="shard.tar")
+    (chunk,) = storage.expand_unit(unit, 4, storage.ReadOptions(s3_endpoint=stalled_endpoint, timeout_s=1.0))
+    (row,) = chunk  # a tar that cannot be read: one error row, never a failed task
+    assert row.image_id == "shard.tar" and "timed out after 1 s" in row.error.message

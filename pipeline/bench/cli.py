@@ -1,13 +1,16 @@
-"""``llava-features bench {encoder,pipeline,preprocess,sink,serve,all}``.
+"""``llava-features bench {encoder,pipeline,preprocess,sink,plan,serve,profile,all}``.
 
-``encoder`` and ``pipeline`` live in this package's :mod:`~pipeline.bench.encoder` and
-:mod:`~pipeline.bench.pipeline`; ``preprocess`` and ``sink`` dispatch (lazily) to
-``pipeline.bench.preprocess.bench_preprocess`` and ``pipeline.bench.sink.bench_sink``, passing the
+``encoder``, ``pipeline`` (``--in-process``: the job's stages without Ray) and ``profile`` (a per-op
+``torch.profiler`` table of ``encode_core``) live in this package's :mod:`~pipeline.bench.encoder`,
+:mod:`~pipeline.bench.pipeline` and :mod:`~pipeline.bench.profile`; ``preprocess``, ``sink`` and ``plan``
+dispatch (lazily) to ``pipeline.bench.preprocess.bench_preprocess``, ``pipeline.bench.sink.bench_sink`` and
+``pipeline.bench.plan.bench_plan`` (``encode --dry-run`` on 10⁷ manifest rows and 10⁴ tars), passing the
 options their signatures accept (plus any ``--opt KEY=VALUE``). ``serve`` measures the online
 endpoint, which this package may not import: the command line (the layer above) passes it in
 (``main(args, external={"serve": ("deployments.bench", "bench_serve")})``). ``all`` runs every
-benchmark that can run here (the endpoint's needs Ray Serve) and records the others as skipped. ``--json PATH`` writes every result with the environment; a short table is
-printed either way.
+benchmark that can run here (the endpoint's needs Ray Serve) and records the others as skipped
+(``profile`` is not part of it). ``--json PATH`` writes every result with the environment; a short
+table is printed either way.
 
 Examples::
 
@@ -15,6 +18,9 @@ Examples::
     llava-features bench encoder --config configs/llava-v1.5-7b.yaml \\
         --batch-sizes 32,128,256 --compile --variants fast --json encoder.json   # GPU
     llava-features bench pipeline --config configs/llava-v1.5-7b.yaml --images 2048
+    llava-features bench pipeline --config configs/llava-v1.5-7b.yaml --in-process --images 1024
+    llava-features bench profile --config configs/llava-v1.5-7b.yaml --batch-sizes 256 \\
+        --table profile.txt --trace trace.json.gz
 """
 
 from __future__ import annotations
@@ -33,11 +39,15 @@ from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder", "pipeline", "preprocess", "sink", "serve", "all")
-ORDER = ("encoder", "pipeline", "preprocess", "sink", "serve")
+TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "profile", "all")
+ORDER = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve")
+NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "serve", "profile")
+"""Benchmarks that build an encoder (``--config FILE`` or ``--tiny``); preprocess and sink need
+neither (the architecture only sets their shapes: LLaVA-1.5's by default)."""
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
     "sink": ("pipeline.bench.sink", "bench_sink"),
+    "plan": ("pipeline.bench.plan", "bench_plan"),
 }
 """Benchmarks of this package dispatched by name: target → (module, function)."""
 
@@ -84,8 +94,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``llava-features bench`` (added to its subparser at parser build time)."""
     parser.add_argument("target", choices=TARGETS, help="which benchmark (all: every one that applies)")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--config", help="YAML config of the model to benchmark (weights not needed: random)")
-    src.add_argument("--tiny", action="store_true", help="the tiny test architecture (CPU smoke runs, tests)")
+    src.add_argument(
+        "--config",
+        help="YAML config of the model to benchmark (weights not needed: random); encoder, pipeline and "
+        "serve need it or --tiny, preprocess and sink default to LLaVA-1.5's shapes",
+    )
+    src.add_argument(
+        "--tiny", action="store_true", help="the tiny test architecture, 56 px (CPU smoke runs, tests)"
+    )
     g = parser.add_argument_group("encoder")
     g.add_argument(
         "--batch-sizes", type=_int_list, help="e.g. 32,128,256 (default: that on a GPU; 8,32 tiny CPU)"
@@ -117,6 +133,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--error-images", type=int, help="images for the relative error vs the fp32 seed path (0: skip)"
     )
     g.add_argument("--host-batches", type=int, help="batches per host→host encode_pixels timing (0: skip)")
+    g.add_argument(
+        "--anyres-images",
+        type=int,
+        help="LLaVA-NeXT images of the anyres row (default 128 GPU, 8 tiny CPU; 0: skip)",
+    )
     g = parser.add_argument_group("pipeline")
     g.add_argument("--images", type=int, help="JPEGs to generate (default: 8 shards on a GPU, 4 on a CPU)")
     g.add_argument("--image-size", type=_size, default=(640, 480), help="WIDTHxHEIGHT of the JPEGs (640x480)")
@@ -124,6 +145,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=int, help="job shard size")
     g.add_argument("--actors", type=_actors, help="MIN,MAX encoder actors")
     g.add_argument("--workdir", help="keep generated images/checkpoints/outputs here (default: a temp dir)")
+    g.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the job's decode → encode → Parquet stages in this process, no Ray (vs encoder-only)",
+    )
+    g = parser.add_argument_group("profile")
+    g.add_argument("--table", metavar="PATH", help="write the per-op table (sorted by device time) here")
+    g.add_argument("--trace", metavar="PATH", help="write a Chrome trace here (.json, or .json.gz)")
     g = parser.add_argument_group("output")
     g.add_argument(
         "--opt",
@@ -158,6 +187,7 @@ def _run_encoder(args: argparse.Namespace, config: Any, workdir: Path) -> dict[s
         ceiling_n=args.ceiling_size,
         error_images=args.error_images,
         host_batches=args.host_batches,
+        anyres_images=args.anyres_images,
     )
     print_encoder_report(result)
     return result
@@ -167,6 +197,25 @@ def _run_pipeline(args: argparse.Namespace, config: Any, workdir: Path) -> dict[
     from .pipeline import bench_pipeline, print_pipeline_report
 
     width, height = args.image_size
+    if args.in_process:
+        from .pipeline import bench_pipeline_inprocess, print_inprocess_report
+
+        result = bench_pipeline_inprocess(
+            config,
+            tiny=args.tiny,
+            images=args.images,
+            width=width,
+            height=height,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=args.device,
+            dtype=args.dtype,
+            compile=True if args.compile else None,
+            repeats=args.repeats,
+            workdir=args.workdir,
+        )
+        print_inprocess_report(result)
+        return result
     result = bench_pipeline(
         config,
         tiny=args.tiny,
@@ -183,6 +232,26 @@ def _run_pipeline(args: argparse.Namespace, config: Any, workdir: Path) -> dict[
         workdir=args.workdir,
     )
     print_pipeline_report(result)
+    return result
+
+
+def _run_profile(args: argparse.Namespace, config: Any, workdir: Path) -> dict[str, Any]:
+    from .profile import bench_profile, print_profile_report
+
+    result = bench_profile(
+        config,
+        tiny=args.tiny,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size or (args.batch_sizes[-1] if args.batch_sizes else None),
+        batches=args.repeats or 3,
+        warmup=args.warmup if args.warmup is not None else 2,
+        variant="compiled" if args.compile else ("plain" if args.no_fast else "fast"),
+        compile_mode=args.compile_mode,
+        table=args.table,
+        trace=args.trace,
+    )
+    print_profile_report(result)
     return result
 
 
@@ -224,9 +293,10 @@ def _external(name: str) -> Runner:
             "tiny": args.tiny,
         }
         candidates["image_size"] = tuple(args.image_size)
-        # The configured model's shapes (with --tiny: the benchmarks' own defaults).
-        if not args.tiny and config is not None:
-            arch = bench_arch(config)
+        # The shapes of the architecture (--config or --tiny); with neither, the benchmark's own
+        # defaults (LLaVA-1.5's: 336 px, 576 x 4096 features).
+        if args.tiny or config is not None:
+            arch = bench_arch(config, tiny=args.tiny)
             size = arch.image_processor.get("size", arch.image_size)
             size = size.get("shortest_edge", arch.image_size) if isinstance(size, dict) else size
             candidates.update(
@@ -275,7 +345,9 @@ RUNNERS: dict[str, Runner] = {
     "pipeline": _local(_run_pipeline),
     "preprocess": _external("preprocess"),
     "sink": _external("sink"),
+    "plan": _external("plan"),
     "serve": _external("serve"),
+    "profile": _local(_run_profile),
 }
 
 
@@ -283,7 +355,7 @@ def _available(name: str, table: dict[str, tuple[str, str]]) -> str | None:
     """None when benchmark ``name`` can run here, else why not (a module it needs cannot be imported)."""
     needs = {"pipeline": ("pipeline.job", None)}.get(name) or table.get(name)
     if needs is None:
-        return None if name in ("encoder",) else f"no module provides the {name!r} benchmark"
+        return None if name in ("encoder", "profile") else f"no module provides the {name!r} benchmark"
     module_name, func_name = needs
     try:
         module = importlib.import_module(module_name)
@@ -303,19 +375,23 @@ def main(args: argparse.Namespace, external: dict[str, tuple[str, str]] | None =
     from .common import environment, write_json
 
     table = {**_EXTERNAL, **(external or {})}
+    targets = ORDER if args.target == "all" else (args.target,)
     config = None
     if args.config:
         from ..config import load_config
 
         config = load_config(args.config)
-    elif not args.tiny:
-        logger.error("bench needs --config FILE (the architecture to benchmark) or --tiny")
+    elif not args.tiny and any(t in NEEDS_ARCHITECTURE for t in targets):
+        logger.error(
+            "bench %s needs --config FILE (the architecture to benchmark) or --tiny; only %s run without",
+            args.target,
+            " and ".join(t for t in ORDER if t not in NEEDS_ARCHITECTURE),
+        )
         return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    targets = ORDER if args.target == "all" else (args.target,)
     results: dict[str, Any] = {}
     status = 0
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:

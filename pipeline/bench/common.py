@@ -234,7 +234,18 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "versions": {
-            name: _version(name) for name in ("torch", "transformers", "ray", "pyarrow", "numpy", "pillow")
+            name: _version(name)
+            for name in (
+                "torch",
+                "transformers",
+                "torchvision",
+                "triton",
+                "ray",
+                "pyarrow",
+                "numpy",
+                "pillow",
+                "safetensors",
+            )
         },
         "cuda_available": torch.cuda.is_available(),
     }

@@ -15,7 +15,12 @@ synthetic uint8 pixels already on the device. Measured, per batch size:
 - the matmul ceiling (bf16, 8192³ on a GPU, 2048³ on a CPU) and the fraction of it each path
   reaches (FLOPs per image from :func:`~pipeline.bench.common.encoder_flops`);
 - the relative error ‖ours − ref‖ / ‖ref‖ of the projected features against the seed path in
-  float32 (TF32 off), on smooth photo-like images.
+  float32 (TF32 off), on smooth photo-like images;
+- ``anyres``: LLaVA-NeXT on the same tower — a web mix of aspect ratios (:data:`ANYRES_MIX`) tiled
+  on LLaVA-NeXT's default grid (:func:`anyres_pinpoints`), host tiles → host rows through
+  :meth:`FeatureEncoder.encode_tiles`, for the ``tiles`` and the ``packed`` output: images/s,
+  tiles/s, tokens/s, and tiles/s over the 1.5 host→host images/s at the largest batch (a tile is
+  one 1.5 image's work, so 1.0 means anyres costs nothing beyond its tiles).
 
 CUDA events on a GPU, ``perf_counter`` on a CPU; warm-up calls, then the median of repeats.
 """
@@ -24,8 +29,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from .common import (
@@ -51,6 +57,18 @@ TARGETS = {
 }
 """The issue's targets (H100/H200, ViT-L/14-336 + mlp2x_gelu, batch 256)."""
 
+ANYRES_MIX: tuple[tuple[int, int], ...] = (
+    (640, 480),
+    (480, 640),
+    (1280, 720),
+    (720, 1280),
+    (800, 800),
+    (1024, 683),
+    (683, 1024),
+    (1500, 500),
+)
+"""(width, height) of the anyres row's images: 4:3, 3:4, 16:9, 9:16, 1:1, 3:2, 2:3, 3:1."""
+
 VARIANTS = ("plain", "fast", "compiled")
 """``plain``: eager, no transforms; ``fast``: eager + load-time transforms; ``compiled``: fast + torch.compile."""
 
@@ -67,13 +85,19 @@ def seed_forward(
     return projector(features)
 
 
+def anyres_pinpoints(tile: int) -> tuple[tuple[int, int], ...]:
+    """LLaVA-NeXT's default ``image_grid_pinpoints`` (``[[336, 672], [672, 336], [672, 672], [1008, 336],
+    [336, 1008]]`` for 336 px tiles), as (width, height), for tiles of ``tile`` px."""
+    return tuple((w * tile, h * tile) for w, h in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)))
+
+
 def _default_batch_sizes(device_type: str, arch: BenchArch) -> tuple[int, ...]:
     if device_type == "cuda":
         return (32, 128, 256)
     return (8, 32) if arch.source == "tiny" else (2,)
 
 
-def _make_encoder(
+def make_bench_encoder(
     config: Any,
     arch: BenchArch,
     master: tuple[Any, Any],
@@ -85,7 +109,17 @@ def _make_encoder(
     *,
     features: str = "projected",
     pooled: bool = False,
+    resolved: Any = None,
+    anyres_output: str | None = None,
+    image_newline: Any = None,
+    fuse_qkv: bool | None = None,
+    fold_quick_gelu: bool | None = None,
+    output_dtype: str | None = None,
 ) -> Any:
+    """A :class:`FeatureEncoder` of ``variant`` (``plain``, ``fast``, ``compiled``) on copies of the random
+    ``master`` modules, on ``device`` in ``dtype``, for batches of ``batch_sizes`` (the compiled
+    variant's buckets). ``fuse_qkv`` / ``fold_quick_gelu`` set one load-time transform apart from
+    the variant's choice (both on unless ``plain``); ``output_dtype`` the returned dtype."""
     from ..encoder import FeatureEncoder
     from ..model import CLIPVisionTower
 
@@ -100,8 +134,8 @@ def _make_encoder(
         config.model,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
-        fuse_qkv=fast,
-        fold_quick_gelu=fast,
+        fuse_qkv=fast if fuse_qkv is None else fuse_qkv,
+        fold_quick_gelu=fast if fold_quick_gelu is None else fold_quick_gelu,
         compile=variant == "compiled",
         compile_mode=compile_mode,
     )
@@ -111,9 +145,13 @@ def _make_encoder(
         pooled=pooled,
         batch_size=max(batch_sizes),
         batch_buckets=tuple(sorted(set(batch_sizes))) if variant == "compiled" else (),
+        anyres_output=anyres_output or config.encoder.anyres_output,
+        output_dtype=output_dtype or config.encoder.output_dtype,
     )
     cfg = replace(config, model=model_cfg, encoder=encoder_cfg)
-    return FeatureEncoder(cfg, bench_resolved(arch), modules=(tower, proj))
+    return FeatureEncoder(
+        cfg, resolved or bench_resolved(arch), modules=(tower, proj), image_newline=image_newline
+    )
 
 
 def _pixels(batch: int, arch: BenchArch, device: Any, seed: int) -> Any:
@@ -179,17 +217,21 @@ def _measure_variant(
     import numpy as np
     import torch
 
-    encoder = _make_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
+    encoder = make_bench_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
     warm_s = encoder.warmup(max(sizes))
     logger.info("variant %s: warm-up %.1fs", variant, warm_s)
     out: dict[int, dict[str, Any]] = {}
     for b in sizes:
         pixels = _pixels(b, arch, dev, seed=b)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode():
             timing = time_callable(
                 lambda px=pixels: encoder.encode_core(px), dev, warmup=warmup, repeats=repeats
             )
         out[b] = {"images_per_s": b / timing.median_s, "timing": timing.as_dict(), "warmup_s": warm_s}
+        if dev.type == "cuda":  # weights, the compiled graphs' pools and this batch's activations
+            out[b]["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         if host_batches > 0:
             host = pixels.cpu().numpy()
             host = np.concatenate([host] * host_batches) if host_batches > 1 else host
@@ -208,6 +250,82 @@ def _measure_variant(
         del encoder
         torch.cuda.empty_cache()
     return out, err
+
+
+def _anyres_inputs(arch: BenchArch, n: int) -> tuple[Any, Any, list[int], list[Any]]:
+    """The anyres ResolvedModel of ``arch`` and ``n`` images of :data:`ANYRES_MIX` (cycled) as host
+    tiles ``(sum(counts), 3, S, S)``, per-image tile counts and grids."""
+    import numpy as np
+    from PIL import Image
+
+    from ..encoder import preprocess_spec
+    from ..images.anyres import anyres_tiles
+
+    resolved = replace(
+        bench_resolved(arch),
+        image_aspect_ratio="anyres",
+        image_grid_pinpoints=anyres_pinpoints(arch.image_size),
+        patch_merge_type="spatial_unpad",
+        newline_sha256="random-weights",
+    )
+    spec = preprocess_spec(resolved)
+    per_size = {}
+    for index, (width, height) in enumerate(ANYRES_MIX[: min(n, len(ANYRES_MIX))]):
+        image = Image.fromarray(smooth_noise_images(1, height, width, seed=index)[0])
+        per_size[index] = anyres_tiles(image, spec)
+    chosen = [per_size[i % len(per_size)] for i in range(n)]
+    tiles = np.concatenate([t for t, _ in chosen])
+    return resolved, tiles, [len(t) for t, _ in chosen], [g for _, g in chosen]
+
+
+def _measure_anyres(
+    make_encoder: Callable[..., Any],
+    arch: BenchArch,
+    dev: Any,
+    *,
+    images: int,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """The anyres row: ``images`` LLaVA-NeXT images through ``encode_tiles``, ``tiles`` and ``packed``
+    (``make_encoder(resolved=, anyres_output=, image_newline=)`` builds the measured variant)."""
+    import torch
+
+    resolved, tiles, counts, grids = _anyres_inputs(arch, images)
+    newline = torch.randn(arch.feature_dim, generator=torch.Generator().manual_seed(3))
+    out: dict[str, Any] = {
+        "images": images,
+        "mix": [list(s) for s in ANYRES_MIX],
+        "pinpoints": [list(p) for p in resolved.image_grid_pinpoints],
+        "tiles": len(tiles),
+        "mean_tiles_per_image": len(tiles) / images,
+        "batch_size": batch_size,
+        "outputs": {},
+    }
+    for output in ("tiles", "packed"):
+        encoder = make_encoder(resolved=resolved, anyres_output=output, image_newline=newline)
+        encoder.warmup(batch_size)
+        result = encoder.encode_tiles(tiles, counts, grids)
+        rows = [result.projected[i] for i in range(images)]  # tiles [1+n, tokens, dim], packed [tokens, dim]
+        tokens = sum(r.shape[0] * (r.shape[1] if r.ndim == 3 else 1) for r in rows)
+        timing = time_wall(
+            lambda e=encoder: e.encode_tiles(tiles, counts, grids),
+            dev,
+            warmup=max(1, warmup // 4),
+            repeats=max(1, repeats // 2),
+        )
+        out["outputs"][output] = {
+            "images_per_s": images / timing.median_s,
+            "tiles_per_s": len(tiles) / timing.median_s,
+            "tokens_per_image": tokens / images,
+            "tokens_per_s": tokens / timing.median_s,
+            "timing": timing.as_dict(),
+        }
+        if dev.type == "cuda":
+            del encoder
+            torch.cuda.empty_cache()
+    return out
 
 
 def _measure_seed(
@@ -266,11 +384,14 @@ def bench_encoder(
     ceiling_n: int | None = None,
     error_images: int | None = None,
     host_batches: int | None = None,
+    anyres_images: int | None = None,
 ) -> dict[str, Any]:
     """Measure our encoder, the seed path and the matmul ceiling on one device; returns a JSON-able dict.
 
     ``variants`` (default: the one the flags select: ``compiled`` with ``compile``, ``plain``
     without ``fast``, else ``fast``) are measured in order; the first is reported as ``ours``.
+    ``anyres_images`` LLaVA-NeXT images make the anyres row (default 128 on a GPU, 8 tiny on a
+    CPU, 2 otherwise; 0 skips it).
     """
     import torch
 
@@ -301,6 +422,7 @@ def bench_encoder(
     repeats = repeats if repeats is not None else (8 if cuda else (15 if small else 3))
     host_batches = host_batches if host_batches is not None else (3 if cuda else 1)
     error_images = error_images if error_images is not None else (8 if cuda else 2)
+    anyres_images = anyres_images if anyres_images is not None else (128 if cuda else (8 if small else 2))
     flops = arch.flops()
     per_image = flops["total"]
     logger.info(
@@ -370,6 +492,15 @@ def bench_encoder(
     )
     for b in sizes:
         rows[b].update(seed_rows[b])
+    anyres = None
+    if anyres_images > 0:
+        make = partial(
+            make_bench_encoder, config, arch, master, dev, ours_dtype, names[0], sizes, compile_mode
+        )
+        anyres = _measure_anyres(
+            make, arch, dev, images=anyres_images, batch_size=max(sizes), warmup=warmup, repeats=repeats
+        )
+        anyres["variant"] = names[0]
 
     out_rows = []
     for b in sizes:
@@ -396,6 +527,9 @@ def bench_encoder(
         out_rows.append(row)
 
     headline = max(out_rows, key=lambda r: r["batch_size"])
+    if anyres is not None and headline.get("ours_host_images_per_s"):
+        for v in anyres["outputs"].values():
+            v["tiles_vs_host_images"] = v["tiles_per_s"] / headline["ours_host_images_per_s"]
     rel_error = errors.get(names[0])
     met = {
         "images_per_s": headline["ours_images_per_s"] >= TARGETS["images_per_s"],
@@ -418,6 +552,7 @@ def bench_encoder(
         "ceiling": {**ceiling, "images_per_s": ceiling["tflops"] * 1e12 / per_image},
         "ceiling_same_dtype": {**same, "images_per_s": same["tflops"] * 1e12 / per_image},
         "rows": out_rows,
+        "anyres": anyres,
         "rel_error": {
             "ours_vs_fp32_seed": rel_error,
             "variants_vs_fp32_seed": errors,
@@ -463,6 +598,23 @@ def print_encoder_report(result: dict[str, Any]) -> None:
     if len(result["variants"]) > 1:
         columns += [(f"v_{name}", f"{name} img/s", ",.1f") for name in result["variants"]]
     print_table(rows, columns, title=title)
+    anyres = result.get("anyres")
+    if anyres:
+        print_table(
+            [{"output": name, **v} for name, v in anyres["outputs"].items()],
+            [
+                ("output", "anyres output", ""),
+                ("images_per_s", "img/s", ",.1f"),
+                ("tiles_per_s", "tiles/s", ",.1f"),
+                ("tokens_per_image", "tokens/img", ",.0f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("tiles_vs_host_images", "tiles/s ÷ 1.5 host img/s", ".2f"),
+            ],
+            title=(
+                f"anyres (LLaVA-NeXT): {anyres['images']} images of {len(anyres['mix'])} aspect ratios, "
+                f"{anyres['mean_tiles_per_image']:.2f} tiles/image, batch {anyres['batch_size']}"
+            ),
+        )
     err = result["rel_error"]
     if err["ours_vs_fp32_seed"] is not None:
         parts = [f"{k} {v:.2e}" for k, v in err["variants_vs_fp32_seed"].items()]

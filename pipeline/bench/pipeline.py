@@ -26,6 +26,7 @@ architecture is written to the work folder first (``--tiny``: the tiny LLaVA che
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -313,5 +314,218 @@ def print_pipeline_report(result: dict[str, Any]) -> None:
             f"pipeline: {result['images']} JPEGs {result['image_size'][0]}x{result['image_size'][1]} "
             f"({result['jpeg_kb_mean']:.0f} KB), batch {result['batch_size']}, shard {result['shard_size']}, "
             f"actors {result['actors']} on {result['env'].get('device_name')} ({result['device']})"
+        ),
+    )
+
+
+def bench_pipeline_inprocess(
+    config: Any = None,
+    *,
+    tiny: bool = False,
+    images: int | None = None,
+    width: int = 640,
+    height: int = 480,
+    batch_size: int | None = None,
+    shard_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool | None = None,
+    repeats: int | None = None,
+    decode_workers: int | None = None,
+    workdir: str | None = None,
+    quality: int = 90,
+) -> dict[str, Any]:
+    """The job's per-shard work in this process, no Ray: :func:`~pipeline.job.decode_shard` on
+    ``decode_workers`` threads feeding one :class:`~pipeline.job.EncodeShardActor` called from two
+    threads (as Ray Data calls it: ``max_concurrent_calls_per_actor=2``), vs encoder-only.
+
+    Measured on the same generated JPEGs: ``encoder_only`` (as in :func:`bench_pipeline`),
+    ``decode_only`` (the decode stage alone on its threads), ``actor_only`` (encode + Parquet
+    commit of already decoded shards: the most the job can reach with enough decode CPUs) and
+    the whole chain, whose steady rate (first → last shard commit) over encoder-only is
+    ``ratio``: the job's ratio without Ray's scheduling. Every run's output is read back: one row
+    per input, each image id once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from ..config import Config, config_to_dict
+    from ..encoder import describe_encoder
+    from ..job import EncodeShardActor, decode_shard, shard_batch, shard_metadata
+    from ..model import resolve_device, resolve_model
+    from ..storage import list_inputs, plan_shards
+
+    base = config if config is not None else Config()
+    dev = resolve_device(device or base.model.device)
+    cuda = dev.type == "cuda"
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-inprocess-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = loadable_config(base, tiny=tiny, workdir=root / "model")
+        batch = int(batch_size or (16 if tiny else cfg.encoder.batch_size))
+        shard = int(shard_size or (batch if not cuda else max(batch, cfg.job.shard_size)))
+        n = int(images or 4 * shard)
+        model_over: dict[str, Any] = {"device": str(dev)}
+        if dtype:
+            model_over["dtype"] = dtype
+        if compile is not None:
+            model_over["compile"] = compile
+        cfg = replace(
+            cfg,
+            model=replace(cfg.model, **model_over),
+            encoder=replace(cfg.encoder, batch_size=batch, features="projected"),
+            job=replace(cfg.job, shard_size=shard),
+        )
+        repeats = repeats if repeats is not None else 3
+        workers = int(decode_workers or max(1, min(8, (os.cpu_count() or 2) - 1)))
+
+        images_dir = root / "images"
+        files = write_jpegs(photo_images(n, height, width), images_dir, quality=quality)
+        jpeg_bytes = sum(f.stat().st_size for f in files)
+        enc = _encoder_only(cfg, files, n, shard, repeats)
+        logger.info("encoder-only: %.1f images/s", enc["images_per_s"])
+
+        resolved = resolve_model(cfg.model)
+        description = describe_encoder(cfg, resolved)
+        record = {
+            "fingerprint": description.fingerprint,
+            "config": config_to_dict(cfg),
+            "encoder": description.fields,
+        }
+        shards = plan_shards(list_inputs(str(images_dir)), shard)
+        batches = [shard_batch([s]) for s in shards]
+
+        def decode(b: dict[str, Any]) -> dict[str, Any]:
+            return decode_shard(b, config=cfg, resolved=resolved)
+
+        out_dir = root / "out"
+        actor = EncodeShardActor(cfg, resolved, str(out_dir), shard_metadata(record))
+
+        def read_back() -> dict[str, Any]:
+            ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
+            data = _dir_bytes(out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir(parents=True)
+            return {
+                "rows": len(ids["image_id"]),
+                "unique_ids": len(set(ids["image_id"])),
+                "ok": sum(1 for s in ids["status"] if s == "ok"),
+                "bytes": data,
+            }
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # decode alone (kept: the actor-only run encodes these)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = list(pool.map(decode, batches))
+        decode_s = time.perf_counter() - t0
+
+        commits: list[tuple[float, int]] = []
+
+        def call(b: dict[str, Any]) -> None:
+            summary = actor(b)
+            commits.append((time.perf_counter(), int(summary["rows"].sum())))
+
+        # the actor alone: encode + Parquet commit of decoded shards, two calls at a time
+        actor(copy.deepcopy(decoded[0]))  # warm: first-shard allocations, pinned buffers, Parquet writer
+        read_back()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(call, decoded))
+        actor_s = time.perf_counter() - t0
+        actor_rows = read_back()
+        del decoded
+
+        # the chain: decode threads → the actor (two calls at a time), shards as they are decoded
+        commits.clear()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(2) as calls:
+            pending = [calls.submit(call, f.result()) for f in [decoders.submit(decode, b) for b in batches]]
+            for future in pending:
+                future.result()
+        chain_s = time.perf_counter() - t0
+        chain_commits = sorted(commits)
+        chain_rows = read_back()
+        steady = None  # rows committed after the first commit, over the span of the commits
+        if len(chain_commits) >= 3 and chain_commits[-1][0] > chain_commits[0][0]:
+            span = chain_commits[-1][0] - chain_commits[0][0]
+            steady = sum(rows for _, rows in chain_commits[1:]) / span
+        encoder_ips = enc["images_per_s"]
+        chain_ips = n / chain_s
+        result = {
+            "bench": "pipeline-inprocess",
+            "env": environment(dev),
+            "device": str(dev),
+            "model": {
+                "checkpoint": cfg.model.checkpoint,
+                "vision_tower": cfg.model.vision_tower,
+                "dtype": cfg.model.dtype,
+                "compile": cfg.model.compile,
+            },
+            "images": n,
+            "image_size": [width, height],
+            "jpeg_kb_mean": jpeg_bytes / n / 1e3,
+            "batch_size": batch,
+            "shard_size": shard,
+            "shards": len(shards),
+            "decode_workers": workers,
+            "encoder_only": enc,
+            "encoder_only_images_per_s": encoder_ips,
+            "decode_only_images_per_s": n / decode_s,
+            "actor_only_images_per_s": n / actor_s,
+            "inprocess_images_per_s": chain_ips,
+            "inprocess_steady_images_per_s": steady,
+            "ratio": (steady or chain_ips) / encoder_ips,
+            "ratio_actor_only": n / actor_s / encoder_ips,
+            "ratio_whole_run": chain_ips / encoder_ips,
+            "sink_mb_per_s": chain_rows["bytes"] / chain_s / 1e6,
+            "output_mb_per_image": chain_rows["bytes"] / max(1, chain_rows["ok"]) / 1e6,
+            "rows": {"actor_only": actor_rows, "inprocess": chain_rows},
+            "exactly_once": all(r["rows"] == n and r["unique_ids"] == n for r in (actor_rows, chain_rows)),
+            "target_ratio": 0.85,
+        }
+        actor.encoder.close()
+        if cuda:
+            torch.cuda.empty_cache()
+        return result
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def print_inprocess_report(result: dict[str, Any]) -> None:
+    """Short table of :func:`bench_pipeline_inprocess`'s result."""
+    enc = result["encoder_only_images_per_s"]
+    rows = [
+        {"what": "encoder only (encode_pixels per shard)", "images_per_s": enc},
+        {
+            "what": f"decode only ({result['decode_workers']} threads)",
+            "images_per_s": result["decode_only_images_per_s"],
+        },
+        {
+            "what": "actor only (encode + Parquet commit, 2 calls)",
+            "images_per_s": result["actor_only_images_per_s"],
+        },
+        {
+            "what": "decode → actor, steady (first → last commit)",
+            "images_per_s": result["inprocess_steady_images_per_s"],
+        },
+        {"what": "decode → actor, whole run", "images_per_s": result["inprocess_images_per_s"]},
+    ]
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / enc if row["images_per_s"] else None
+    print_table(
+        rows,
+        [
+            ("what", "in-process job (no Ray)", ""),
+            ("images_per_s", "images/s", ",.1f"),
+            ("ratio", "× encoder", ".2f"),
+        ],
+        title=(
+            f"pipeline in-process: {result['images']} JPEGs {result['image_size'][0]}x{result['image_size'][1]}, "
+            f"batch {result['batch_size']}, shard {result['shard_size']} on {result['env'].get('device_name')} "
+            f"({result['device']}); rows exactly once: {result['exactly_once']}"
         ),
     )

@@ -34,12 +34,12 @@ __all__ = ["bench_preprocess", "benchmark_photos", "llava_reference", "reference
 def reference_processor(size: int = 336, crop_size: int | None = None) -> Any:
     """The CLIP image processor LLaVA uses, built in code (no download).
 
-    ``CLIPImageProcessor(...)``; when torchvision is installed transformers 5 returns its
-    torchvision backend, whose bicubic resize differs from PIL's, so we then build the PIL
-    backend (``CLIPImageProcessorPil``), which is what ``CLIPImageProcessor`` is without
-    torchvision and what LLaVA was trained with.
+    ``CLIPImageProcessorPil(...)``: the PIL backend, which is what ``CLIPImageProcessor`` is
+    without torchvision and what LLaVA was trained with (with torchvision installed,
+    transformers 5's ``CLIPImageProcessor`` is its torchvision backend, whose bicubic resize
+    differs from PIL's; without it, naming ``CLIPImageProcessor`` prints a fallback warning).
     """
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     crop = size if crop_size is None else crop_size
     kwargs = {
@@ -49,12 +49,7 @@ def reference_processor(size: int = 336, crop_size: int | None = None) -> Any:
         "image_std": list(OPENAI_CLIP_STD),
         "do_convert_rgb": True,
     }
-    processor = CLIPImageProcessor(**kwargs)
-    if getattr(processor, "backend", "pil") != "pil":
-        from transformers import CLIPImageProcessorPil
-
-        processor = CLIPImageProcessorPil(**kwargs)
-    return processor
+    return CLIPImageProcessorPil(**kwargs)
 
 
 def llava_reference(images: Sequence[Image.Image], processor: Any, aspect_ratio: str) -> torch.Tensor:

@@ -20,8 +20,11 @@ Checks, in order (each is cheap and happens before the next, costlier step):
    so that the two never disagree; it is never lowered.
 4. Full decode (``img.load()``) inside the guard, with ``ImageFile.LOAD_TRUNCATED_IMAGES`` left
    untouched (False): a file cut short is ``truncated``; any other decoder failure is ``corrupt``.
-5. EXIF orientation (``ImageOps.exif_transpose``; a broken EXIF block is ignored, not fatal).
-6. Conversion to RGB, LLaVA's way (``img.convert("RGB")``), see :func:`to_rgb`.
+5. EXIF orientation, only when asked (``exif_transpose=True``; LLaVA and the CLIP processors do
+   not apply it, so by default an image is encoded as stored; a broken EXIF block is ignored).
+6. Conversion to RGB (:func:`to_rgb`): LLaVA's ``convert("RGB")``, or transformers' composite
+   onto white for transparency (``alpha="white"``), and 16-bit images as LLaVA sees them unless
+   ``sixteen_bit="high_byte"``.
 
 Error mapping of decoder failures (:func:`_failure_code`): messages from PIL that say so
 ("image file is truncated", "Truncated File Read"), ``EOFError``, and any other failure of a
@@ -31,8 +34,9 @@ without its trailer, a RIFF/WebP, BMP or TIFF header pointing past the end of th
 ``corrupt`` for a complete file with garbage inside. Everything else is ``corrupt``;
 ``MemoryError`` and ``DecompressionBombError`` are ``too_large``.
 
-Reported ``width``/``height`` are those of the image *as displayed*, i.e. after the EXIF
-orientation was applied (a portrait photo stored as 4000x3000 with orientation 6 is 3000x4000).
+Reported ``width``/``height`` are those of the image that is encoded: as stored, or after the EXIF
+orientation when it is applied (a portrait photo stored as 4000x3000 with orientation 6 is then
+3000x4000).
 """
 
 from __future__ import annotations
@@ -93,15 +97,20 @@ def decode_image(
     data: bytes | bytearray | memoryview,
     name: str | None = None,
     config: DecodeConfig | None = None,
+    *,
+    exif_transpose: bool = False,
+    alpha: str = "drop",
+    sixteen_bit: str = "llava",
 ) -> DecodedImage:
     """Decode untrusted ``data`` into an RGB image, or raise :class:`DecodeError`.
 
     ``name`` (a file name or URI) is only used in error messages. ``config`` defaults to
-    ``DecodeConfig()``. Never raises anything but ``DecodeError`` (for ``Exception`` s).
+    ``DecodeConfig()``; ``exif_transpose``, ``alpha`` and ``sixteen_bit`` as in the module docstring
+    (the defaults are LLaVA's). Never raises anything but ``DecodeError`` (for ``Exception`` s).
     """
     cfg = config if config is not None else _DEFAULT_CONFIG
     try:
-        return _decode(data, name, cfg)
+        return _decode(data, name, cfg, exif_transpose, alpha, sixteen_bit)
     except DecodeError:
         raise
     except MemoryError as exc:
@@ -116,7 +125,14 @@ def decode_image(
         ) from None
 
 
-def _decode(data: bytes | bytearray | memoryview, name: str | None, cfg: DecodeConfig) -> DecodedImage:
+def _decode(
+    data: bytes | bytearray | memoryview,
+    name: str | None,
+    cfg: DecodeConfig,
+    exif_transpose: bool,
+    alpha: str,
+    sixteen_bit: str,
+) -> DecodedImage:
     if data is None:
         raise DecodeError("no data (None)", code=ErrorCode.EMPTY, name=name)
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -172,8 +188,9 @@ def _decode(data: bytes | bytearray | memoryview, name: str | None, cfg: DecodeC
         logger.debug("load failed for %s: %r -> %s", name, exc, code)
         raise DecodeError(_describe(exc, code), code=code, name=name) from None
 
-    img = _exif_transpose(img, name)
-    rgb = to_rgb(img, name=name)
+    if exif_transpose:
+        img = _exif_transpose(img, name)
+    rgb = to_rgb(img, name=name, alpha=alpha, sixteen_bit=sixteen_bit)
     return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
 
 
@@ -343,39 +360,50 @@ def _exif_transpose(img: Image.Image, name: str | None) -> Image.Image:
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
-def to_rgb(img: Image.Image, name: str | None = None) -> Image.Image:
-    """Convert a loaded PIL image of any mode to RGB, the way LLaVA does (``convert("RGB")``).
+def _has_alpha(img: Image.Image) -> bool:
+    """transformers' test in ``convert_to_rgb``: an alpha band, or a transparent colour/index."""
+    return "A" in img.getbands() or img.info.get("transparency") is not None
 
-    Semantics per mode (chosen so that features match LLaVA's ``Image.open(f).convert("RGB")``):
+
+def to_rgb(
+    img: Image.Image, name: str | None = None, *, alpha: str = "drop", sixteen_bit: str = "llava"
+) -> Image.Image:
+    """Convert a loaded PIL image of any mode to RGB.
+
+    By default exactly as LLaVA's ``Image.open(f).convert("RGB")``:
 
     - ``RGB``: returned as is (no copy).
-    - ``L``, ``1`` (0/255), ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``: PIL's
-      ``convert("RGB")``. CMYK uses PIL's plain formula (``R = (255 - C) * (255 - K) / 255``,
-      no ICC colour management), exactly as LLaVA sees it.
-    - Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index, ``RGBa``): the
-      alpha channel is **dropped**, not composited: fully transparent pixels show whatever colour
-      they store (often black), as in LLaVA. (``transformers``' own ``convert_to_rgb``
-      composites on white instead; LLaVA converts before calling it, so it never sees alpha.)
-    - 16-bit greyscale (``I;16*``) and 32-bit integer ``I``: PIL's ``convert("RGB")`` clips every
-      value above 255 to white, which destroys 16-bit images, so we deviate here: values are
-      clipped to 0..65535 and scaled to 8 bits by keeping the high byte (``v >> 8``), the same
-      mapping PIL itself applies when it reads 16-bit RGB/RGBA/LA PNGs as 8-bit images, so a
-      16-bit grey and a 16-bit colour encoding of one picture give the same pixels.
-    - ``F`` (32-bit float): PIL's ``convert("RGB")`` (values rounded and clipped to 0..255).
-    - Modes PIL cannot convert directly (e.g. premultiplied ``La``) go through ``RGBA`` or ``LA``
-      (alpha dropped); a mode that still cannot be converted raises
+    - Every other mode: PIL's ``convert("RGB")``: ``L``, ``1`` (0/255), ``P``, ``CMYK`` (PIL's plain
+      formula ``R = (255 - C) * (255 - K) / 255``, no ICC colour management), ``YCbCr``, ``LAB``,
+      ``HSV``, ``RGBX``, ``F`` (rounded, clipped); transparency (``RGBA``, ``LA``, ``PA``, ``P`` with
+      a transparent index, ``RGBa``) is **dropped**, not composited: fully transparent pixels show
+      whatever colour they store (often black); 16-bit (``I;16*``) and 32-bit ``I`` images clip every
+      value above 255 to white (a 16-bit grey PNG becomes almost all white), as in LLaVA.
+    - Modes PIL cannot convert directly (premultiplied ``La``, where LLaVA's own call raises) go
+      through ``RGBA`` or ``LA``; a mode that still cannot be converted raises
       ``DecodeError(unsupported_format)``.
+
+    ``alpha="white"``: images with transparency are composited onto white first, as transformers'
+    ``convert_to_rgb`` does (what llava-hf processors do with ``do_convert_rgb``).
+    ``sixteen_bit="high_byte"`` (opt-in): 16-bit and ``I`` values are clipped to 0..65535 and scaled
+    to 8 bits by keeping the high byte (``v >> 8``), the mapping PIL itself applies when it reads
+    16-bit RGB PNGs, so the picture looks as it should.
     """
     mode = img.mode
     if mode == "RGB":
         return img
     try:
-        if mode in _SIXTEEN_BIT_MODES:
+        if sixteen_bit == "high_byte" and mode in _SIXTEEN_BIT_MODES:
             arr = np.asarray(img)
             if arr.dtype != np.uint16:
                 arr = np.clip(arr, 0, 65535)
             eight = (arr.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
             return Image.fromarray(eight).convert("RGB")
+        if alpha == "white" and _has_alpha(img):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert(
+                "RGB"
+            )
         try:
             return img.convert("RGB")
         except ValueError:

@@ -24,7 +24,9 @@ upscaling;
 nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by ±1–2 levels in smooth regions
 and more at sharp chroma edges. Expect the features' relative error vs the CPU route to be of
 the order of 1e-2 (the same order as bf16 compute); the route is therefore opt-in, not the
-default, and never used by the parity tests.
+default, and never used by the parity tests. :data:`NVJPEG_TOLERANCE` is the bound the GPU tests
+hold the whole route to (``tests/gpu/test_paths_cuda.py``, on real photos; the measured values
+are recorded by ``scripts/gpu-check``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ logger = logging.getLogger(__name__)
 
 DecodeFn = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 """Batched decoder: 1-D uint8 CPU tensors of JPEG bytes → uint8 ``(3, H, W)`` RGB tensors on the device."""
+
+NVJPEG_TOLERANCE: dict[str, float] = {
+    "levels": 3,
+    "fraction_within": 0.97,
+    "mean_levels": 2.0,
+    "features_rel_error": 5e-2,
+}
+"""The GPU route vs the exact CPU path, per image: at least ``fraction_within`` of the uint8 pixel
+values within ``levels`` levels, mean |Δ| at most ``mean_levels``, and projected features (float32)
+within ``features_rel_error`` relative error (‖Δ‖ / ‖ref‖)."""
 
 _INTERPOLATE = {3: "bicubic", 2: "bilinear", 0: "nearest"}  # PIL filter id → torch mode (others: CPU route)
 _EXIF_ORIENTATION = 0x0112

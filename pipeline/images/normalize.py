@@ -1,8 +1,13 @@
-"""Rescale and normalise uint8 pixels on the encoder's device: ``(x * rescale_factor - mean) / std``.
+"""Rescale and normalise uint8 pixels on the encoder's device, bit for bit as the HF processor does.
 
-The last step of the CLIP processor, run where the model runs (4x less data to move than float32
-pixels). :class:`Normalizer` holds its constants on one device, built once by its owner (the
-encoder); :func:`normalize` is the one-off form.
+transformers' ``CLIPImageProcessor`` (and the llava-hf ones) compute, per pixel: ``rescale``
+(``float64(u8) * rescale_factor``, then cast to float32), then ``normalize`` in float32
+(``(x - float32(mean)) / float32(std)``). A uint8 channel has 256 values, so the result is a
+table: :class:`Normalizer` computes each channel's 256 entries exactly that way (numpy, on the
+host, once) and normalisation on the device is a table lookup — the processor's numbers to the
+last bit (float32 arithmetic on the device, e.g. a multiply by float32(1/255), rounds 126 of the
+256 values differently) and one gather instead of three element-wise passes. The table is kept in
+each compute dtype that is asked for, so the lookup writes the tower's input directly.
 """
 
 from __future__ import annotations
@@ -12,22 +17,34 @@ import torch
 
 from .spec import PreprocessSpec
 
-__all__ = ["Normalizer", "normalize"]
+__all__ = ["Normalizer", "normalization_table", "normalize"]
+
+
+def normalization_table(spec: PreprocessSpec) -> np.ndarray:
+    """``(3, 256)`` float32: the normalised value of every uint8 value of each channel, computed as the
+    HF processor computes it (rescale in float64 then cast, normalise in float32)."""
+    values = np.arange(256, dtype=np.uint8)
+    rescaled = (values.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    mean = np.asarray(spec.image_mean, dtype=np.float32)[:, None]
+    std = np.asarray(spec.image_std, dtype=np.float32)[:, None]
+    return ((rescaled[None, :] - mean) / std).astype(np.float32)
 
 
 class Normalizer:
-    """``(x * rescale_factor - mean) / std`` of uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` pixels on ``device``.
-
-    Computed in float32 (the same arithmetic as ``CLIPImageProcessor``: rescale, then subtract the
-    mean and divide by the std, per channel), then cast to the requested dtype.
-    """
+    """The processor's rescale + normalise of uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` pixels on ``device``,
+    as a per-channel table lookup (:func:`normalization_table`), in the dtype asked for."""
 
     def __init__(self, spec: PreprocessSpec, device: torch.device | str = "cpu") -> None:
         self.spec = spec
         self.device = torch.device(device)
-        self._scale = torch.tensor(spec.rescale_factor, dtype=torch.float32, device=self.device)
-        self._mean = torch.tensor(spec.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(spec.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self._table32 = torch.from_numpy(normalization_table(spec)).to(self.device)
+        self._tables: dict[torch.dtype, torch.Tensor] = {torch.float32: self._table32}
+
+    def _table(self, dtype: torch.dtype) -> torch.Tensor:
+        table = self._tables.get(dtype)
+        if table is None:  # the float32 values rounded once, as casting the float32 result would
+            table = self._tables[dtype] = self._table32.to(dtype)
+        return table
 
     def __call__(self, pixels_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if pixels_uint8.dtype != torch.uint8:
@@ -36,9 +53,12 @@ class Normalizer:
             raise ValueError(f"normalize expects (B, 3, H, W) or (3, H, W), got {tuple(pixels_uint8.shape)}")
         if pixels_uint8.device != self.device:
             raise ValueError(f"pixels are on {pixels_uint8.device}, this normalizer on {self.device}")
-        x = pixels_uint8.to(torch.float32)
-        x.mul_(self._scale).sub_(self._mean).div_(self._std)
-        return x if dtype == torch.float32 else x.to(dtype)
+        table = self._table(dtype)
+        out = torch.empty(pixels_uint8.shape, dtype=dtype, device=self.device)
+        for channel in range(3):
+            index = pixels_uint8.select(-3, channel).to(torch.int32)
+            out.select(-3, channel).copy_(table[channel][index])
+        return out
 
 
 def normalize(

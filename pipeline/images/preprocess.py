@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..config import DecodeConfig
+from ..model.anyres import AnyresGrid
 from ..model.errors import DecodeError, ErrorCode
 from . import native
+from .anyres import anyres_tiles
 from .decode import decode_image, raise_pil_pixel_limit
 from .passes import (
     PassModel,
@@ -43,16 +46,24 @@ __all__ = ["PreparedImage", "Preprocessor"]
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An input ready for the encoder: uint8 pixels plus the original size."""
+    """An input ready for the encoder: uint8 pixels plus the original size (and, anyres, its grid)."""
 
-    pixels: np.ndarray
-    """uint8, shape (3, H, W), C-contiguous."""
+    pixels: Any
+    """uint8 C-contiguous ``(3, H, W)``; anyres: ``(1 + rows*cols, 3, S, S)``, the base image first.
+    (numpy on the host; a device tensor when the encoder decoded it on its device.)"""
     width: int
-    """Width of the decoded image as displayed (after EXIF orientation)."""
+    """Width of the decoded image (as stored, or after the EXIF orientation when that is applied)."""
     height: int
-    """Height of the decoded image as displayed."""
+    """Height of the decoded image."""
     format: str = ""
     """Input format (``JPEG``, ``PNG``, ...)."""
+    grid: AnyresGrid | None = None
+    """anyres: the tile grid and canvas of the image; None otherwise."""
+
+    @property
+    def tiles(self) -> Any:
+        """The pixels as ``(tiles, 3, H, W)`` (one tile for the non-anyres modes)."""
+        return self.pixels if self.pixels.ndim == 4 else self.pixels[None]
 
 
 class Preprocessor:
@@ -69,9 +80,21 @@ class Preprocessor:
 
     def __call__(self, data: bytes, name: str | None = None) -> PreparedImage:
         """Decode ``data`` with the guard and preprocess it. Raises ``DecodeError`` only."""
-        decoded = decode_image(data, name=name, config=self.decode_config)
+        spec = self.spec
+        decoded = decode_image(
+            data,
+            name=name,
+            config=self.decode_config,
+            exif_transpose=spec.exif_transpose,
+            alpha=spec.alpha,
+            sixteen_bit=spec.sixteen_bit,
+        )
+        grid = None
         try:
-            pixels = self.pixels(decoded.image)
+            if spec.aspect_ratio == "anyres":
+                pixels, grid = anyres_tiles(decoded.image, spec)
+            else:
+                pixels = self.pixels(decoded.image)
         except DecodeError as exc:
             raise DecodeError(exc.message, code=exc.code, name=name) from None
         except MemoryError as exc:
@@ -84,10 +107,7 @@ class Preprocessor:
                 f"preprocessing failed ({type(exc).__name__}: {exc})", code=ErrorCode.CORRUPT, name=name
             ) from None
         return PreparedImage(
-            pixels=pixels,
-            width=decoded.width,
-            height=decoded.height,
-            format=decoded.format,
+            pixels=pixels, width=decoded.width, height=decoded.height, format=decoded.format, grid=grid
         )
 
     def pixels(self, image: Image.Image) -> np.ndarray:
@@ -101,6 +121,10 @@ class Preprocessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         spec = self.spec
+        if spec.aspect_ratio == "anyres":
+            raise ValueError("anyres images are tiles: call the Preprocessor (or images.anyres.anyres_tiles)")
+        if not spec.do_resize:
+            return self._pixels_unresized(image)
         model = pass_model(spec.resample)
         width, height = image.size
         pad = spec.aspect_ratio == "pad" and width != height
@@ -132,6 +156,17 @@ class Preprocessor:
             resized = image.resize((new_w, new_h), spec.resample) if (new_w, new_h) != image.size else image
             return to_chw(hf_center_crop(np.asarray(resized), crop_h, crop_w))
         return pil_to_chw(resize_window(image, new_h, new_w, top, left, crop_h, crop_w, spec.resample, model))
+
+    def _pixels_unresized(self, image: Image.Image) -> np.ndarray:
+        """``do_resize: false``: expand2square (pad) and the center crop only, on the image as it is."""
+        spec = self.spec
+        if spec.aspect_ratio == "pad" and image.width != image.height:
+            self._check_work(max(image.size) ** 2, image)
+            image = expand2square(image, self._background)
+        arr = np.asarray(image)
+        if spec.do_center_crop:
+            arr = hf_center_crop(arr, spec.crop_height, spec.crop_width)
+        return to_chw(arr)
 
     def _window(self, height: int, width: int) -> tuple[int, int, int, int, int, int]:
         """(new_h, new_w, top, left, crop_h, crop_w): the resize of a height x width image and the

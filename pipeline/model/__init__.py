@@ -16,6 +16,7 @@ _EXPORTS = {
     "LAYOUTS": "checkpoints",
     "ResolvedModel": "checkpoints",
     "load_model_modules": "checkpoints",
+    "load_newline": "checkpoints",
     "resolve_model": "checkpoints",
     "ModelConfig": "config",
     "ErrorCode": "errors",

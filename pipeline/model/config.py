@@ -34,6 +34,7 @@ from .constants import (
     AttnImplementation,
     CompileMode,
     ComputeDtype,
+    PatchMergeType,
     SelectFeature,
     validate_projector_type,
 )
@@ -245,8 +246,8 @@ class ModelConfig:
     """A CLIP vision model (directory or id) that replaces the checkpoint's own tower."""
     projector_weights: str | None = None
     """Standalone projector weights (``mm_projector.bin`` / ``.safetensors``) for a bare CLIP tower."""
-    select_layer: int | None = None
-    """Hidden layer to take features from (``mm_vision_select_layer``; LLaVA-1.5 uses -2)."""
+    select_layer: int | tuple[int, ...] | None = None
+    """Hidden layer to take features from (``mm_vision_select_layer``; LLaVA-1.5 uses -2); a list concatenates layers (llava-hf)."""
     select_feature: SelectFeature | None = setting(None, message="Unexpected select feature")
     """``patch`` drops the CLS token, ``cls_patch`` keeps it (``mm_vision_select_feature``)."""
     projector_type: str | None = None
@@ -256,7 +257,11 @@ class ModelConfig:
     hidden_size: int | None = setting(None, ge=1)
     """Projector output width (the language model's hidden size)."""
     image_aspect_ratio: AspectRatio | None = setting(None, message="Unknown image_aspect_ratio")
-    """``pad`` (expand to square with the mean colour), ``square`` or ``crop`` (CLIP resize + center crop)."""
+    """``pad`` (expand to square with the mean colour), ``square`` or ``crop`` (CLIP resize + center crop), ``anyres`` (LLaVA-NeXT tiles)."""
+    anyres_max: int | None = setting(None, ge=1)
+    """LLaVA-NeXT's ``anyres_max_N``: packed features are shrunk to about N tiles' worth of tokens."""
+    patch_merge_type: PatchMergeType | None = setting(None, message="Unknown patch_merge_type")
+    """LLaVA-NeXT's ``mm_patch_merge_type`` for packed anyres features: ``flat``, ``spatial`` or ``spatial_unpad``."""
     dtype: ComputeDtype = setting("auto", message="Unknown dtype")
     """Compute dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), float32, float16 or bfloat16."""
     device: str = "auto"

@@ -399,7 +399,8 @@ def overlapped_map(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``compute`` on each host chunk, moved to ``device``; yields the results on the host, in order.
 
-    On CUDA: the chunk is staged in pinned memory and uploaded on a copy stream; the compute
+    On CUDA: the chunk is staged in pinned memory and uploaded on a copy stream (a chunk already
+    on the device, e.g. nvJPEG-decoded pixels, is used where it is); the compute
     stream waits for that upload only (an event), runs ``compute`` (which must only enqueue work:
     no host synchronisation), and the results are downloaded into pinned host tensors on a
     third stream. Up to ``depth`` chunks are in flight, so the upload of the next chunk and the
@@ -417,13 +418,16 @@ def overlapped_map(
     download = torch.cuda.Stream(device)
     inflight: deque[tuple[torch.cuda.Event, dict[str, torch.Tensor], torch.Tensor]] = deque()
     for chunk in chunks:
-        host = chunk if chunk.is_pinned() else _pinned_copy(chunk)
-        with torch.cuda.stream(upload):
-            dev_in = host.to(device, non_blocking=True)
-        uploaded = torch.cuda.Event()
-        uploaded.record(upload)
-        compute_stream.wait_event(uploaded)
-        dev_in.record_stream(compute_stream)
+        if chunk.device.type == "cuda":  # already on the device (nvJPEG-decoded pixels): no host round trip
+            host = dev_in = chunk.to(device)
+        else:
+            host = chunk if chunk.is_pinned() else _pinned_copy(chunk)
+            with torch.cuda.stream(upload):
+                dev_in = host.to(device, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(upload)
+            compute_stream.wait_event(uploaded)
+            dev_in.record_stream(compute_stream)
         out = compute(dev_in)
         computed = torch.cuda.Event()
         computed.record(compute_stream)

@@ -7,6 +7,7 @@ every format, so features from the formats can be compared with each other.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -16,13 +17,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from .constants import CHECKPOINT_LAYOUTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, WEIGHT_FORMATS
+from .constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_FORMATS, WEIGHT_FORMATS
 from .errors import ConfigError
 from .projector import build_vision_projector
+from .tower import image_processor_class
 
 logger = logging.getLogger(__name__)
 
-TINY_FORMATS = CHECKPOINT_LAYOUTS
+TINY_PINPOINTS = ((56, 112), (112, 56), (112, 112))
+"""The tiny LLaVA-NeXT checkpoints' grid pinpoints, ``(width, height)`` (tiles of the tower's 56 px)."""
 
 TINY_VISION = {
     "hidden_size": 32,
@@ -52,9 +55,8 @@ TINY_SETTINGS = {
 
 
 def _image_processor(size: int) -> Any:
-    from transformers import CLIPImageProcessor  # saved as real checkpoints name it
-
-    return CLIPImageProcessor(
+    # Saved as real checkpoints name it ("CLIPImageProcessor"), without transformers' torchvision warning.
+    return image_processor_class()(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(OPENAI_CLIP_MEAN),
@@ -74,6 +76,18 @@ def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module, Any]:
         }
     )
     return tower, projector, _image_processor(TINY_VISION["image_size"])
+
+
+def _hf_config_settings() -> dict[str, Any]:
+    """The ``LlavaConfig`` / ``LlavaNextConfig`` settings of the tiny llava-hf checkpoints."""
+    return {
+        "vision_config": {"model_type": "clip_vision_model", **TINY_VISION},
+        "text_config": {"model_type": "llama", **TINY_TEXT},
+        "vision_feature_layer": TINY_SETTINGS["mm_vision_select_layer"],
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "image_token_index": TINY_TEXT["vocab_size"] - 1,
+    }
 
 
 def _to_bin_shards(directory: Path) -> None:
@@ -110,6 +124,11 @@ def make_tiny_model(
     - ``llava-hf``: ``LlavaForConditionalGeneration.save_pretrained`` plus the image processor.
     - ``clip``: a bare CLIP vision model, ``mm_projector.bin`` and ``llava-features.yaml``
       holding the projector settings.
+    - ``llava-next``: the ``llava`` layout of a LLaVA-NeXT checkpoint: ``image_aspect_ratio: anyres``,
+      ``image_grid_pinpoints``, ``mm_patch_merge_type: spatial_unpad``, ``model.image_newline`` and,
+      as LLaVA-1.6 trained its tower, ``model.vision_tower.vision_tower.vision_model.*`` weights that
+      differ from the CLIP model in ``vision_tower/`` (the checkpoint's own are the ones to use).
+    - ``llava-next-hf``: ``LlavaNextForConditionalGeneration.save_pretrained`` plus its image processor.
 
     ``weights='bin'`` rewrites the shards as ``pytorch_model*.bin`` (same split, same index).
     Returns the path to pass as ``--model`` (for ``clip``: the YAML config to pass as ``--config``).
@@ -122,7 +141,10 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tower, projector, processor = _tiny_parts(seed)
 
-    if fmt == "llava":
+    if fmt == "llava-next-hf":
+        return _llava_next_hf(out, tower, projector, seed, weights, max_shard_size)
+
+    if fmt in ("llava", "llava-next"):
         tower_dir = out / "vision_tower"
         tower.save_pretrained(tower_dir)
         processor.save_pretrained(tower_dir)
@@ -131,9 +153,27 @@ def make_tiny_model(
         torch.manual_seed(seed + 1)
         lm = LlamaForCausalLM(LlamaConfig(**TINY_TEXT))
         lm.model.mm_projector = projector
+        if fmt == "llava-next":
+            torch.manual_seed(seed + 2)
+            trained = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).eval()
+            lm.model.vision_tower = (
+                torch.nn.Module()
+            )  # CLIPVisionTower.vision_tower.vision_model, as saved by LLaVA
+            lm.model.vision_tower.vision_tower = torch.nn.Module()
+            lm.model.vision_tower.vision_tower.vision_model = trained
+            lm.model.image_newline = torch.nn.Parameter(torch.randn(TINY_TEXT["hidden_size"]) * 0.5)
         lm.save_pretrained(out, max_shard_size=max_shard_size)
         cfg = json.loads((out / "config.json").read_text())
         cfg.update(TINY_SETTINGS)
+        if fmt == "llava-next":
+            cfg.update(
+                {
+                    "image_aspect_ratio": "anyres",
+                    "image_grid_pinpoints": [list(p) for p in TINY_PINPOINTS],
+                    "mm_patch_merge_type": "spatial_unpad",
+                    "unfreeze_mm_vision_tower": True,
+                }
+            )
         cfg.update(
             {
                 "architectures": ["LlavaLlamaForCausalLM"],
@@ -150,14 +190,7 @@ def make_tiny_model(
     if fmt == "llava-hf":
         from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-        config = LlavaConfig(
-            vision_config={"model_type": "clip_vision_model", **TINY_VISION},
-            text_config={"model_type": "llama", **TINY_TEXT},
-            vision_feature_layer=TINY_SETTINGS["mm_vision_select_layer"],
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
-            image_token_index=TINY_TEXT["vocab_size"] - 1,
-        )
+        config = LlavaConfig(**_hf_config_settings())
         torch.manual_seed(seed + 1)
         model = LlavaForConditionalGeneration(config).eval()
         inner = model.model
@@ -193,3 +226,43 @@ def make_tiny_model(
     config_path = out / "llava-features.yaml"
     config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return config_path
+
+
+def _llava_next_hf(
+    out: Path,
+    tower: CLIPVisionModel,
+    projector: torch.nn.Module,
+    seed: int,
+    weights: str,
+    max_shard_size: str,
+) -> Path:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+
+    side = TINY_VISION["image_size"]
+    config = LlavaNextConfig(
+        **_hf_config_settings(),
+        image_grid_pinpoints=[[h, w] for w, h in TINY_PINPOINTS],  # transformers reads [height, width]
+    )
+    torch.manual_seed(seed + 1)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    inner = model.model
+    inner.vision_tower.load_state_dict(tower.state_dict())
+    inner.multi_modal_projector.linear_1.load_state_dict(projector[0].state_dict())
+    inner.multi_modal_projector.linear_2.load_state_dict(projector[2].state_dict())
+    with torch.no_grad():
+        inner.image_newline.copy_(torch.randn(TINY_TEXT["hidden_size"]) * 0.5)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    processor_cls = LlavaNextImageProcessor
+    if importlib.util.find_spec("torchvision") is None:  # what LlavaNextImageProcessor is without torchvision
+        from transformers import LlavaNextImageProcessorPil as processor_cls  # noqa: N813
+    processor_cls(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        do_convert_rgb=True,
+    ).save_pretrained(out)
+    if weights == "bin":
+        _to_bin_shards(out)
+    return out

@@ -8,8 +8,10 @@ shapes instead of one call per image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,6 +65,22 @@ def image_processor_class() -> type:
     if importlib.util.find_spec("torchvision") is None:
         return transformers.CLIPImageProcessorPil
     return transformers.CLIPImageProcessor
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block,
+    as they were after it; its warnings and logs are untouched (every actor and replica loads the
+    weights: one bar each would bury the job's own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _arg(args: Any, key: str, default: Any = None) -> Any:
@@ -164,7 +182,11 @@ class CLIPVisionTower(nn.Module):
         """State shared by both constructors: the selection (validated) and where to compute."""
         self.is_loaded = False
         self.vision_tower_name = name
-        self.select_layer: int = int(_arg(args, "mm_vision_select_layer"))
+        layer = _arg(args, "mm_vision_select_layer")
+        # One layer (LLaVA), or several concatenated along the channels (transformers' llava classes).
+        self.select_layer: int | tuple[int, ...] = (
+            tuple(int(v) for v in layer) if isinstance(layer, list | tuple) else int(layer)
+        )
         self.select_feature: str = _arg(args, "mm_vision_select_feature", "patch") or "patch"
         if self.select_feature not in SELECT_FEATURES:
             raise ConfigError(
@@ -179,12 +201,13 @@ class CLIPVisionTower(nn.Module):
         model.eval()
         self.vision_tower = model
         core = getattr(model, "vision_model", model)  # transformers < 5 nests the modules
+        layers = self.select_layer if isinstance(self.select_layer, tuple) else (self.select_layer,)
         try:
-            index = hidden_state_index(self.select_layer, len(core.encoder.layers))
+            self._indices = tuple(hidden_state_index(layer, len(core.encoder.layers)) for layer in layers)
         except ConfigError as exc:
             raise ConfigError(f"mm_vision_{exc.message}") from None
         self._core = core
-        self._layers_needed = index  # hidden_states[index] is the output of layer index-1
+        self._layers_needed = max(self._indices)  # hidden_states[index] is the output of layer index-1
         self.is_loaded = True
 
     @property
@@ -204,6 +227,9 @@ class CLIPVisionTower(nn.Module):
         already selected hidden state (a tensor)."""
         if isinstance(image_forward_outs, torch.Tensor):
             image_features = image_forward_outs
+        elif isinstance(self.select_layer, tuple):
+            states = image_forward_outs.hidden_states
+            image_features = torch.cat([states[layer] for layer in self.select_layer], dim=-1)
         else:
             image_features = image_forward_outs.hidden_states[self.select_layer]
         if self.select_feature == "patch":
@@ -217,10 +243,15 @@ class CLIPVisionTower(nn.Module):
         dtype, in the tower's dtype. Runs only the layers the selected one depends on."""
         core = self._core
         hidden = core.pre_layrnorm(core.embeddings(pixel_values))
-        for layer in core.encoder.layers[: self._layers_needed]:
+        kept = {0: hidden} if 0 in self._indices else {}
+        for index, layer in enumerate(core.encoder.layers[: self._layers_needed], start=1):
             out = layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.feature_select(hidden)
+            if index in self._indices:
+                kept[index] = hidden
+        if len(self._indices) == 1:
+            return self.feature_select(hidden)
+        return self.feature_select(torch.cat([kept[i] for i in self._indices], dim=-1))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..constants import CHECKPOINT_LAYOUTS
 from ..errors import CheckpointError, ErrorCode
-from ..tower import CLIPVisionTower, resolve_device, resolve_dtype
+from ..tower import CLIPVisionTower, quiet_progress_bars, resolve_device, resolve_dtype
 from . import clip, llava, llava_hf
 from .common import ResolvedModel, build_projector
 from .files import CheckpointSource, load_state_strict
@@ -72,6 +72,20 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     return layout.resolve(cfg, source, config_json)
 
 
+def load_newline(
+    resolved: ResolvedModel, *, dtype: torch.dtype, device: torch.device, local_files_only: bool = True
+) -> torch.Tensor | None:
+    """LLaVA-NeXT's ``image_newline`` of the checkpoint (None when it has none), checked against its digest."""
+    if resolved.newline_sha256 is None:
+        return None
+    from .files import digest_tensors
+
+    newline = LAYOUTS[resolved.format].load_newline(resolved, local_files_only)
+    if newline is None or digest_tensors({"image_newline": newline}) != resolved.newline_sha256:
+        raise CheckpointError(f"image_newline of {resolved.checkpoint!r} changed since it was resolved")
+    return newline.to(device=device, dtype=dtype)
+
+
 def load_model_modules(
     resolved: ResolvedModel,
     *,
@@ -84,7 +98,8 @@ def load_model_modules(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     layout = LAYOUTS[resolved.format]
-    tower = layout.load_tower(resolved, dt, dev, attn_implementation, local_files_only)
+    with quiet_progress_bars():  # one "Loading weights" bar per actor/replica otherwise
+        tower = layout.load_tower(resolved, dt, dev, attn_implementation, local_files_only)
     projector = build_projector(resolved.projector_type, resolved.mm_hidden_size, resolved.hidden_size)
     if resolved.projector_type != "identity":
         state = layout.projector_state(resolved, local_files_only)

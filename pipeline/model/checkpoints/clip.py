@@ -66,3 +66,7 @@ def projector_state(resolved: ResolvedModel, local_files_only: bool) -> dict[str
 
 
 load_tower = load_clip_tower
+
+
+def load_newline(resolved: ResolvedModel, local_files_only: bool) -> None:
+    return None  # a bare CLIP tower has no LLaVA-NeXT newline

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import PROCESSOR_FILES, image_processor_settings
 from ..errors import CheckpointError, ErrorCode, MissingWeightError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
@@ -181,14 +182,16 @@ def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def image_processor_dict(source: CheckpointSource) -> dict[str, Any]:
-    """The image processor settings saved with a checkpoint (``preprocessor_config.json``)."""
-    path = source.file("preprocessor_config.json")
-    if path is None:
-        raise CheckpointError(
-            f"No preprocessor_config.json (CLIPImageProcessor settings) in {source.name!r}",
-            code=ErrorCode.CHECKPOINT_NOT_FOUND,
-        )
-    return json.loads(path.read_text())
+    """The image processor settings saved with a checkpoint: ``preprocessor_config.json``
+    (transformers 4, flat) or ``processor_config.json`` (transformers 5, nested under ``image_processor``)."""
+    for name in PROCESSOR_FILES:
+        path = source.file(name)
+        if path is not None:
+            return image_processor_settings(json.loads(path.read_text()))
+    raise CheckpointError(
+        f"No image processor settings ({' or '.join(PROCESSOR_FILES)}) in {source.name!r}",
+        code=ErrorCode.CHECKPOINT_NOT_FOUND,
+    )
 
 
 def vision_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
