@@ -64,6 +64,7 @@ import ctypes.util
 import dataclasses
 import functools
 import io
+import json
 import logging
 import math
 import os
@@ -83,6 +84,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, config_to_dict, load_config
+from pipeline.constants import SERVE_ENCODER_DEPLOYMENT
 from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, LlavaFeaturesError, RequestError
 
 from . import http
@@ -94,6 +96,8 @@ if TYPE_CHECKING:
 
     from pipeline.encoder import EncodedBatch
     from pipeline.images.preprocess import PreparedImage
+    from pipeline.records import DecodedShard, PoolInfo, ShardSummary, ShardTarget
+    from pipeline.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +105,8 @@ T = TypeVar("T")
 
 APP_NAME = "llava-features"
 """Application name used by ``llava-features serve`` and ``configs/serve.yaml``."""
-ENCODER_DEPLOYMENT = "FeaturesEncoder"
-"""The one deployment: its replicas serve HTTP and encode."""
+ENCODER_DEPLOYMENT = SERVE_ENCODER_DEPLOYMENT
+"""The one deployment: its replicas serve HTTP and encode (online requests and offline shards)."""
 API_KEY_ENV = "LLAVA_FEATURES_API_KEY"
 SECTION_ARGS = ("decode", "encoder", "job", "serve")
 """``build_app`` args that override a config section."""
@@ -124,6 +128,11 @@ PROXY_TIMEOUT_MARGIN_S = 5.0
 bounds the wait of a request that finds no replica running (nobody of ours to answer it)."""
 TRIM_AFTER_PIXELS = 16_000_000
 """Decoded pixels after which an idle replica hands its allocator's free memory back (malloc_trim)."""
+
+OFFLINE_WRITE_THREADS = 2
+"""Threads per replica writing offline shards' Parquet files (off the event loop and the device)."""
+KEPT_WRITERS = 4
+"""Offline jobs' shard writers a replica keeps (one per job target; the oldest are dropped)."""
 
 _LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -394,7 +403,8 @@ class DeviceQueue:
     busy device runs full batches however short the batching window was. :meth:`call` runs any
     other device work (``encode_pixels``) as one job of its own, in the same order. ``observe``
     gets (images, seconds each image waited for its pass, seconds the pass took) of every online
-    pass, on the event loop. One event loop only.
+    pass, on the event loop. :meth:`offline` jobs (chunks of the offline job's shards) run only
+    when nothing else waits: online first. One event loop only.
     """
 
     def __init__(
@@ -408,7 +418,12 @@ class DeviceQueue:
         self.observe = observe
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="device")
         self._queue: collections.deque[_DeviceWork] = collections.deque()
+        self._offline: collections.deque[_DeviceWork] = collections.deque()
         self._busy = False
+        self.offline_passes = 0
+        """Offline jobs run (:meth:`offline`)."""
+        self.offline_max_s = 0.0
+        """The longest offline job (what an online request may wait for)."""
 
     @property
     def waiting(self) -> int:
@@ -423,17 +438,32 @@ class DeviceQueue:
         """``fn(*args, **kwargs)`` on the device thread, as one job in the queue."""
         return await self._submit(_DeviceWork(job=lambda: fn(*args, **kwargs)))  # type: ignore[no-any-return]
 
-    async def _submit(self, work: _DeviceWork) -> Any:
+    async def offline(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the device thread at low priority: it starts only when no other work waits
+        (online images, :meth:`call` jobs), so online work waits at most for one such job."""
+        return await self._submit(_DeviceWork(job=fn), self._offline)  # type: ignore[no-any-return]
+
+    async def _submit(self, work: _DeviceWork, lane: collections.deque[_DeviceWork] | None = None) -> Any:
         loop = asyncio.get_running_loop()
         work.future = loop.create_future()
-        self._queue.append(work)
+        (self._queue if lane is None else lane).append(work)
         self._next(loop)
         return await work.future
 
     def _next(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._queue and self._queue[0].future.done():  # cancelled while waiting
-            self._queue.popleft()
-        if self._busy or not self._queue:
+        for lane in (self._queue, self._offline):
+            while lane and lane[0].future.done():  # cancelled while waiting
+                lane.popleft()
+        if self._busy or not (self._queue or self._offline):
+            return
+        if not self._queue:  # nothing online waits: one offline job
+            first = self._offline.popleft()
+            self.offline_passes += 1
+            self._busy = True
+            running = self._thread.submit(self._timed_offline, first.job)  # type: ignore[arg-type]
+            running.add_done_callback(
+                lambda done: loop.call_soon_threadsafe(self._finished, loop, [first], done)
+            )
             return
         first = self._queue.popleft()
         group = [first]
@@ -455,6 +485,13 @@ class DeviceQueue:
         self._busy = True
         running = self._thread.submit(job)  # type: ignore[arg-type]
         running.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finished, loop, group, done))
+
+    def _timed_offline(self, job: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return job()
+        finally:
+            self.offline_max_s = max(self.offline_max_s, time.perf_counter() - started)
 
     def _timed_forward(self, pixels: list[np.ndarray]) -> tuple[float, float, tuple[np.ndarray, ...]]:
         started = time.perf_counter()
@@ -537,6 +574,9 @@ class FeaturesEncoderImpl:
         self.inflow = Inflow(config.serve.max_batch_size)
         self._pixels_since_trim = 0
         self._trims = 0
+        self._writers: collections.OrderedDict[str, ShardWriter] = collections.OrderedDict()
+        self._write_pool = ThreadPoolExecutor(OFFLINE_WRITE_THREADS, thread_name_prefix="write")
+        self._offline: Counter[str] = Counter()
         warm_s = self.encoder.warmup(1)
         if self.encoder.device.type == "cuda" and config.serve.max_batch_size > 1:
             warm_s += self.encoder.warmup(config.serve.max_batch_size)
@@ -547,6 +587,7 @@ class FeaturesEncoderImpl:
         except Exception:  # outside Ray (unit use)
             self.replica = "local"
         self._batch_sizes: Counter[int] = Counter()
+        self._wait_max_s = self._pass_max_s = 0.0
         self._results: Counter[str] = Counter()
         self._started = time.time()
         self._m_batch = _histogram("llava_features_batch_size", "Images per forward pass.", _BATCH_BOUNDARIES)
@@ -640,6 +681,8 @@ class FeaturesEncoderImpl:
 
     def _observe_pass(self, size: int, waits: list[float], seconds: float) -> None:
         self._batch_sizes[size] += 1
+        self._wait_max_s = max(self._wait_max_s, *waits)
+        self._pass_max_s = max(self._pass_max_s, seconds)
         self._m_batch.observe(size)
         for wait in waits:
             self._m_queue.observe(wait * 1000)
@@ -651,6 +694,60 @@ class FeaturesEncoderImpl:
         queue the online batches use: the entry point for callers that decode elsewhere (through a
         deployment handle)."""
         return await self.device.call(self.encoder.encode_pixels, pixels, pooled=pooled)
+
+    # -- offline shards (the shared pool: ``llava-features encode --serve-app``) -----------------
+    # Their names are pipeline.constants' SERVE_DESCRIBE_METHOD and SERVE_SHARD_METHOD (the job calls
+    # them through a deployment handle).
+
+    async def describe_pool(self) -> PoolInfo:
+        """This replica's encoder fingerprint and offline settings, for a job about to send shards."""
+        from pipeline.records import PoolInfo
+
+        s = self.limits
+        return PoolInfo(
+            fingerprint=self.fingerprint,
+            offline_chunk_size=s.offline_chunk_size,
+            max_offline_shards=s.max_offline_shards,
+            max_replicas=s.max_replicas,
+            replica=self.replica,
+        )
+
+    def _writer(self, target: ShardTarget) -> ShardWriter:
+        """The writer of a job's files (one per job target, the last few kept)."""
+        from pipeline.shards import ShardWriter
+
+        key = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str)
+        writer = self._writers.pop(key, None) or ShardWriter(self.encoder, target)
+        self._writers[key] = writer
+        while len(self._writers) > KEPT_WRITERS:
+            self._writers.popitem(last=False)
+        return writer
+
+    async def encode_shard(self, target: ShardTarget, record: DecodedShard) -> ShardSummary:
+        """One decoded file of an offline job → committed in ``target.output``; its summary back.
+
+        Its device work runs in chunks of ``serve.offline_chunk_size`` images (anyres: tiles) on the
+        device queue's low-priority lane (a chunk starts only when no online batch waits), the
+        Parquet write in the replica's write threads. Raises ConfigError (``fingerprint_mismatch``)
+        for a job whose fingerprint is not this replica's."""
+        writer = self._writer(target)
+        started = time.perf_counter()
+        encoded = None
+        if len(record):
+            chunks = writer.chunks(record, self.limits.offline_chunk_size)
+            encoded = writer.join([await self.device.offline(chunk) for chunk in chunks])
+            self._offline["chunks"] += len(chunks)
+        loop = asyncio.get_running_loop()
+        summary = await loop.run_in_executor(self._write_pool, writer.write, record, encoded)
+        self._offline["shards"] += 1
+        self._offline["images"] += record.num_ok
+        logger.debug(
+            "Committed %s (%d rows) in %.2fs",
+            summary.file or "an empty unit",
+            summary.rows,
+            time.perf_counter() - started,
+        )
+        return summary
 
     # -- images → results -----------------------------------------------------------------------
 
@@ -702,7 +799,8 @@ class FeaturesEncoderImpl:
         return {"id": self.model_id, "replica": self.replica, "started": int(self._started), **info}
 
     async def stats(self) -> dict[str, Any]:
-        """This replica's counters: batch sizes ({size: batches}), results, admission and decode memory."""
+        """This replica's counters: batch sizes ({size: batches}), results, admission, decode memory, the
+        offline shards' work and the longest waits (an online image's for its pass, an offline chunk)."""
         batches = sum(self._batch_sizes.values())
         images = sum(size * n for size, n in self._batch_sizes.items())
         return {
@@ -723,6 +821,13 @@ class FeaturesEncoderImpl:
             "decode_budget_waits": self.budget.waits,
             "memory_trims": self._trims,
             "rss_bytes": rss_bytes(),
+            "offline_shards": self._offline["shards"],
+            "offline_images": self._offline["images"],
+            "offline_chunks": self._offline["chunks"],
+            "offline_chunk_size": self.limits.offline_chunk_size,
+            "offline_chunk_ms_max": round(self.device.offline_max_s * 1000, 3),
+            "online_wait_ms_max": round(self._wait_max_s * 1000, 3),
+            "online_pass_ms_max": round(self._pass_max_s * 1000, 3),
         }
 
     async def reset_stats(self) -> None:
@@ -731,6 +836,7 @@ class FeaturesEncoderImpl:
         self.admission.refused = 0
         self.budget.peak = self.budget.used
         self.budget.waits = 0
+        self._wait_max_s = self._pass_max_s = self.device.offline_max_s = 0.0
 
     # -- HTTP plumbing ----------------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ JOB_OPTIONS = (
     "s3_endpoint",
     "read_timeout_s",
     "address",
+    "serve_app",
 )
 INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
 SERVE_OPTIONS = ("host", "port")

@@ -170,6 +170,8 @@ class JobConfig:
     """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
     address: str | None = None
     """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
+    serve_app: str | None = None
+    """Encode and write through this running Serve application's encoder replicas (one GPU pool with the endpoint) instead of the job's own actors."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -218,6 +220,10 @@ class ServeConfig:
     """Requests taking longer get 504."""
     api_key: str | None = None
     """When set (or LLAVA_FEATURES_API_KEY is), every route but /healthz needs this Bearer token."""
+    offline_chunk_size: int = setting(8, ge=1)
+    """Offline images (anyres: tiles) per forward pass of a shard from ``encode --serve-app``; online requests wait at most one such pass."""
+    max_offline_shards: int = setting(2, ge=1)
+    """Offline shards one replica works on at once; ``encode --serve-app`` keeps at most this × max_replicas in flight."""
 
     def __post_init__(self) -> None:
         check_section(self)

@@ -353,7 +353,7 @@ def bench_pipeline_inprocess(
 
     from ..config import Config, config_to_dict
     from ..encoder import describe_encoder
-    from ..job import EncodeShardActor, decode_shard, shard_batch, shard_metadata
+    from ..job import EncodeShardActor, decode_shard, shard_batch, shard_target
     from ..model import resolve_device, resolve_model
     from ..storage import list_inputs, plan_shards
 
@@ -401,7 +401,7 @@ def bench_pipeline_inprocess(
             return decode_shard(b, config=cfg, resolved=resolved)
 
         out_dir = root / "out"
-        actor = EncodeShardActor(cfg, resolved, str(out_dir), shard_metadata(record))
+        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, str(out_dir), record))
 
         def read_back() -> dict[str, Any]:
             ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
@@ -486,7 +486,7 @@ def bench_pipeline_inprocess(
             "exactly_once": all(r["rows"] == n and r["unique_ids"] == n for r in (actor_rows, chain_rows)),
             "target_ratio": 0.85,
         }
-        actor.encoder.close()
+        actor.writer.encoder.close()
         if cuda:
             torch.cuda.empty_cache()
         return result

@@ -154,7 +154,7 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     from pipeline.config import config_to_dict
     from pipeline.constants import FINGERPRINT_KEY
     from pipeline.encoder import describe_encoder
-    from pipeline.job import EncodeShardActor, decode_shard, shard_batch, shard_metadata
+    from pipeline.job import EncodeShardActor, decode_shard, shard_batch, shard_target
     from pipeline.model import resolve_model
     from pipeline.reader import read_features
     from pipeline.storage import list_inputs, plan_shards
@@ -178,12 +178,12 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
         "config": config_to_dict(config),
         "encoder": description.fields,
     }
-    actor = EncodeShardActor(config, resolved, str(out), shard_metadata(record))
-    assert actor.encoder.device.type == "cuda"
+    actor = EncodeShardActor(config, resolved, shard_target(config, str(out), record))
+    assert actor.writer.encoder.device.type == "cuda"
     for shard in plan_shards(list_inputs(str(manifest)), config.job.shard_size):
         summary = actor(decode_shard(shard_batch([shard]), config=config, resolved=resolved))
         assert int(summary["rows"][0]) == len(shard.items)
-    actor.encoder.close()
+    actor.writer.encoder.close()
 
     table = read_features(str(out), status=None).table
     ids = table.column("image_id").to_pylist()
