@@ -23,6 +23,14 @@ once. Inside a replica (:class:`FeaturesEncoderImpl`):
    runs into the next one. :meth:`FeaturesEncoderImpl.encode_pixels` (uint8 pixel batches through
    a deployment handle) is the non-HTTP entry point into the same queue.
 
+The same replicas encode the offline job's shards when it runs with ``--serve-app`` (one GPU pool for
+both front doors): :meth:`FeaturesEncoderImpl.describe_pool` tells the job the encoder fingerprint,
+:meth:`FeaturesEncoderImpl.encode_shard` takes a typed :class:`~pipeline.records.DecodedShard`, runs
+its device work in chunks of ``serve.offline_chunk_size`` on the device queue's low-priority lane
+(a chunk starts only when no online batch waits: online first), commits its Parquet file with
+:class:`pipeline.shards.ShardWriter` and returns the small summary. LLaVA-NeXT (anyres) images are
+carried as their tiles and batched by tiles (``encode_tiles``: the offline job's features).
+
 A request in progress on a replica that dies cannot be answered by us: Ray Serve's proxy answers
 it (plain-text 500); a request that finds no replica running waits in the proxy up to its
 ``http_options.request_timeout_s`` (:func:`proxy_request_timeout_s`).
@@ -148,7 +156,8 @@ class EncodeResult:
     image_id: str | None
     fingerprint: str
     features: np.ndarray | None = None
-    """(tokens, dim) in ``dtype`` (bfloat16 as its uint16 bit pattern); None for ``want="pooled"``."""
+    """(tokens, dim) in ``dtype`` (bfloat16 as its uint16 bit pattern); anyres: the image's own shape
+    (``tiles`` [1 + tiles, tokens, dim], ``packed`` [tokens, dim]); None for ``want="pooled"``."""
     dtype: str = "float32"
     """The encoder's returned dtype of ``features`` (``encoder.output_dtype``)."""
     pooled: np.ndarray | None = None
@@ -409,13 +418,20 @@ class DeviceQueue:
 
     def __init__(
         self,
-        forward: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+        forward: Callable[[Any], tuple[Any, ...]],
         max_batch_size: int,
         observe: Callable[[int, list[float], float], None] | None = None,
+        *,
+        size: Callable[[Any], int] | None = None,
+        collate: Callable[[list[Any]], Any] = np.stack,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
+        """Largest pass, in ``size`` units (images; anyres: tiles). A larger group runs alone."""
         self.observe = observe
+        self.size = size or (lambda _: 1)
+        self.collate = collate
+        """The images of a pass → ``forward``'s argument (default: stacked into one array)."""
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="device")
         self._queue: collections.deque[_DeviceWork] = collections.deque()
         self._offline: collections.deque[_DeviceWork] = collections.deque()
@@ -430,8 +446,9 @@ class DeviceQueue:
         """Online images waiting for a pass."""
         return sum(len(w.images) for w in self._queue if w.images is not None)
 
-    async def encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
-        """uint8 ``(3, H, W)`` images → per image, its row of each array ``forward`` returns."""
+    async def encode(self, images: list[Any]) -> list[tuple[Any, ...]]:
+        """Images (uint8 ``(3, H, W)``; anyres: ``(tiles, grid)``) → per image, its row of each array
+        ``forward`` returns."""
         return await self._submit(_DeviceWork(images=images, queued=time.perf_counter()))  # type: ignore[no-any-return]
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -470,16 +487,17 @@ class DeviceQueue:
         if first.images is None:
             job = first.job
         else:
-            size = len(first.images)
+            size = sum(map(self.size, first.images))
             while self._queue and self._queue[0].images is not None:
                 nxt = self._queue[0]
                 if nxt.future.done():
                     self._queue.popleft()
                     continue
-                if size + len(nxt.images) > self.max_batch_size:
+                more = sum(map(self.size, nxt.images))
+                if size + more > self.max_batch_size:
                     break
                 group.append(self._queue.popleft())
-                size += len(nxt.images)
+                size += more
             pixels = [image for work in group for image in work.images]  # type: ignore[union-attr]
             job = functools.partial(self._timed_forward, pixels)
         self._busy = True
@@ -493,9 +511,9 @@ class DeviceQueue:
         finally:
             self.offline_max_s = max(self.offline_max_s, time.perf_counter() - started)
 
-    def _timed_forward(self, pixels: list[np.ndarray]) -> tuple[float, float, tuple[np.ndarray, ...]]:
+    def _timed_forward(self, pixels: list[Any]) -> tuple[float, float, tuple[Any, ...]]:
         started = time.perf_counter()
-        out = self.forward(np.stack(pixels))
+        out = self.forward(self.collate(pixels))
         return started, time.perf_counter(), out
 
     def _finished(self, loop: asyncio.AbstractEventLoop, group: list[_DeviceWork], done: Future[Any]) -> None:
@@ -570,7 +588,19 @@ class FeaturesEncoderImpl:
         self.budget = PixelBudget(decode_budget(config))
         self.decode_threads = s.decode_threads or max(MIN_DECODE_THREADS, math.ceil(_replica_cpus()))
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        self.device = DeviceQueue(self._forward, config.serve.max_batch_size, self._observe_pass)
+        self.anyres = self.encoder.anyres_output
+        """``tiles`` or ``packed`` for a LLaVA-NeXT checkpoint (its images are batched by tiles), else None."""
+        self.device = (
+            DeviceQueue(self._forward, config.serve.max_batch_size, self._observe_pass)
+            if self.anyres is None
+            else DeviceQueue(
+                self._forward_tiles,
+                config.serve.max_batch_size,
+                self._observe_pass,
+                size=lambda image: len(image[0]),
+                collate=list,
+            )
+        )
         self.inflow = Inflow(config.serve.max_batch_size)
         self._pixels_since_trim = 0
         self._trims = 0
@@ -662,8 +692,8 @@ class FeaturesEncoderImpl:
         max_concurrent_batches=MERGED_BATCHES,
         batch_size_fn=forming_batch_size,
     )
-    async def encode_batch(self, items: list[tuple[np.ndarray, Inflow]]) -> list[tuple[np.ndarray, ...]]:
-        """uint8 (3,H,W) images queued by ``encode`` → [(features, pooled)]: one group of the
+    async def encode_batch(self, items: list[tuple[Any, Inflow]]) -> list[tuple[np.ndarray, ...]]:
+        """uint8 (3,H,W) images (anyres: (tiles, grid)) queued by ``encode`` → [(features, pooled)]: one group of the
         device's next pass (groups cut while a pass runs are merged into the next one). A group
         closes when it is full, when no other image of the replica is on its way (at once if none
         is when its first image comes), or ``batch_wait_timeout_s`` after its first image."""
@@ -676,6 +706,17 @@ class FeaturesEncoderImpl:
 
     def _forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.encoder.encode_post(self.encoder.encode_core(pixels), pooled=True)
+        assert out.features is not None and out.pooled is not None
+        return out.features, out.pooled
+
+    def _forward_tiles(self, images: list[tuple[np.ndarray, Any]]) -> tuple[Any, np.ndarray]:
+        """anyres: [(tiles, grid)] → (ragged features, pooled): ``encode_tiles``, as the offline job."""
+        out = self.encoder.encode_tiles(
+            np.concatenate([tiles for tiles, _ in images]),
+            [len(tiles) for tiles, _ in images],
+            [grid for _, grid in images],
+            pooled=True,
+        )
         assert out.features is not None and out.pooled is not None
         return out.features, out.pooled
 
@@ -692,7 +733,13 @@ class FeaturesEncoderImpl:
         """uint8 ``(N, 3, H, W)`` preprocessed images → :class:`~pipeline.encoder.EncodedBatch` (the
         config's feature kinds, in ``encoder.batch_size`` forward passes), as one job of the device
         queue the online batches use: the entry point for callers that decode elsewhere (through a
-        deployment handle)."""
+        deployment handle). Not for LLaVA-NeXT (anyres) checkpoints, whose images are several tiles:
+        a ConfigError says so (their features come from the HTTP routes or the offline job)."""
+        if self.anyres is not None:
+            raise ConfigError(
+                "encode_pixels takes single preprocessed tiles; this LLaVA-NeXT (anyres) checkpoint encodes "
+                "each image as its base image and grid tiles: send the image to the HTTP routes instead"
+            )
         return await self.device.call(self.encoder.encode_pixels, pixels, pooled=pooled)
 
     # -- offline shards (the shared pool: ``llava-features encode --serve-app``) -----------------
@@ -770,7 +817,8 @@ class FeaturesEncoderImpl:
             )
         self._m_decode.observe((time.perf_counter() - started) * 1000)
         self.encode_batch.set_batch_wait_timeout_s(self._batch_window())
-        features, pooled = await self.encode_batch((prepared.pixels, self.inflow))
+        image = prepared.pixels if self.anyres is None else (prepared.tiles, prepared.grid)
+        features, pooled = await self.encode_batch((image, self.inflow))
         if count:
             self._count("ok")
         return EncodeResult(
@@ -970,6 +1018,7 @@ class FeaturesEncoderImpl:
                 "model": self.model_id,
                 "replica": self.replica,
                 "fingerprint": self.fingerprint,
+                "anyres_output": self.anyres,
                 "forward_ms": round((time.perf_counter() - started) * 1000, 3),
             }
         )

@@ -1,4 +1,4 @@
-"""Benchmark of the online endpoint against the encoder called in-process.
+"""Benchmarks of the online endpoint: against the encoder called in-process, and the shared pool.
 
 :func:`bench_serve` deploys the Serve application locally (:func:`deployments.app.build_app`),
 then measures over HTTP on 127.0.0.1:
@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.constants import SERVE_ENCODER_DEPLOYMENT
 
 logger = logging.getLogger(__name__)
 
@@ -412,3 +413,131 @@ def bench_serve(
     if result.get("serve_cpu_ms_per_request"):
         result["cpu_ratio"] = result["direct_cpu_ms_per_image"] / result["serve_cpu_ms_per_request"]
     return result
+
+
+SHARED_POOL_APP = "llava-features-pool-bench"
+
+
+def bench_shared_pool(
+    config: Config,
+    *,
+    run_job: Callable[..., Any],
+    images: int | None = None,
+    width: int = 640,
+    height: int = 480,
+    requests: int = 60,
+    warmup: int = 5,
+    port: int | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """The mixed run of the shared pool, on a local Ray + Serve started here (and stopped after):
+
+    1. the standalone job (its own actor pool) over ``images`` generated JPEGs: images/s;
+    2. the same job through the Serve application's replicas (``job.serve_app``), no online load;
+    3. online latency at concurrency 1 on the idle application (``requests`` requests);
+    4. online latency at concurrency 1 while the job runs through the application again.
+
+    ``run_job`` is :func:`pipeline.job.run_job` (given by the command line, the layer above both front
+    doors). Returns images/s of 1, 2 and 4, their ratios, and p50/p99 of 3 and 4 (ms)."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+
+    from .app import build_app, deployable_args
+
+    images = images or 128
+    result: dict[str, Any] = {
+        "images": images,
+        "shard_size": config.job.shard_size,
+        "offline_chunk_size": config.serve.offline_chunk_size,
+        "max_offline_shards": config.serve.max_offline_shards,
+        "requests": requests,
+    }
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, namespace="serve", logging_level=logging.WARNING)
+    pooled = dataclasses.replace(config, job=dataclasses.replace(config.job, serve_app=SHARED_POOL_APP))
+    body = sample_image(width, height, seed=10_000)
+    try:
+        with tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp:
+            folder = Path(tmp) / "images"
+            folder.mkdir()
+            for i in range(images):
+                (folder / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+
+            def job(cfg: Config, name: str) -> float:
+                summary = run_job(cfg, str(folder), str(Path(tmp) / name))
+                if summary.ok != images:
+                    raise RuntimeError(f"the {name} job encoded {summary.ok} of {images} images")
+                return float(summary.images_per_s)
+
+            # The standalone job first, while no application holds CPUs or a device.
+            result["standalone_images_per_s"] = job(config, "standalone")
+            port = port or _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            args = deployable_args(config)
+            if ray_actor_options:
+                args["ray_actor_options"] = ray_actor_options
+            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix="/pool")
+            result["pool_images_per_s"] = job(pooled, "pool")
+            base_url = f"http://127.0.0.1:{port}/pool"
+            idle = _online_latencies(base_url, body, n=requests, warmup=warmup, timeout_s=timeout_s)
+            result.update({f"online_idle_{k}_ms": v for k, v in _percentiles(idle).items()})
+            done = threading.Event()
+            mixed: dict[str, float] = {}
+
+            def background() -> None:
+                try:
+                    mixed["ips"] = job(pooled, "mixed")
+                finally:
+                    done.set()
+
+            thread = threading.Thread(target=background, name="pool-bench-job")
+            thread.start()
+            during = _online_latencies(base_url, body, until=done, timeout_s=timeout_s)
+            thread.join()
+        result.update({f"online_during_job_{k}_ms": v for k, v in _percentiles(during).items()})
+        result["online_requests_during_job"] = len(during)
+        result["pool_images_per_s_with_online"] = mixed.get("ips", 0.0)
+        handle = serve.get_deployment_handle(SERVE_ENCODER_DEPLOYMENT, app_name=SHARED_POOL_APP)
+        result["offline_chunk_ms_max"] = handle.stats.remote().result()["offline_chunk_ms_max"]
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    result["pool_vs_standalone"] = result["pool_images_per_s"] / result["standalone_images_per_s"]
+    result["online_p99_during_vs_idle"] = result["online_during_job_p99_ms"] / result["online_idle_p99_ms"]
+    return result
+
+
+def _online_latencies(
+    base_url: str,
+    image: bytes,
+    *,
+    n: int | None = None,
+    warmup: int = 0,
+    until: threading.Event | None = None,
+    timeout_s: float = 120.0,
+) -> list[float]:
+    """Seconds of ``n`` sequential ``/v1/features`` requests (after ``warmup``), or of as many as run
+    until ``until`` is set; a failed request is an error."""
+    client = _Client(base_url, {"content-type": "application/octet-stream"}, timeout_s)
+    out: list[float] = []
+    try:
+        for _ in range(warmup):
+            client.post("/v1/features", image)
+        while (n is not None and len(out) < n) or (until is not None and not until.is_set()):
+            t = time.perf_counter()
+            status, body = client.post("/v1/features", image)
+            if status != 200:
+                raise RuntimeError(f"online request failed: {status} {body[:200]!r}")
+            out.append(time.perf_counter() - t)
+    finally:
+        client.close()
+    return out

@@ -676,6 +676,7 @@ class FeatureEncoder:
             "feature_dim": self.feature_dim,
             "tower_dim": self.tower_dim,
             "output_dtype": self.output_dtype_name,
+            "anyres_output": self.anyres_output,
             "device": str(self.device),
             "resampler": resampler_name(self.spec.resample),
             "decode_route": "nvjpeg" if self.gpu_decoder is not None else "cpu",

@@ -11,13 +11,22 @@ their unit (read bytes, decode guard, preprocess to uint8; bad inputs become err
 exceptions) into one typed :class:`~pipeline.records.DecodedShard` per output file of
 ``job.shard_size`` inputs → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
 holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the file's ok images in
-batches and commits the Parquet file itself (temporary name + rename locally, final-name PUT on
+batches and commits the Parquet file itself (:class:`pipeline.shards.ShardWriter`) (temporary name + rename locally, final-name PUT on
 object stores). Feature tensors therefore never travel back through the object store or the
 driver; only a small per-file summary does. Once every file of a unit is committed, the driver
 writes the unit's commit record (``_commits/unit-NNNNNN.json``): a unit is committed exactly
 when its record exists, and ``--resume`` rewrites exactly the units without one. A file that is
 retried (actor killed, node lost) is rewritten under the same name, so every input row appears
 exactly once.
+
+With ``job.serve_app`` (``encode --serve-app NAME``) the encode + commit stage runs on the encoder
+replicas of a running Serve application instead (one GPU pool for both front doors): the job asks
+the application for its encoder fingerprint first and refuses another one before anything is
+written; tasks of :func:`send_shards` hand each decoded file to a replica through a deployment
+handle (``pipeline.constants.SERVE_ENCODER_DEPLOYMENT``), at most ``serve.max_offline_shards`` ×
+``serve.max_replicas`` at once, and send a file again when its replica died. The replica commits it
+with the same :class:`pipeline.shards.ShardWriter` and returns the same summary, so the commit
+records and ``_SUCCESS`` are the driver's, as above.
 
 Finish: counts come from the commit records, files no record names (leftovers of interrupted
 writers) are removed, and ``_SUCCESS`` is written last (unless more than ``max_error_fraction``
@@ -981,7 +990,7 @@ class DryRun:
                 f"output bytes:  ~{size}",
                 f"carried:       {', '.join(f'{c} ({t})' for c, t in plan.carried.items()) or 'none'}",
                 f"output:        {self.output} ({self.output_state})",
-                f"encoders:      "
+                "encoders:      "
                 + (
                     f"the replicas of Serve application {self.serve_app!r} (its fingerprint is checked when the job starts)"
                     if self.serve_app

@@ -8,6 +8,7 @@ test of the module; the test that kills its replica runs last.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import statistics
@@ -213,6 +214,126 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
             fingerprint = theirs
 
         ShardWriter(_Encoder(), ShardTarget(str(tmp_path), ours, {}, "projected", False, "binary", "none"))  # type: ignore[arg-type]
+
+
+# -- LLaVA-NeXT (anyres): each image its own tiles, online and offline ---------------------------------
+
+
+def _photo_bytes() -> dict[str, bytes]:
+    """A photo at two aspect ratios (different tile grids), as JPEG."""
+    import io
+
+    out = {}
+    for name, size in {"square": (300, 300), "wide": (400, 150)}.items():
+        buf = io.BytesIO()
+        Image.fromarray(real_photos()["astronaut"]).resize(size).save(buf, "JPEG", quality=90)
+        out[f"{name}.jpg"] = buf.getvalue()
+    return out
+
+
+def _next_args(model: Path, anyres_output: str) -> dict:
+    return {
+        "model": str(model),
+        "encoder": {"output_dtype": "float32", "anyres_output": anyres_output},
+        "serve": {"offline_chunk_size": 3, "max_batch_size": 8},
+        "ray_actor_options": SMALL_ACTORS,
+    }
+
+
+def _in_process(model: Path, anyres_output: str, photos: dict[str, bytes]) -> dict[str, tuple]:
+    """{name: (features, pooled)} of the in-process encoder (the offline job's ``encode_prepared``)."""
+    from pipeline.encoder import FeatureEncoder
+
+    sections = {"model": {"checkpoint": str(model)}, "encoder": _next_args(model, anyres_output)["encoder"]}
+    encoder = FeatureEncoder(load_config(None, sections))
+    out = {}
+    for name, data in photos.items():
+        batch = encoder.encode_prepared([encoder.encode_pre(data, name)], pooled=True)
+        out[name] = (np.asarray(batch.projected[0]), batch.pooled[0])
+    return out
+
+
+FLOAT32_ATOL = 1e-5
+"""Replica vs this process (float32): torch runs with other thread counts there, which moves last bits
+of sums (the offline job's in-process parity uses the same bound, tests/test_job.py)."""
+
+
+def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape, (what, got.shape, want.shape)
+    assert np.abs(got - want).max() <= FLOAT32_ATOL, what
+
+
+def _check_routes(
+    url: str, expected: dict[str, tuple], photos: dict[str, bytes], anyres_output: str
+) -> dict[str, np.ndarray]:
+    """Every route's features and embeddings of ``photos`` → the npy features, per photo."""
+    from deployments import http as H
+
+    served = {}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for name, data in photos.items():
+            r = client.post("/v1/features", content=data, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text[:300]
+            served[name] = H.load_npy(r.content)
+            _close(served[name], expected[name][0], name)
+            r = client.post("/v1/features?format=json", content=data, headers={"content-type": "image/jpeg"})
+            np.testing.assert_array_equal(H.decode_array_payload(r.json()), served[name])
+        files = [("file", (name, data, "image/jpeg")) for name, data in photos.items()]
+        items = client.post("/v1/features:batch", files=files).json()
+        shapes = {tuple(item["shape"]) for item in items}
+        assert len(shapes) == 2, shapes  # each image its own shape, in one response
+        for item, name in zip(items, photos, strict=True):
+            np.testing.assert_array_equal(H.decode_array_payload(item), served[name], err_msg=name)
+        inputs = [f"data:image/jpeg;base64,{base64.b64encode(d).decode()}" for d in photos.values()]
+        data = client.post("/v1/embeddings", json={"input": inputs}).json()["data"]
+        for item, name in zip(data, photos, strict=True):  # mean over all of the image's tokens, float32
+            _close(np.asarray(item["embedding"], np.float32), expected[name][1], name)
+        card = client.get("/v1/models").json()["data"][0]
+        assert card["anyres_output"] == anyres_output and card["encoder"]["anyres_output"] == anyres_output
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["anyres_output"] == anyres_output
+    return served
+
+
+@slow
+def test_llava_next_online_and_through_the_pool(serve_cluster, tiny_models, tmp_path):
+    """A LLaVA-NeXT checkpoint's replicas give each image's own features (``tiles``: [1 + tiles, tokens,
+    dim]; ``packed``: [tokens, dim]) on every route, equal to the in-process encoder's on the same photo
+    (float32, up to FLOAT32_ATOL); and an offline job through the ``tiles`` pool (chunks of 3 tiles)
+    writes exactly the rows the replica serves."""
+    from ray import serve
+
+    from pipeline.reader import read_features
+
+    model = tiny_models["llava-next-hf"]
+    photos = _photo_bytes()
+    for anyres_output in ("tiles", "packed"):
+        name = f"next-{anyres_output}"
+        url = serve_cluster.deploy(name, f"/{name}", _next_args(model, anyres_output))
+        expected = _in_process(model, anyres_output, photos)
+        served = _check_routes(url, expected, photos, anyres_output)
+        if anyres_output == "tiles":
+            folder = tmp_path / "in"
+            folder.mkdir()
+            for file, data in photos.items():
+                (folder / file).write_bytes(data)
+            config = load_config(
+                None,
+                {
+                    "model": {"checkpoint": str(model)},
+                    "encoder": _next_args(model, anyres_output)["encoder"],
+                    "job": {"serve_app": name},
+                },
+            )
+            from pipeline.job import run_job
+
+            assert run_job(config, str(folder), str(tmp_path / "out")).ok == 2
+            assert _stats(url)["offline_chunks"] >= 2
+            out = read_features(str(tmp_path / "out"))
+            for row, image_id in enumerate(out.image_ids):
+                # the same replica's offline rows: exactly its online features
+                np.testing.assert_array_equal(out.features[row], served[image_id], err_msg=image_id)
+        serve.delete(name)
 
 
 ONLINE_SLACK_MS = 150.0
