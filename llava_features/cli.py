@@ -484,6 +484,7 @@ def bench_shared_pool(
     config: Config,
     *,
     images: int | None = None,
+    shard_size: int | None = None,
     width: int | None = None,
     height: int | None = None,
     **options: Any,
@@ -493,7 +494,8 @@ def bench_shared_pool(
     from deployments.bench import bench_shared_pool as run
     from pipeline.job import run_job
 
-    sizes = {k: v for k, v in {"images": images, "width": width, "height": height}.items() if v is not None}
+    given = {"images": images, "shard_size": shard_size, "width": width, "height": height}
+    sizes = {k: v for k, v in given.items() if v is not None}
     return run(config, run_job=run_job, **sizes, **options)
 
 

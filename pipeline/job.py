@@ -347,8 +347,10 @@ def shard_target(
 
 # -- stage 2 on the shared pool: a Serve application's encoder replicas ---------------------------
 
-SEND_TASK_CPUS = 0.1
-"""CPUs a task handing files to the Serve replicas reserves (it only waits for their answers)."""
+SEND_TASK_CPUS = 0.0
+"""CPUs a task handing files to the Serve replicas reserves: none, it only waits for their answers
+(reserving some would take them from the decode tasks while the replicas hold theirs; the tasks in
+flight are bounded by their concurrency instead)."""
 SHARD_ATTEMPTS = 4
 """Tries of a file whose replica died (or was not reachable) before the job fails."""
 _SHARD_RETRY_S = 2.0

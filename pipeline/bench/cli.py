@@ -288,6 +288,7 @@ def _external(name: str) -> Runner:
             "images": args.images,
             "batch_size": args.batch_size or (args.batch_sizes[0] if args.batch_sizes else None),
             "batch_sizes": args.batch_sizes,
+            "shard_size": args.shard_size,
             "width": args.image_size[0],
             "height": args.image_size[1],
             "tiny": args.tiny,
