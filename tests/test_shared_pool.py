@@ -100,6 +100,10 @@ def test_chunks_summaries_and_the_replica_methods():
         shard=3, piece=1, last=True, rows=4, ok=3, file="part-000003-00001.parquet", errors={"x": 1}
     )
     assert ShardSummary.from_row(summary.to_row()) == summary
+    for key in ("offline_chunk_size", "max_offline_shards"):  # range-checked, the error names the key
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, {"serve": {key: 0}})
+    assert load_config(None, {"job": {"serve_app": "x"}}).job.serve_app == "x"
     # the names the job calls through a deployment handle are the replica's methods
     for name in (SERVE_DESCRIBE_METHOD, SERVE_SHARD_METHOD):
         assert asyncio.iscoroutinefunction(getattr(FeaturesEncoderImpl, name))
