@@ -761,8 +761,9 @@ class FeaturesEncoderImpl:
 
     def _writer(self, target: ShardTarget) -> ShardWriter:
         """The writer of a job's files (one per job target, the last few kept)."""
-        from pipeline.shards import ShardWriter
+        from pipeline.shards import ShardWriter, check_fingerprint
 
+        check_fingerprint(self.encoder, target)
         key = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str)
         writer = self._writers.pop(key, None) or ShardWriter(self.encoder, target)
         self._writers[key] = writer

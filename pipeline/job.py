@@ -11,8 +11,8 @@ their unit (read bytes, decode guard, preprocess to uint8; bad inputs become err
 exceptions) into one typed :class:`~pipeline.records.DecodedShard` per output file of
 ``job.shard_size`` inputs → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
 holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the file's ok images in
-batches and commits the Parquet file itself (:class:`pipeline.shards.ShardWriter`) (temporary name + rename locally, final-name PUT on
-object stores). Feature tensors therefore never travel back through the object store or the
+batches and commits the Parquet file itself (:class:`pipeline.shards.ShardWriter`: temporary name +
+rename locally, final-name PUT on object stores). Feature tensors therefore never travel back through the object store or the
 driver; only a small per-file summary does. Once every file of a unit is committed, the driver
 writes the unit's commit record (``_commits/unit-NNNNNN.json``): a unit is committed exactly
 when its record exists, and ``--resume`` rewrites exactly the units without one. A file that is

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardWriter", "chunk_ranges"]
+__all__ = ["ShardWriter", "check_fingerprint", "chunk_ranges"]
 
 Chunk = Callable[[], "EncodedBatch"]
 """One piece of a shard's device work: runs on the caller's device thread, returns its rows."""
@@ -52,6 +52,17 @@ def chunk_ranges(sizes: np.ndarray, limit: int | None) -> list[tuple[int, int]]:
     return ranges
 
 
+def check_fingerprint(encoder: FeatureEncoder, target: ShardTarget) -> None:
+    """ConfigError (``fingerprint_mismatch``) when ``encoder`` would not give ``target``'s features:
+    an encoder outside the job (a Serve replica) refuses another job's shards."""
+    if encoder.fingerprint != target.fingerprint:
+        raise ConfigError(
+            f"This encoder's fingerprint is {encoder.fingerprint[:16]}, the job's is {target.fingerprint[:16]}: "
+            "its features would not be the job's",
+            code=ErrorCode.FINGERPRINT_MISMATCH,
+        )
+
+
 class ShardWriter:
     """Encodes decoded shards with ``encoder`` and commits their files to ``target.output``."""
 
@@ -59,12 +70,6 @@ class ShardWriter:
         from .sink import ensure_registered
         from .storage import resolve_filesystem
 
-        if encoder.fingerprint != target.fingerprint:
-            raise ConfigError(
-                f"This encoder's fingerprint is {encoder.fingerprint[:16]}, the job's is {target.fingerprint[:16]}: "
-                "its features would not be the job's",
-                code=ErrorCode.FINGERPRINT_MISMATCH,
-            )
         ensure_registered()
         self.encoder = encoder
         self.target = target

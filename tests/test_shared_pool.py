@@ -210,14 +210,16 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
     with pytest.raises(LlavaFeaturesError) as info:
         describe_pool("no-such-app")
     assert info.value.code == ErrorCode.UNAVAILABLE
-    with pytest.raises(ConfigError):  # a replica refuses a job of another fingerprint too
-        from pipeline.records import ShardTarget
-        from pipeline.shards import ShardWriter
+    # the replica itself refuses a file of another fingerprint too, and writes nothing
+    from ray import serve
 
-        class _Encoder:
-            fingerprint = theirs
+    from pipeline.records import DecodedShard, ShardTarget
 
-        ShardWriter(_Encoder(), ShardTarget(str(tmp_path), ours, {}, "projected", False, "binary", "none"))  # type: ignore[arg-type]
+    handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=APP)
+    target = ShardTarget(str(tmp_path / "direct"), ours, {}, "projected", False, "binary", "none")
+    with pytest.raises(ConfigError, match=ours[:16]):
+        getattr(handle, SERVE_SHARD_METHOD).remote(target, DecodedShard(shard=0)).result()
+    assert not (tmp_path / "direct").exists()
 
 
 # -- LLaVA-NeXT (anyres): each image its own tiles, online and offline ---------------------------------
