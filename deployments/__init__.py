@@ -1,7 +1,8 @@
 """The online endpoint: a Ray Serve application around :class:`pipeline.encoder.FeatureEncoder`.
 
-- ``deployments.app``: the deployments (FastAPI ingress + batching encoder replicas) and
-  ``build_app``, the application builder named by ``configs/serve.yaml``.
+- ``deployments.app``: the deployment (encoder replicas that serve the HTTP API themselves, with
+  admission, a decode budget and dynamic batching) and ``build_app``, the application builder
+  named by ``configs/serve.yaml``.
 - ``deployments.http``: error → HTTP status mapping, bounded body reading, response encoders,
   data URLs, the API key check (no Ray imports).
 - ``deployments.launch``: ``llava-features serve`` (:func:`~deployments.launch.serve_forever`).

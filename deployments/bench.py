@@ -1,4 +1,4 @@
-"""Benchmark of the online endpoint against the encoder called in-process.
+"""Benchmarks of the online endpoint: against the encoder called in-process, and the shared pool.
 
 :func:`bench_serve` deploys the Serve application locally (:func:`deployments.app.build_app`),
 then measures over HTTP on 127.0.0.1:
@@ -9,10 +9,18 @@ then measures over HTTP on 127.0.0.1:
 and the same two figures for the encoder called directly in this process (``encode_pre`` +
 ``encode_pixels``, same image, batches of ``serve.max_batch_size`` for the throughput), so the
 difference is the cost of HTTP, Ray Serve and the queueing for dynamic batching.
+
+Throughput on a machine shared with other jobs moves with their load, and the two phases run at
+different times; CPU time does not move much. So when the benchmark starts its own Ray on Linux it
+also reports the CPU milliseconds the whole local Ray session (proxy, controller, replicas,
+raylet, GCS: every process of the session, from ``/proc``) spends per request at
+``concurrency``, the load generator's own, and the in-process encoder's per image; their ratio
+(``cpu_ratio``) is the endpoint's throughput per CPU-second relative to in-process.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import math
@@ -24,10 +32,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.constants import SERVE_ENCODER_DEPLOYMENT
 
 logger = logging.getLogger(__name__)
 
@@ -128,18 +138,100 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
         one()
         latencies.append(time.perf_counter() - t)
     lat = _percentiles(latencies)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, requests, batch):
         n = min(batch, requests - start)
         pixels = np.stack([encoder.encode_pre(image).pixels for _ in range(n)])
         encoder.encode_pixels(pixels, batch_size=batch)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {
         "direct_p50_ms": lat["p50"],
         "direct_p99_ms": lat["p99"],
         "direct_mean_ms": lat["mean"],
         "direct_throughput_ips": requests / wall,
+        "direct_cpu_ms_per_image": cpu * 1000 / requests,
     }
+
+
+def _session_cpu() -> Callable[[], float] | None:
+    """A reader of the CPU seconds used so far by the processes of this driver's local Ray session
+    (those whose command line names the session directory, and all their descendants: the
+    workers, Serve's proxy and controller, the replicas), from Linux's ``/proc``; None elsewhere."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    try:
+        import ray
+
+        session = ray._private.worker.global_worker.node.get_session_dir_path()  # no public API
+    except Exception:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+
+    def read() -> float:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        roots = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    named = session.encode() in f.read()
+            except OSError:  # gone meanwhile
+                continue
+            parents[pid] = int(fields[1])
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            if named:
+                roots.append(pid)
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        seen, todo = set(), list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid == me:
+                continue
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+        return sum(cpu[pid] for pid in seen)
+
+    return read
+
+
+class _Client:
+    """One keep-alive HTTP/1.1 connection (``http.client``): a load generator that costs the shared
+    CPU little, so that the figures are the server's (httpx costs ~3 ms of CPU per request here)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout_s: float) -> None:
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.headers = headers
+        self.timeout_s = timeout_s
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        for attempt in (0, 1):  # one reconnect: the server may close an idle keep-alive connection
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            try:
+                self.conn.request("POST", self.prefix + path, body=body, headers=self.headers)
+                response = self.conn.getresponse()
+                return response.status, response.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def _bench_http(
@@ -151,25 +243,27 @@ def _bench_http(
     warmup: int,
     api_key: str | None,
     timeout_s: float,
+    before_throughput: Callable[[], None] | None = None,
+    after_throughput: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one client per thread)."""
-    import httpx
-
+    """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one keep-alive
+    connection per thread); ``before_throughput`` and ``after_throughput`` run right before and
+    after the concurrent phase (the caller resets the replicas' counters, samples CPU time)."""
     headers = {"content-type": "application/octet-stream"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     local = threading.local()
-    clients: list[httpx.Client] = []
+    clients: list[_Client] = []
     failures: list[int] = []
 
     def post() -> None:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
+            local.client = _Client(base_url, headers, timeout_s)
             clients.append(local.client)
-        response = local.client.post("/v1/features", content=image)
-        if response.status_code != 200:
-            failures.append(response.status_code)
-            logger.warning("bench request failed: %s %s", response.status_code, response.text[:200])
+        status, body = local.client.post("/v1/features", image)
+        if status != 200:
+            failures.append(status)
+            logger.warning("bench request failed: %s %s", status, body[:200])
 
     try:
         for _ in range(warmup):
@@ -180,7 +274,13 @@ def _bench_http(
             post()
             latencies.append(time.perf_counter() - t)
         lat = _percentiles(latencies)
+        if before_throughput is not None:
+            before_throughput()
+        cpu = time.process_time()
         wall = _run_concurrent(post, requests, concurrency)
+        cpu = time.process_time() - cpu
+        if after_throughput is not None:
+            after_throughput()
     finally:
         for client in clients:
             client.close()
@@ -190,6 +290,7 @@ def _bench_http(
         "serve_mean_ms": lat["mean"],
         "serve_throughput_rps": requests / wall,
         "serve_errors": float(len(failures)),
+        "client_cpu_ms_per_request": cpu * 1000 / requests,
     }
 
 
@@ -263,6 +364,19 @@ def bench_serve(
         t0 = time.perf_counter()
         serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
         result["deploy_s"] = time.perf_counter() - t0
+        handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
+        session_cpu = _session_cpu() if started_ray else None  # another session holds other apps too
+        samples: list[float] = []
+
+        def before() -> None:
+            handle.reset_stats.remote().result()
+            if session_cpu is not None:
+                samples.append(session_cpu())
+
+        def after() -> None:
+            if session_cpu is not None:
+                samples.append(session_cpu())
+
         result.update(
             _bench_http(
                 f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
@@ -272,11 +386,15 @@ def bench_serve(
                 warmup=warmup,
                 api_key=config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY"),
                 timeout_s=timeout_s,
+                # The batch sizes reported are those of the concurrent phase only (the latency
+                # phase's requests come one at a time: batches of one by construction).
+                before_throughput=before,
+                after_throughput=after,
             )
         )
-        stats = (
-            serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME).stats.remote().result()
-        )
+        if len(samples) == 2:
+            result["serve_cpu_ms_per_request"] = (samples[1] - samples[0]) * 1000 / requests
+        stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
     finally:
@@ -292,4 +410,147 @@ def bench_serve(
     result["overhead_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
     result["overhead_p99_ms"] = result["serve_p99_ms"] - result["direct_p99_ms"]
     result["throughput_ratio"] = result["serve_throughput_rps"] / result["direct_throughput_ips"]
+    if result.get("serve_cpu_ms_per_request"):
+        result["cpu_ratio"] = result["direct_cpu_ms_per_image"] / result["serve_cpu_ms_per_request"]
     return result
+
+
+SHARED_POOL_APP = "llava-features-pool-bench"
+
+
+def bench_shared_pool(
+    config: Config,
+    *,
+    run_job: Callable[..., Any],
+    images: int | None = None,
+    shard_size: int = 16,
+    width: int = 640,
+    height: int = 480,
+    requests: int = 60,
+    warmup: int = 5,
+    port: int | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """The mixed run of the shared pool, on a local Ray + Serve started here (and stopped after):
+
+    1. the standalone job (its own actor pool) over ``images`` generated JPEGs, ``shard_size`` per
+       output file: images/s (after a job of two files that starts the workers and loads the model);
+    2. the same job through the Serve application's replicas (``job.serve_app``), no online load;
+    3. online latency at concurrency 1 on the idle application (``requests`` requests);
+    4. online latency at concurrency 1 while the job runs through the application again.
+
+    ``run_job`` is :func:`pipeline.job.run_job` (given by the command line, the layer above both front
+    doors). Returns images/s of 1, 2 and 4, their ratios, and p50/p99 of 3 and 4 (ms)."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+
+    from .app import build_app, deployable_args
+
+    images = images or 256
+    config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=shard_size))
+    result: dict[str, Any] = {
+        "images": images,
+        "shard_size": config.job.shard_size,
+        "offline_chunk_size": config.serve.offline_chunk_size,
+        "max_offline_shards": config.serve.max_offline_shards,
+        "requests": requests,
+    }
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", include_dashboard=False, namespace="serve", logging_level=logging.WARNING)
+    pooled = dataclasses.replace(config, job=dataclasses.replace(config.job, serve_app=SHARED_POOL_APP))
+    body = sample_image(width, height, seed=10_000)
+    try:
+        with tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp:
+            folder = Path(tmp) / "images"
+            folder.mkdir()
+            for i in range(images):
+                (folder / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+
+            warm = Path(tmp) / "warm"
+            warm.mkdir()
+            for i in range(2 * shard_size):
+                (warm / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+
+            def job(cfg: Config, name: str) -> float:
+                # A small job first (Ray Data's workers, the actors' model loads), then the timed one.
+                run_job(cfg, str(warm), str(Path(tmp) / f"{name}-warmup"))
+                summary = run_job(cfg, str(folder), str(Path(tmp) / name))
+                if summary.ok != images:
+                    raise RuntimeError(f"the {name} job encoded {summary.ok} of {images} images")
+                return float(summary.images_per_s)
+
+            # The standalone job first, while no application holds CPUs or a device.
+            result["standalone_images_per_s"] = job(config, "standalone")
+            port = port or _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            args = deployable_args(config)
+            if ray_actor_options:
+                args["ray_actor_options"] = ray_actor_options
+            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix="/pool")
+            result["pool_images_per_s"] = job(pooled, "pool")
+            base_url = f"http://127.0.0.1:{port}/pool"
+            idle = _online_latencies(base_url, body, n=requests, warmup=warmup, timeout_s=timeout_s)
+            result.update({f"online_idle_{k}_ms": v for k, v in _percentiles(idle).items()})
+            done = threading.Event()
+            mixed: dict[str, float] = {}
+
+            def background() -> None:
+                try:
+                    mixed["ips"] = job(pooled, "mixed")
+                finally:
+                    done.set()
+
+            handle = serve.get_deployment_handle(SERVE_ENCODER_DEPLOYMENT, app_name=SHARED_POOL_APP)
+            handle.reset_stats.remote().result()  # the longest chunk and online wait of the mixed run
+            thread = threading.Thread(target=background, name="pool-bench-job")
+            thread.start()
+            during = _online_latencies(base_url, body, until=done, timeout_s=timeout_s)
+            thread.join()
+        result.update({f"online_during_job_{k}_ms": v for k, v in _percentiles(during).items()})
+        result["online_requests_during_job"] = len(during)
+        result["pool_images_per_s_with_online"] = mixed.get("ips", 0.0)
+        stats = handle.stats.remote().result()
+        result["offline_chunk_ms_max"] = stats["offline_chunk_ms_max"]
+        result["online_wait_ms_max"] = stats["online_wait_ms_max"]
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    result["pool_vs_standalone"] = result["pool_images_per_s"] / result["standalone_images_per_s"]
+    result["online_p99_during_vs_idle"] = result["online_during_job_p99_ms"] / result["online_idle_p99_ms"]
+    return result
+
+
+def _online_latencies(
+    base_url: str,
+    image: bytes,
+    *,
+    n: int | None = None,
+    warmup: int = 0,
+    until: threading.Event | None = None,
+    timeout_s: float = 120.0,
+) -> list[float]:
+    """Seconds of ``n`` sequential ``/v1/features`` requests (after ``warmup``), or of as many as run
+    until ``until`` is set; a failed request is an error."""
+    client = _Client(base_url, {"content-type": "application/octet-stream"}, timeout_s)
+    out: list[float] = []
+    try:
+        for _ in range(warmup):
+            client.post("/v1/features", image)
+        while (n is not None and len(out) < n) or (until is not None and not until.is_set()):
+            t = time.perf_counter()
+            status, body = client.post("/v1/features", image)
+            if status != 200:
+                raise RuntimeError(f"online request failed: {status} {body[:200]!r}")
+            out.append(time.perf_counter() - t)
+    finally:
+        client.close()
+    return out

@@ -1,7 +1,8 @@
 """``llava-features serve``: run the Serve application and block until interrupted (the CLI calls :func:`serve_forever`).
 
 Connects to the Ray cluster named by ``RAY_ADDRESS``, or starts a local one when it is unset;
-starts Serve's HTTP proxy on ``serve.host:serve.port`` (``--host``/``--port``), deploys
+starts Serve's HTTP proxy on ``serve.host:serve.port`` (``--host``/``--port``; its own request
+timeout a little above ``serve.request_timeout_s``: :func:`deployments.app.proxy_request_timeout_s`), deploys
 :func:`deployments.app.build_app_from_config` as the application ``llava-features`` and waits.
 Ctrl-C (or SIGTERM) shuts Serve down again (on a cluster we did not start, only our application
 is deleted).
@@ -25,7 +26,7 @@ def serve_forever(config: Config) -> int:
     import ray
     from ray import serve
 
-    from .app import APP_NAME, build_app_from_config
+    from .app import APP_NAME, build_app_from_config, proxy_request_timeout_s
     from .listen import ROUTES, announce
 
     address = os.environ.get("RAY_ADDRESS") or None
@@ -43,7 +44,13 @@ def serve_forever(config: Config) -> int:
         else None
     )
     try:
-        serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+        serve.start(
+            http_options={
+                "host": config.serve.host,
+                "port": config.serve.port,
+                "request_timeout_s": proxy_request_timeout_s(config),
+            }
+        )
         app = build_app_from_config(config)
         serve.run(app, name=APP_NAME, route_prefix=config.serve.route_prefix)
         # Where Serve's proxy really listens (on a cluster whose Serve was already running, its own

@@ -38,7 +38,10 @@ EXIT_BROKEN_PIPE = 141
 EXIT_INCOMPLETE = 1
 """Exit status of ``inspect`` for an output that is not complete (failed, incomplete, unknown, empty)."""
 
-BENCH_EXTERNAL: dict[str, tuple[str, str]] = {"serve": ("deployments.bench", "bench_serve")}
+BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
+    "serve": ("deployments.bench", "bench_serve"),
+    "shared-pool": ("llava_features.cli", "bench_shared_pool"),
+}
 """Benchmarks of the online layer, which ``pipeline.bench`` cannot import itself: name → (module, function)."""
 
 _DEST_SEPARATOR = "."
@@ -139,6 +142,7 @@ JOB_OPTIONS = (
     "s3_endpoint",
     "read_timeout_s",
     "address",
+    "serve_app",
 )
 INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
 SERVE_OPTIONS = ("host", "port")
@@ -476,6 +480,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(load_cli_config(args))
 
 
+def bench_shared_pool(
+    config: Config,
+    *,
+    images: int | None = None,
+    shard_size: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``bench shared-pool``: :func:`deployments.bench.bench_shared_pool` with the offline job's
+    ``run_job`` (only this layer sees both front doors); ``options`` are its other keywords (--opt)."""
+    from deployments.bench import bench_shared_pool as run
+    from pipeline.job import run_job
+
+    given = {"images": images, "shard_size": shard_size, "width": width, "height": height}
+    sizes = {k: v for k, v in given.items() if v is not None}
+    return run(config, run_job=run_job, **sizes, **options)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench.cli import main as bench_main
 
@@ -558,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, profile")
+    p = sub.add_parser(
+        "bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, shared-pool, profile"
+    )
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser

@@ -170,6 +170,8 @@ class JobConfig:
     """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
     address: str | None = None
     """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
+    serve_app: str | None = None
+    """Encode and write through this running Serve application's encoder replicas (one GPU pool with the endpoint) instead of the job's own actors."""
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -197,7 +199,7 @@ class ServeConfig:
     max_ongoing_requests: int = setting(64, ge=1)
     """Concurrent requests a replica accepts (raised to max_batch_size if lower, so batches can fill)."""
     max_queued_requests: int = setting(256, ge=-1)
-    """Requests queued beyond that before the endpoint answers 503 (-1: no limit)."""
+    """Requests a replica holds waiting beyond max_ongoing_requests before it answers 503 (-1: no limit)."""
     min_replicas: int = setting(1, ge=0)
     """Autoscaling: fewest encoder replicas."""
     max_replicas: int = setting(1, ge=1)
@@ -208,12 +210,20 @@ class ServeConfig:
     """Autoscaling: ongoing requests per replica that the autoscaler aims for."""
     num_gpus_per_replica: float | None = setting(None, ge=0)
     """GPUs per encoder replica; null means 1 when the cluster has GPUs, else 0."""
+    decode_threads: int | None = setting(None, ge=1)
+    """Threads decoding images in each replica; null: the CPUs Ray gives the replica, at least 2."""
+    max_decode_pixels: int | None = setting(None, ge=1)
+    """Decoded pixels in flight per replica (declared sizes; ~10 bytes each at peak); more wait. Null: decode.max_image_pixels."""
     max_body_bytes: int = setting(32 * 1024 * 1024, ge=1)
     """Largest accepted request body; larger ones get 413 before being read whole."""
     request_timeout_s: float = setting(30.0, gt=0)
     """Requests taking longer get 504."""
     api_key: str | None = None
     """When set (or LLAVA_FEATURES_API_KEY is), every route but /healthz needs this Bearer token."""
+    offline_chunk_size: int = setting(8, ge=1)
+    """Offline images (anyres: tiles) per forward pass of a shard from ``encode --serve-app``; online requests wait at most one such pass (8: under 50 ms for CLIP-L/336 on a GPU)."""
+    max_offline_shards: int = setting(2, ge=1)
+    """Offline shards one replica works on at once; ``encode --serve-app`` keeps at most this × max_replicas in flight."""
 
     def __post_init__(self) -> None:
         check_section(self)

@@ -48,6 +48,15 @@ InputFormat = Literal["auto", "images", "manifest", "webdataset", "parquet"]
 image bytes in a column; ``auto`` tells them apart by their names (and ``input.image_column``)."""
 INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
 
+# -- the shared GPU pool (the endpoint's replicas encoding the offline job's shards) ----------------
+
+SERVE_ENCODER_DEPLOYMENT = "FeaturesEncoder"
+"""Name of the Serve deployment whose replicas serve the HTTP API and encode offline shards."""
+SERVE_DESCRIBE_METHOD = "describe_pool"
+"""Its method giving the encoder fingerprint and the offline settings (:class:`pipeline.records.PoolInfo`)."""
+SERVE_SHARD_METHOD = "encode_shard"
+"""Its method encoding and committing one :class:`pipeline.records.DecodedShard` (returns a ``ShardSummary``)."""
+
 # -- output rows ---------------------------------------------------------------------------------
 
 STATUS_OK = "ok"

@@ -194,6 +194,30 @@ class EncodedBatch:
         assert values is not None, f"{name} was not computed"
         return values[index]
 
+    @classmethod
+    def concat(cls, parts: Sequence[EncodedBatch]) -> EncodedBatch:
+        """The rows of ``parts`` (at least one, all of one encoder call's kinds) in order, as one batch."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(values: list[Any]) -> Any:
+            if values[0] is None:
+                return None
+            if isinstance(values[0], RaggedRows):
+                return RaggedRows.from_rows(
+                    [r[i] for r in values for i in range(len(r))], like=values[0].data
+                )
+            return np.concatenate(values)
+
+        first = parts[0]
+        return cls(
+            first.dtype,
+            projected=join([p.projected for p in parts]),
+            tower=join([p.tower for p in parts]),
+            pooled=join([p.pooled for p in parts]),
+            grids=[g for p in parts for g in p.grids] if first.grids is not None else None,  # type: ignore[union-attr]
+        )
+
 
 def _host_array(t: torch.Tensor) -> np.ndarray:
     """A device tensor as a host numpy array (bfloat16 as its uint16 bit pattern: numpy has no bfloat16)."""
@@ -652,6 +676,7 @@ class FeatureEncoder:
             "feature_dim": self.feature_dim,
             "tower_dim": self.tower_dim,
             "output_dtype": self.output_dtype_name,
+            "anyres_output": self.anyres_output,
             "device": str(self.device),
             "resampler": resampler_name(self.spec.resample),
             "decode_route": "nvjpeg" if self.gpu_decoder is not None else "cpu",

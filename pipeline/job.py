@@ -11,13 +11,22 @@ their unit (read bytes, decode guard, preprocess to uint8; bad inputs become err
 exceptions) into one typed :class:`~pipeline.records.DecodedShard` per output file of
 ``job.shard_size`` inputs → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
 holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the file's ok images in
-batches and commits the Parquet file itself (temporary name + rename locally, final-name PUT on
-object stores). Feature tensors therefore never travel back through the object store or the
+batches and commits the Parquet file itself (:class:`pipeline.shards.ShardWriter`: temporary name +
+rename locally, final-name PUT on object stores). Feature tensors therefore never travel back through the object store or the
 driver; only a small per-file summary does. Once every file of a unit is committed, the driver
 writes the unit's commit record (``_commits/unit-NNNNNN.json``): a unit is committed exactly
 when its record exists, and ``--resume`` rewrites exactly the units without one. A file that is
 retried (actor killed, node lost) is rewritten under the same name, so every input row appears
 exactly once.
+
+With ``job.serve_app`` (``encode --serve-app NAME``) the encode + commit stage runs on the encoder
+replicas of a running Serve application instead (one GPU pool for both front doors): the job asks
+the application for its encoder fingerprint first and refuses another one before anything is
+written; tasks of :func:`send_shards` hand each decoded file to a replica through a deployment
+handle (``pipeline.constants.SERVE_ENCODER_DEPLOYMENT``), at most ``serve.max_offline_shards`` ×
+``serve.max_replicas`` at once, and send a file again when its replica died. The replica commits it
+with the same :class:`pipeline.shards.ShardWriter` and returns the same summary, so the commit
+records and ``_SUCCESS`` are the driver's, as above.
 
 Finish: counts come from the commit records, files no record names (leftovers of interrupted
 writers) are removed, and ``_SUCCESS`` is written last (unless more than ``max_error_fraction``
@@ -42,7 +51,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import Config, config_to_dict
-from .constants import CONFIG_KEY, FINGERPRINT_KEY, JOB_FILE, SUCCESS_FILE
+from .constants import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    JOB_FILE,
+    SERVE_DESCRIBE_METHOD,
+    SERVE_ENCODER_DEPLOYMENT,
+    SERVE_SHARD_METHOD,
+    SUCCESS_FILE,
+)
 from .model.errors import (
     ConfigError,
     DecodeError,
@@ -53,7 +70,7 @@ from .model.errors import (
     OutputError,
 )
 from .ray_warnings import spend_actor_restart_warning
-from .records import DecodedShard, rows_of_batch, rows_to_batch
+from .records import DecodedShard, PoolInfo, ShardSummary, ShardTarget, rows_of_batch, rows_to_batch
 from .storage import (
     InputOptions,
     InputPlan,
@@ -277,113 +294,136 @@ def unit_batch(units: Sequence[Unit]) -> dict[str, np.ndarray]:
 
 
 class EncodeShardActor:
-    """Ray Data actor: one FeatureEncoder replica; encodes output files' inputs and commits the files.
+    """Ray Data actor: one FeatureEncoder replica; encodes output files' inputs and commits the files
+    (:class:`pipeline.shards.ShardWriter`, which the shared pool's Serve replicas run too).
 
     Two calls may run at once on an actor: the device work is serialised by a lock, so one file's
     Parquet write overlaps the next one's encode.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        resolved: ResolvedModel,
-        output: str,
-        metadata: dict[str, str],
-        carried_types: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, resolved: ResolvedModel, target: ShardTarget) -> None:
         from .encoder import FeatureEncoder
-        from .sink import ensure_registered
-        from .storage import resolve_filesystem
+        from .shards import ShardWriter
 
-        ensure_registered()
-        self.config = config
-        self.encoder = FeatureEncoder(config, resolved)
-        self.encoder.warmup(min(config.encoder.batch_size, 8))
-        self.fs, self.out_path = resolve_filesystem(output, s3_endpoint=config.job.s3_endpoint)
-        self.metadata = metadata
-        self.carried_types = dict(carried_types or {})
+        encoder = FeatureEncoder(config, resolved)
+        encoder.warmup(min(config.encoder.batch_size, 8))
+        self.writer = ShardWriter(encoder, target)
         self.lock = threading.Lock()
 
-    def _encode(self, record: DecodedShard) -> Any:
-        """The file's features (the inputs that fail the device decode become error rows)."""
-        if record.data is None:
-            with self.lock:
-                if self.encoder.anyres_output is None:
-                    return self.encoder.encode_pixels(record.pixels)
-                from .model.anyres import AnyresGrid
-
-                ok = record.ok
-                tile = self.encoder.spec.crop_height
-                grids = [
-                    AnyresGrid((int(w), int(h)), (int(cols) * tile, int(rows) * tile), tile)
-                    for w, h, rows, cols in zip(
-                        record.width[ok],
-                        record.height[ok],
-                        record.grid_rows[ok],
-                        record.grid_cols[ok],
-                        strict=True,
-                    )
-                ]
-                return self.encoder.encode_tiles(record.pixels, record.tiles[ok].tolist(), grids)
-        ok_rows = np.flatnonzero(record.ok)
-        with self.lock:
-            prepared = self.encoder.prepare_many(record.data, [record.uri[i] for i in ok_rows])
-            good = [p for p in prepared if not isinstance(p, DecodeError)]
-            encoded = self.encoder.encode_prepared(good)
-        for row, result in zip(ok_rows, prepared, strict=True):
-            if isinstance(result, DecodeError):
-                record.ok[row] = False
-                record.error_code[row], record.error_message[row] = str(result.code), result.message
-            else:
-                record.width[row], record.height[row] = result.width, result.height
-        return encoded
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .constants import shard_file_name
-        from .sink import ShardRows, build_table, write_shard
-
         summaries = []
-        job = self.config.job
         for row in rows_of_batch(batch):
             record = DecodedShard.from_row(row)
-            name = ""
+            encoded = None
             if len(record):
-                encoded = self._encode(record)
-                rows = ShardRows.from_record(record)
-                table = build_table(
-                    rows,
-                    features=encoded.projected,
-                    tower_features=encoded.tower,
-                    pooled=encoded.pooled,
-                    dtype=encoded.dtype,
-                    tensor_format=job.tensor_format,
-                    metadata=self.metadata,
-                    grids=encoded.grids,
-                    carried_types=self.carried_types,
-                )
-                write_shard(
-                    table,
-                    self.out_path,
-                    record.shard,
-                    filesystem=self.fs,
-                    compression=job.compression,
-                    piece=record.piece,
-                )
-                name = shard_file_name(record.shard, record.piece)
-            codes = Counter(c for c, ok in zip(record.error_code, record.ok, strict=True) if not ok)
-            summaries.append(
-                {
-                    "shard": record.shard,
-                    "piece": record.piece,
-                    "last": record.last,
-                    "rows": len(record),
-                    "ok": record.num_ok,
-                    "file": name,
-                    "codes": sorted(codes),
-                    "counts": [codes[c] for c in sorted(codes)],
-                }
-            )
+                with self.lock:
+                    encoded = self.writer.encode(record)
+            summaries.append(self.writer.write(record, encoded).to_row())
         return rows_to_batch(summaries)
+
+
+def shard_target(
+    config: Config, output_uri: str, job_record: dict[str, Any], carried: dict[str, str] | None = None
+) -> ShardTarget:
+    """Where and how this job's files are written (``carried``: the plan's carried column types), for
+    whichever pool encodes them."""
+    return ShardTarget(
+        output=output_uri,
+        fingerprint=job_record["fingerprint"],
+        metadata=shard_metadata(job_record),
+        features=config.encoder.features,
+        pooled=config.encoder.pooled,
+        tensor_format=config.job.tensor_format,
+        compression=config.job.compression,
+        s3_endpoint=config.job.s3_endpoint,
+        carried_types=dict(carried or {}),
+    )
+
+
+# -- stage 2 on the shared pool: a Serve application's encoder replicas ---------------------------
+
+SEND_TASK_CPUS = 0.0
+"""CPUs a task handing files to the Serve replicas reserves: none, it only waits for their answers
+(reserving some would take them from the decode tasks while the replicas hold theirs; the tasks in
+flight are bounded by their concurrency instead)."""
+SHARD_ATTEMPTS = 4
+"""Tries of a file whose replica died (or was not reachable) before the job fails."""
+_SHARD_RETRY_S = 2.0
+_DESCRIBE_TIMEOUT_S = 120.0
+
+
+def _pool_handle(app: str) -> Any:
+    from ray import serve
+
+    return serve.get_deployment_handle(SERVE_ENCODER_DEPLOYMENT, app_name=app)
+
+
+def describe_pool(app: str) -> PoolInfo:
+    """What the encoder replicas of Serve application ``app`` are (their fingerprint, the offline
+    settings); a typed ``unavailable`` error when no such application answers on this Ray cluster."""
+    try:
+        info = (
+            getattr(_pool_handle(app), SERVE_DESCRIBE_METHOD).remote().result(timeout_s=_DESCRIBE_TIMEOUT_S)
+        )
+    except Exception as exc:
+        raise LlavaFeaturesError(
+            f"No Serve application {app!r} with a {SERVE_ENCODER_DEPLOYMENT} deployment answers on this Ray "
+            f"cluster ({type(exc).__name__}: {exc}). Start it first (serve run configs/serve.yaml, or "
+            "llava-features serve) on the cluster the job runs on (--address). Nothing was written.",
+            code=ErrorCode.UNAVAILABLE,
+        ) from exc
+    if not isinstance(info, PoolInfo):
+        raise LlavaFeaturesError(
+            f"Serve application {app!r} is not a llava-features application (its {SERVE_DESCRIBE_METHOD} "
+            f"gave {type(info).__name__})",
+            code=ErrorCode.UNAVAILABLE,
+        )
+    return info
+
+
+def check_pool(app: str, pool: PoolInfo, fingerprint: str) -> None:
+    """Refuse (ConfigError, nothing written) a pool whose features would not be the plan's."""
+    if pool.fingerprint != fingerprint:
+        raise ConfigError(
+            f"Serve application {app!r} encodes with fingerprint {pool.fingerprint[:16]}, this job's is "
+            f"{fingerprint[:16]}: its features would not be the ones this config asks for. Serve the same "
+            "model and settings (llava-features info shows the fingerprint of a config), or run without "
+            "--serve-app. Nothing was written.",
+            code=ErrorCode.FINGERPRINT_MISMATCH,
+        )
+
+
+def send_shard(handle: Any, target: ShardTarget, record: DecodedShard) -> ShardSummary:
+    """One file through the replicas: encoded and committed there, its summary back. A file whose
+    replica died is sent again (it is rewritten under the same name; the unit's commit record names
+    it once), up to :data:`SHARD_ATTEMPTS` tries."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    for attempt in range(1, SHARD_ATTEMPTS + 1):
+        try:
+            return getattr(handle, SERVE_SHARD_METHOD).remote(target, record).result()  # type: ignore[no-any-return]
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            if attempt == SHARD_ATTEMPTS:
+                raise
+            logger.warning(
+                "File %d/%d: its replica was lost (%s); sending it again (try %d of %d)",
+                record.shard,
+                record.piece,
+                type(exc).__name__,
+                attempt + 1,
+                SHARD_ATTEMPTS,
+            )
+            time.sleep(_SHARD_RETRY_S * attempt)
+    raise AssertionError("unreachable")
+
+
+def send_shards(batch: dict[str, np.ndarray], *, app: str, target: ShardTarget) -> dict[str, np.ndarray]:
+    """Ray Data task: the decoded files of ``batch`` through Serve application ``app`` → their summaries."""
+    handle = _pool_handle(app)
+    return rows_to_batch(
+        [send_shard(handle, target, DecodedShard.from_row(row)).to_row() for row in rows_of_batch(batch)]
+    )
 
 
 # -- commit records (driver) --------------------------------------------------------------------
@@ -395,21 +435,23 @@ class _Commits:
 
     def __init__(self, fs: Any, out_path: str, units: dict[int, Unit]) -> None:
         self.fs, self.out_path, self.units = fs, out_path, units
-        self.pieces: dict[int, dict[int, dict[str, Any]]] = {}
+        self.pieces: dict[int, dict[int, ShardSummary]] = {}
         self.last: dict[int, int] = {}
         self.committed: dict[int, Any] = {}
         self.pool = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="commit")
         self.futures: list[Future[str]] = []
 
-    def add(self, summary: dict[str, Any]) -> bool:
-        """Record one file's summary; True when it is new (a retried file reports again)."""
+    def add(self, row: dict[str, Any]) -> bool:
+        """Record one file's summary (a :class:`~pipeline.records.ShardSummary` row); True when it is
+        new (a retried file reports again)."""
         from .sink import UnitCommit, commit_unit
 
-        unit, piece = int(summary["shard"]), int(summary["piece"])
+        summary = ShardSummary.from_row(row)
+        unit, piece = summary.shard, summary.piece
         pieces = self.pieces.setdefault(unit, {})
         new = piece not in pieces
         pieces[piece] = summary
-        if bool(summary["last"]):
+        if summary.last:
             self.last[unit] = piece
         last = self.last.get(unit)
         if last is None or any(p not in pieces for p in range(last + 1)):
@@ -417,13 +459,13 @@ class _Commits:
         files = [pieces[p] for p in range(last + 1)]
         errors: Counter[str] = Counter()
         for f in files:
-            errors.update(dict(zip([str(c) for c in f["codes"]], [int(n) for n in f["counts"]], strict=True)))
+            errors.update(f.errors)
         commit = UnitCommit(
             unit=unit,
-            rows=sum(int(f["rows"]) for f in files),
-            ok=sum(int(f["ok"]) for f in files),
+            rows=sum(f.rows for f in files),
+            ok=sum(f.ok for f in files),
             errors=dict(errors),
-            files=[(str(f["file"]), int(f["rows"])) for f in files if f["file"]],
+            files=[(f.file, f.rows) for f in files if f.file],
         )
         planned = self.units[unit].rows
         if planned is not None and commit.rows != planned:
@@ -638,6 +680,16 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
 
     # Ray first: when it cannot start, nothing has been written to the output.
     _init_ray(job.address)
+    pool = None
+    if job.serve_app:  # and the shared pool's replicas: their features must be the plan's
+        pool = describe_pool(job.serve_app)
+        check_pool(job.serve_app, pool, description.fingerprint)
+        logger.info(
+            "Encoding through Serve application %r (up to %d replicas, %d files in flight each)",
+            job.serve_app,
+            pool.max_replicas,
+            pool.max_offline_shards,
+        )
     ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
     if existing is None:
         write_json(fs, join_path(out_path, JOB_FILE), job_record)
@@ -646,7 +698,8 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = F
     commits = _Commits(fs, out_path, {u.index: u for u in plan.units})
     started = time.perf_counter()
     try:
-        _run_pipeline(config, resolved, pending, output_uri, job_record, summary, commits, plan)
+        target = shard_target(config, output_uri, job_record, dict(plan.carried))
+        _run_pipeline(config, resolved, pending, target, summary, commits, pool)
     finally:
         commits.close()
     # A writer that died mid-file (actor or node lost) left its temporary file; the file was
@@ -798,25 +851,19 @@ def _run_pipeline(
     config: Config,
     resolved: ResolvedModel,
     pending: list[Unit],
-    output_uri: str,
-    job_record: dict[str, Any],
+    target: ShardTarget,
     summary: JobSummary,
     commits: _Commits,
-    plan: InputPlan,
+    pool: PoolInfo | None = None,
 ) -> None:
+    """Decode tasks → the job's own encoder actors, or (``pool``) the Serve application's replicas."""
     ray = _init_ray(config.job.address)
-    # Ray Data's actor pools always trigger one harmless ERROR line of Ray's (the pool's own
-    # arguments are object refs; see pipeline/ray_warnings.py): spend it here, out of sight.
-    spend_actor_restart_warning()
     job = config.job
     gpus = job.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    if gpus == 0 and config.model.device == "auto":
-        config = replace(config, model=replace(config.model, device="cpu"))
-    metadata = shard_metadata(job_record)
-    from ray.data import ActorPoolStrategy
-
+    if (pool is not None or gpus == 0) and config.model.device == "auto":
+        config = replace(config, model=replace(config.model, device="cpu"))  # the decode tasks' view
     ds = ray.data.from_items([u.to_row() for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         decode_unit,
@@ -835,24 +882,36 @@ def _run_pipeline(
         runtime_env=_worker_runtime_env(),
         batch_format="numpy",
     )
-    ds = ds.map_batches(
-        EncodeShardActor,
-        fn_constructor_kwargs={
-            "config": config,
-            "resolved": resolved,
-            "output": output_uri,
-            "metadata": metadata,
-            "carried_types": dict(plan.carried),
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(
-            min_size=job.actors[0], max_size=job.actors[1], max_concurrent_calls_per_actor=2
-        ),
-        num_gpus=gpus,
-        num_cpus=job.num_cpus_per_actor,
-        runtime_env=_worker_runtime_env(),
-    )
+    if pool is not None:
+        # Tasks that hand each decoded file to the application's replicas and wait for its summary:
+        # at most max_offline_shards x max_replicas files in flight (backpressure on the decode stage).
+        ds = ds.map_batches(
+            send_shards,
+            fn_kwargs={"app": job.serve_app, "target": target},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=SEND_TASK_CPUS,
+            concurrency=pool.max_offline_shards * pool.max_replicas,
+            runtime_env=_worker_runtime_env(),
+        )
+    else:
+        # Ray Data's actor pools always trigger one harmless ERROR line of Ray's (the pool's own
+        # arguments are object refs; see pipeline/ray_warnings.py): spend it here, out of sight.
+        spend_actor_restart_warning()
+        from ray.data import ActorPoolStrategy
+
+        ds = ds.map_batches(
+            EncodeShardActor,
+            fn_constructor_kwargs={"config": config, "resolved": resolved, "target": target},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(
+                min_size=job.actors[0], max_size=job.actors[1], max_concurrent_calls_per_actor=2
+            ),
+            num_gpus=gpus,
+            num_cpus=job.num_cpus_per_actor,
+            runtime_env=_worker_runtime_env(),
+        )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row in rows_of_batch(batch):
             if commits.add(row):  # a retried file reports again; it was replaced, not duplicated
@@ -896,6 +955,8 @@ class DryRun:
     output_state: str
     plan_peak_rss_mb: float | None = None
     """The driver's peak resident memory when planning ended (before the model is loaded)."""
+    serve_app: str | None = None
+    """``job.serve_app``: the Serve application whose replicas would encode (not asked: no Ray)."""
 
     @property
     def estimated_bytes(self) -> int:
@@ -926,6 +987,12 @@ class DryRun:
                 f"output bytes:  ~{size}",
                 f"carried:       {', '.join(f'{c} ({t})' for c, t in plan.carried.items()) or 'none'}",
                 f"output:        {self.output} ({self.output_state})",
+                "encoders:      "
+                + (
+                    f"the replicas of Serve application {self.serve_app!r} (its fingerprint is checked when the job starts)"
+                    if self.serve_app
+                    else "the job's own actor pool"
+                ),
                 f"plan:          {plan.fingerprint[:16]} (planned in {self.plan_seconds:.2f} s"
                 + (f", driver peak RSS {self.plan_peak_rss_mb:.0f} MB)" if self.plan_peak_rss_mb else ")"),
             ]
@@ -1007,7 +1074,7 @@ def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
             done = len(committed_units(out_path, fs) & {u.index for u in plan.units})
             finished = read_json(fs, join_path(out_path, SUCCESS_FILE)) is not None
             state = f"{done} of {len(plan.units)} unit(s) committed{', finished' if finished else ''}: --resume continues it"
-    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state, plan_rss)
+    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state, plan_rss, config.job.serve_app)
 
 
 def peak_rss_mb() -> float | None:

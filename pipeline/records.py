@@ -25,7 +25,15 @@ import numpy as np
 from .constants import STATUS_ERROR, STATUS_OK
 from .storage import CARRIED_PREFIX
 
-__all__ = ["DecodedShard", "RaggedRows", "rows_of_batch", "rows_to_batch"]
+__all__ = [
+    "DecodedShard",
+    "PoolInfo",
+    "RaggedRows",
+    "ShardSummary",
+    "ShardTarget",
+    "rows_of_batch",
+    "rows_to_batch",
+]
 
 _STRING_COLUMNS = ("image_id", "uri", "error_code", "error_message")
 _NUMERIC_COLUMNS = {
@@ -189,6 +197,96 @@ class DecodedShard:
         )
         record.validate()
         return record
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What committing one output file gives back to the job's driver (never tensors): the file's
+    name ("" for a unit without rows) and its row counts; the driver turns a unit's summaries into
+    its commit record."""
+
+    shard: int
+    """The unit the file belongs to."""
+    piece: int
+    """The file's position within its unit."""
+    last: bool
+    """Whether it is the unit's last file."""
+    rows: int
+    """Input rows in the file."""
+    ok: int
+    """Rows with status ok."""
+    file: str
+    """The file's name in the output ("" when the unit has no rows)."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Error rows by error code."""
+
+    def to_row(self) -> dict[str, Any]:
+        """One Ray Data row (error codes and counts as two parallel lists)."""
+        codes = sorted(self.errors)
+        return {
+            "shard": self.shard,
+            "piece": self.piece,
+            "last": self.last,
+            "rows": self.rows,
+            "ok": self.ok,
+            "file": self.file,
+            "codes": codes,
+            "counts": [self.errors[c] for c in codes],
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ShardSummary:
+        return cls(
+            shard=int(row["shard"]),
+            piece=int(row["piece"]),
+            last=bool(row["last"]),
+            rows=int(row["rows"]),
+            ok=int(row["ok"]),
+            file=str(row["file"]),
+            errors={str(c): int(n) for c, n in zip(row["codes"], row["counts"], strict=True)},
+        )
+
+
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where and how a job's output files are written, and what they hold: what an encoder outside
+    the job (a Serve replica of the shared pool) needs to commit the job's files exactly as the job's
+    own actors do."""
+
+    output: str
+    """The output location (local paths absolute)."""
+    fingerprint: str
+    """The job's encoder fingerprint: a replica with another one refuses the shard."""
+    metadata: dict[str, str]
+    """Key-value metadata of every file (fingerprint, config and encoder description)."""
+    features: str
+    """``encoder.features`` of the job (projected, tower or both)."""
+    pooled: bool
+    """``encoder.pooled`` of the job."""
+    tensor_format: str
+    """``job.tensor_format``."""
+    compression: str
+    """``job.compression``."""
+    s3_endpoint: str | None = None
+    """``job.s3_endpoint``."""
+    carried_types: dict[str, str] = field(default_factory=dict)
+    """Arrow types of the carried columns (``input.keep_columns``)."""
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a Serve application of the shared pool tells an offline job before it sends shards."""
+
+    fingerprint: str
+    """The replicas' encoder fingerprint."""
+    offline_chunk_size: int
+    """``serve.offline_chunk_size``: images (anyres: tiles) per offline forward pass."""
+    max_offline_shards: int
+    """``serve.max_offline_shards``: offline shards in flight per replica."""
+    max_replicas: int
+    """``serve.max_replicas``."""
+    replica: str = ""
+    """The replica that answered."""
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ Layers, bottom to top (a module may import its own layer and the ones below):
 2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.tensors``, ``pipeline.sink``, ``pipeline.reader``,
    ``pipeline.records``, ``pipeline.inspect``;
 3. ``pipeline.encoder``;
+3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
 4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
    ``pipeline`` package facade, with its lazy ``read_features``, sits here too);
 5. ``llava_features`` (the command line).
@@ -48,6 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.inspect",
     ),
     ("pipeline.encoder",),
+    ("pipeline.shards",),
     # The package facade (``pipeline.__version__``, a lazy ``read_features``) sits with the front doors.
     ("pipeline", "pipeline.job", "pipeline.ray_warnings", "pipeline.demo", "pipeline.bench", "deployments"),
     ("llava_features",),

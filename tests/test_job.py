@@ -488,9 +488,9 @@ def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, t
     out = tmp_path / "out"
     run_pipeline = job_module._run_pipeline
 
-    def run_and_lose_a_writer(config, resolved, pending, output_uri, *rest):
-        run_pipeline(config, resolved, pending, output_uri, *rest)
-        (Path(output_uri) / ".part-000000.parquet.0123abcd.tmp").write_bytes(b"half a shard")
+    def run_and_lose_a_writer(config, resolved, pending, target, *rest):
+        run_pipeline(config, resolved, pending, target, *rest)
+        (Path(target.output) / ".part-000000.parquet.0123abcd.tmp").write_bytes(b"half a shard")
 
     monkeypatch.setattr(job_module, "_run_pipeline", run_and_lose_a_writer)
     summary = run_job(_config(tiny_llava, max_error_fraction=0.0), str(folder), str(out))

@@ -7,8 +7,10 @@ one queued, and a 1.5 s request timeout) for the auth, 413, 503 and 504 paths.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import os
 import signal
@@ -29,13 +31,21 @@ from deployments import http as H
 from deployments.app import (
     API_KEY_ENV,
     ENCODER_DEPLOYMENT,
+    Admission,
+    DeviceQueue,
+    Inflow,
+    PixelBudget,
+    declared_pixels,
     deployment_options,
+    forming_batch_size,
+    proxy_request_timeout_s,
+    release_free_memory,
     resolve_app_config,
     with_api_key_from_env,
 )
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
-from pipeline.model.errors import DecodeError, ErrorCode, RequestError
+from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, RequestError
 from tests.fixtures.serve import assert_same_features, free_port, tiny_app_args
 
 slow = pytest.mark.slow  # the tests that start Ray (the helpers' tests run in quick mode too)
@@ -218,6 +228,102 @@ def test_status_mapping_and_helpers():
     assert H.response_array(arr, "float16") is arr
 
 
+def test_pixel_budget_admission_and_device_queue():
+    """The replica's three schedulers, on one event loop (no Ray)."""
+
+    async def budget() -> None:
+        b = PixelBudget(100)
+        await b.acquire(60)
+        order: list[str] = []
+
+        async def take(name: str, cost: int) -> None:
+            await b.acquire(cost)
+            order.append(name)
+
+        waiters = [
+            asyncio.create_task(take("big", 90)),  # does not fit: waits
+            asyncio.create_task(take("small", 20)),  # would fit, but is not let past the big one
+        ]
+        await asyncio.sleep(0.01)
+        assert order == [] and b.used == 60 and b.waits == 2
+        b.release(60)
+        await asyncio.sleep(0.01)
+        assert order == ["big"] and b.used == 90  # first come first served
+        b.release(90)
+        await asyncio.sleep(0)
+        assert order == ["big", "small"] and b.used == 20
+        await asyncio.gather(*waiters)
+        cancelled = asyncio.create_task(take("cancelled", 95))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        assert b.used == 20 and not b._waiters  # a waiter that went away holds nothing
+        b.release(20)
+        await b.acquire(500)  # larger than the whole budget: runs alone
+        assert b.used == 500 and b.peak == 500
+
+    async def admission() -> None:
+        a = Admission(ongoing=1, queued=1)
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            async with a.slot():
+                await gate.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert a.inside == 2
+        with pytest.raises(RequestError) as info:
+            async with a.slot():
+                pass
+        assert info.value.code == ErrorCode.OVERLOADED and a.refused == 1
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert a.inside == 0
+
+    async def device() -> None:
+        passes: list[int] = []
+        release = threading.Event()
+
+        def forward(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            release.wait(5)
+            return pixels.reshape(len(pixels), -1).sum(axis=1), pixels[:, 0, 0, 0]
+
+        q = DeviceQueue(forward, max_batch_size=4, observe=lambda n, waits, s: passes.append(n))
+        images = [np.full((1, 2, 2), i, np.uint8) for i in range(7)]
+        first = asyncio.create_task(q.encode(images[:1]))
+        await asyncio.sleep(0.01)  # the first pass runs (blocked); the next groups wait and merge
+        rest = [asyncio.create_task(q.encode(images[i : i + 2])) for i in (1, 3, 5)]
+        job = asyncio.create_task(q.call(lambda x: x * 2, 21))
+        await asyncio.sleep(0.01)
+        assert q.waiting == 6
+        release.set()
+        outs = [await first] + [await t for t in rest]
+        assert await job == 42
+        assert passes == [1, 4, 2]  # 1 alone, then two groups merged (4 ≤ max), then the third
+        flat = [row for out in outs for row in out]
+        assert [int(total) for total, _ in flat] == [4 * i for i in range(7)]
+        assert [int(first) for _, first in flat] == list(range(7))
+
+    asyncio.run(budget())
+    asyncio.run(admission())
+    asyncio.run(device())
+    # A forming batch counts as full once no other image of the replica is on its way.
+    inflow = Inflow(max_batch_size=8)
+    items = [(images, inflow) for images in range(3)]
+    inflow.decoding = 2
+    assert forming_batch_size(items) == 3
+    inflow.decoding = 0
+    assert forming_batch_size(items) == 8
+    assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
+    png = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(png, "PNG")
+    assert declared_pixels(png.getvalue()) == 60_000
+    assert declared_pixels(b"not an image") == 0
+    assert isinstance(release_free_memory(), bool)
+
+
 def test_framework_errors_in_our_error_shape():
     """Unknown routes (404) and wrong methods (405) answer {"error": {...}}, not FastAPI's {"detail"}."""
     from fastapi import FastAPI
@@ -259,12 +365,25 @@ def test_build_args_and_deployment_options(tmp_path, monkeypatch):
     config = resolve_app_config(app.args)
     assert (tmp_path / ".demo/tiny-llava/config.json").is_file()
     assert config.model.checkpoint == str(tmp_path / ".demo/tiny-llava")
+    # The proxy's own timeout stays above ours (our 504 comes first), as llava-features serve sets it.
+    assert (
+        schema.http_options.request_timeout_s
+        >= proxy_request_timeout_s(config)
+        > config.serve.request_timeout_s
+    )
     opts = deployment_options(config)
     assert opts["encoder"]["max_ongoing_requests"] >= config.serve.max_batch_size
     assert opts["encoder"]["autoscaling_config"]["max_replicas"] == config.serve.max_replicas
     assert opts["encoder"]["max_queued_requests"] == config.serve.max_queued_requests
     with pytest.raises(ValueError, match="Unknown build_app arg"):
         resolve_app_config({"modle": "x"})
+    # One deployment: its replicas serve HTTP, so the old `ingress` options are refused by name.
+    with pytest.raises(ConfigError, match="no ingress deployment.*'encoder'"):
+        deployment_options(config, {"encoder": {"num_cpus": 1}, "ingress": {"num_cpus": 0.5}})
+    with pytest.raises(ConfigError, match="serve.max_decode_pixels .* decode.max_image_pixels"):
+        deployment_options(
+            dataclasses.replace(config, serve=dataclasses.replace(config.serve, max_decode_pixels=10))
+        )
     assert with_api_key_from_env(config).serve.api_key is None
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     assert with_api_key_from_env(config).serve.api_key == "from-env"
@@ -409,6 +528,23 @@ def test_concurrent_requests_are_batched(main, expected):
     assert stats["max_batch_size"] > 1, stats
     r = main.get("/debug/stats")
     assert r.status_code == 200 and r.json()["batch_sizes"] == stats["batch_sizes"]
+
+
+@slow
+def test_encode_pixels_through_a_handle(main, local_encoder, expected):
+    """The non-HTTP entry point: uint8 pixel batches through a deployment handle, on the replica's
+    device queue, give the in-process encoder's features (the seam for callers that decode elsewhere)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name="main")
+    names = list(IMAGES)
+    pixels = np.stack([local_encoder.encode_pre(IMAGES[n]).pixels for n in names])
+    out = handle.encode_pixels.remote(pixels, pooled=True).result()
+    assert out.dtype == "float16" and out.projected.shape == (len(names), *expected["a.png"][0].shape)
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(out.projected[i], expected[name][0], rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(out.pooled[i], expected[name][1], rtol=1e-4, atol=1e-5)
+    _ok(main)
 
 
 @slow
@@ -711,6 +847,78 @@ def test_overload_503_with_retry_after(apps, strict):
     _ok(strict)
 
 
+def _proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+HOSTILE_SIDE = 9000
+PEAK_BYTES_PER_PIXEL = 12
+"""Bound on a replica's peak memory per pixel being decoded (docs/benchmarks.md measured ~10 for
+RGB: Pillow's 4-byte pixels plus the array the resampler reads)."""
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_hostile_images_stay_within_the_decode_budget(serve_cluster, tiny_llava, expected):
+    """Six 9000x9000 PNGs (~250 KB each, 81 M pixels declared: under the default pixel limit) at
+    once on a replica with six decode threads: it decodes them within its pixel budget (the default,
+    decode.max_image_pixels: one such image at a time), so its RSS grows by at most
+    budget x PEAK_BYTES_PER_PIXEL, and it hands the memory back afterwards. (Measured: without the
+    budget the six decode at once, +3.4 GB; without malloc_trim ~260 MB stay held.)"""
+    buf = io.BytesIO()
+    Image.new("RGB", (HOSTILE_SIDE, HOSTILE_SIDE), (120, 30, 200)).save(buf, "PNG")
+    hostile = buf.getvalue()
+    assert len(hostile) < 300_000
+    url = serve_cluster.deploy(
+        "memory", "/memory", tiny_app_args(tiny_llava, decode_threads=6, request_timeout_s=180)
+    )
+    with httpx.Client(base_url=url, timeout=180) as client:
+        _ok(client)
+        stats = client.get("/debug/stats").json()
+        assert stats["decode_threads"] == 6
+        budget = stats["decode_budget_pixels"]
+        assert budget == load_config(None).decode.max_image_pixels < 2 * HOSTILE_SIDE**2
+        pid = stats["pid"]
+        before = _proc_memory(pid)["VmRSS"]
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+        barrier = threading.Barrier(6)
+
+        def one(_: int) -> httpx.Response:
+            with httpx.Client(base_url=url, timeout=180) as c:
+                barrier.wait()
+                return c.post("/v1/features", content=hostile, headers={"content-type": "image/png"})
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(one, range(6)))
+        peak = _proc_memory(pid)["VmHWM"]
+        for r in responses:
+            assert r.status_code == 200, r.text[:300]
+            assert H.load_npy(r.content).shape == expected["a.png"][0].shape
+            assert (int(r.headers["x-image-width"]), int(r.headers["x-image-height"])) == (HOSTILE_SIDE,) * 2
+        stats = client.get("/debug/stats").json()
+        assert stats["decode_pixels_peak"] <= budget and stats["decode_budget_waits"] >= 5, stats
+        assert stats["decode_pixels_in_flight"] == 0
+        growth = peak - before
+        assert growth <= budget * PEAK_BYTES_PER_PIXEL, (growth, budget)
+        deadline = time.monotonic() + 30
+        while True:  # memory goes back once the burst is over (malloc_trim on the decode pool)
+            after = _proc_memory(pid)["VmRSS"]
+            if after - before <= 150 * 2**20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert after - before <= 150 * 2**20, (before, peak, after)
+        assert client.get("/debug/stats").json()["memory_trims"] >= 1
+        _ok(client)
+
+
 @slow
 def test_bench_serve_runs(serve_cluster, tiny_llava):
     from deployments.bench import bench_serve
@@ -722,7 +930,7 @@ def test_bench_serve_runs(serve_cluster, tiny_llava):
         concurrency=4,
         warmup=2,
         port=serve_cluster.port,
-        ray_actor_options={"encoder": {"num_cpus": 0.1}, "ingress": {"num_cpus": 0.1}},
+        ray_actor_options={"encoder": {"num_cpus": 0.1}},
     )
     for key in (
         "serve_p50_ms",
@@ -731,9 +939,12 @@ def test_bench_serve_runs(serve_cluster, tiny_llava):
         "direct_p50_ms",
         "direct_p99_ms",
         "direct_throughput_ips",
+        "direct_cpu_ms_per_image",
+        "client_cpu_ms_per_request",
     ):
         assert figures[key] > 0, (key, figures)
     assert figures["serve_errors"] == 0
+    assert "serve_cpu_ms_per_request" not in figures  # a Ray session shared with other apps: not measured
     assert "overhead_p50_ms" in figures
 
 

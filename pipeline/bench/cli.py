@@ -39,9 +39,9 @@ from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "profile", "all")
+TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "shared-pool", "profile", "all")
 ORDER = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve")
-NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "serve", "profile")
+NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "serve", "shared-pool", "profile")
 """Benchmarks that build an encoder (``--config FILE`` or ``--tiny``); preprocess and sink need
 neither (the architecture only sets their shapes: LLaVA-1.5's by default)."""
 _EXTERNAL = {
@@ -288,6 +288,7 @@ def _external(name: str) -> Runner:
             "images": args.images,
             "batch_size": args.batch_size or (args.batch_sizes[0] if args.batch_sizes else None),
             "batch_sizes": args.batch_sizes,
+            "shard_size": args.shard_size,
             "width": args.image_size[0],
             "height": args.image_size[1],
             "tiny": args.tiny,
@@ -347,6 +348,7 @@ RUNNERS: dict[str, Runner] = {
     "sink": _external("sink"),
     "plan": _external("plan"),
     "serve": _external("serve"),
+    "shared-pool": _external("shared-pool"),
     "profile": _local(_run_profile),
 }
 

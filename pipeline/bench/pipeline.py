@@ -353,7 +353,7 @@ def bench_pipeline_inprocess(
 
     from ..config import Config, config_to_dict
     from ..encoder import describe_encoder
-    from ..job import EncodeShardActor, decode_unit, make_plan, read_options, shard_metadata, unit_batch
+    from ..job import EncodeShardActor, decode_unit, make_plan, read_options, shard_target, unit_batch
     from ..model import resolve_device, resolve_model
 
     base = config if config is not None else Config()
@@ -402,7 +402,7 @@ def bench_pipeline_inprocess(
             return list(decode_unit(b, config=cfg, resolved=resolved, read=read, shard_size=shard))
 
         out_dir = root / "out"
-        actor = EncodeShardActor(cfg, resolved, str(out_dir), shard_metadata(record), dict(plan.carried))
+        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, str(out_dir), record, dict(plan.carried)))
 
         def read_back() -> dict[str, Any]:
             ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
@@ -492,7 +492,7 @@ def bench_pipeline_inprocess(
             "exactly_once": all(r["rows"] == n and r["unique_ids"] == n for r in (actor_rows, chain_rows)),
             "target_ratio": 0.85,
         }
-        actor.encoder.close()
+        actor.writer.encoder.close()
         if cuda:
             torch.cuda.empty_cache()
         return result

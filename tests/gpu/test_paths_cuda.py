@@ -159,7 +159,7 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
         decode_unit,
         make_plan,
         read_options,
-        shard_metadata,
+        shard_target,
         unit_batch,
     )
     from pipeline.model import resolve_model
@@ -184,15 +184,15 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
         "config": config_to_dict(config),
         "encoder": description.fields,
     }
-    actor = EncodeShardActor(config, resolved, str(out), shard_metadata(record))
-    assert actor.encoder.device.type == "cuda"
+    actor = EncodeShardActor(config, resolved, shard_target(config, str(out), record))
+    assert actor.writer.encoder.device.type == "cuda"
     plan = make_plan(config, str(manifest))
     read = read_options(config)
     for unit in plan.units:
         pieces = decode_unit(unit_batch([unit]), config=config, resolved=resolved, read=read, shard_size=4)
         rows = sum(int(actor(piece)["rows"][0]) for piece in pieces)
         assert rows == unit.rows
-    actor.encoder.close()
+    actor.writer.encoder.close()
 
     table = read_features(str(out), status=None).table
     ids = table.column("image_id").to_pylist()
