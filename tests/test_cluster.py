@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -245,24 +246,40 @@ def test_clients_without_the_token_are_refused(ray_head_cluster, tmp_path):
     wrong_file.write_text("f" * 64)
     wrong = {**head.client_env(HOME=str(home)), "RAY_AUTH_TOKEN_PATH": str(wrong_file)}
 
-    for env, expected in ((anonymous, "Missing authentication token"), (wrong, "Invalid authentication")):
-        jobs = run_cli(["ray", "job", "list", "--address", head.dashboard_url], env)
-        assert jobs.returncode != 0 and expected in jobs.stdout + jobs.stderr, jobs.stderr[-2000:]
-        assert "AuthenticationError" in jobs.stdout + jobs.stderr
-        serve = run_cli(["serve", "status", "--address", head.dashboard_url], env)
-        assert serve.returncode != 0 and expected in serve.stdout + serve.stderr, serve.stderr[-2000:]
-
-    # The GCS (gRPC): a driver without the token cannot connect.
+    # Every client below is its own process (mostly Python start-up): run them side by side.
     probe = [sys.executable, "-c", "import ray; ray.init(); print('CONNECTED')"]
-    refused = subprocess.run(probe, env=anonymous, capture_output=True, text=True, timeout=180)
-    assert refused.returncode != 0 and "CONNECTED" not in refused.stdout, refused.stdout[-2000:]
-    assert "authentication" in refused.stderr.lower(), refused.stderr[-2000:]
-
-    # ... and with it, both get in.
     env = head.client_env()
-    assert run_cli(["ray", "job", "list", "--address", head.dashboard_url], env).returncode == 0
-    connected = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=180)
-    assert connected.returncode == 0 and "CONNECTED" in connected.stdout, connected.stderr[-2000:]
+    jobs, serve = (
+        ["ray", "job", "list", "--address", head.dashboard_url],
+        ["serve", "status", "--address", head.dashboard_url],
+    )
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        refused_cli = {
+            (name, expected): [pool.submit(run_cli, jobs, e), pool.submit(run_cli, serve, e)]
+            for name, e, expected in (
+                ("anonymous", anonymous, "Missing authentication token"),
+                ("wrong", wrong, "Invalid authentication"),
+            )
+        }
+        # The GCS (gRPC): a driver without the token cannot connect; with it, it does.
+        refused = pool.submit(
+            subprocess.run, probe, env=anonymous, capture_output=True, text=True, timeout=180
+        )
+        allowed_cli = pool.submit(run_cli, jobs, env)
+        connected = pool.submit(subprocess.run, probe, env=env, capture_output=True, text=True, timeout=180)
+        for (_, expected), (job_list, serve_status) in refused_cli.items():
+            out = job_list.result()
+            assert out.returncode != 0 and expected in out.stdout + out.stderr, out.stderr[-2000:]
+            assert "AuthenticationError" in out.stdout + out.stderr
+            out = serve_status.result()
+            assert out.returncode != 0 and expected in out.stdout + out.stderr, out.stderr[-2000:]
+        out = refused.result()
+        assert out.returncode != 0 and "CONNECTED" not in out.stdout, out.stdout[-2000:]
+        assert "authentication" in out.stderr.lower(), out.stderr[-2000:]
+        # ... and with the token, both get in.
+        assert allowed_cli.result().returncode == 0
+        out = connected.result()
+        assert out.returncode == 0 and "CONNECTED" in out.stdout, out.stderr[-2000:]
 
 
 # -- beside another Ray ---------------------------------------------------------------------------
