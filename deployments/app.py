@@ -1192,9 +1192,12 @@ def deployment_options(
     # A replica works on at least a full batch of requests at once, or batches never fill, and holds
     # max_queued_requests more waiting (Admission); past that it answers 503 itself, in our JSON
     # shape. Ray Serve hands a replica more than that (those extra are refused by the replica at
-    # once), so that its own queue at the proxy, whose 503 is plain text, is only the last guard.
+    # once), so that its own queue at the proxy, whose 503 is plain text, is only the last guard: it
+    # holds as many as a replica is handed (a burst waits there for a replica to be chosen, so a
+    # queue as short as ours would shed a burst in plain text before any replica saw it).
     per_replica = max(s.max_ongoing_requests, s.max_batch_size)
     admitted = per_replica + s.max_queued_requests if s.max_queued_requests >= 0 else 2 * per_replica
+    handed = max(MIN_SERVE_ONGOING, 2 * admitted)
     encoder = {
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
@@ -1202,8 +1205,8 @@ def deployment_options(
             "initial_replicas": s.initial_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
         },
-        "max_ongoing_requests": max(MIN_SERVE_ONGOING, 2 * admitted),
-        "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": handed,
+        "max_queued_requests": handed if s.max_queued_requests >= 0 else -1,
         "backpressure_config": {"status_code": 503, "retry_after_s": http.RETRY_AFTER_S},
         "ray_actor_options": {
             "num_cpus": DEFAULT_ENCODER_CPUS,

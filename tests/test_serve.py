@@ -374,7 +374,12 @@ def test_build_args_and_deployment_options(tmp_path, monkeypatch):
     opts = deployment_options(config)
     assert opts["encoder"]["max_ongoing_requests"] >= config.serve.max_batch_size
     assert opts["encoder"]["autoscaling_config"]["max_replicas"] == config.serve.max_replicas
-    assert opts["encoder"]["max_queued_requests"] == config.serve.max_queued_requests
+    # The proxy's queue (plain-text 503s) is the last guard: it holds what a replica is handed, at
+    # least twice what our own admission takes (our JSON 503 answers first).
+    admitted = (
+        max(config.serve.max_ongoing_requests, config.serve.max_batch_size) + config.serve.max_queued_requests
+    )
+    assert opts["encoder"]["max_queued_requests"] == opts["encoder"]["max_ongoing_requests"] >= 2 * admitted
     with pytest.raises(ValueError, match="Unknown build_app arg"):
         resolve_app_config({"modle": "x"})
     # One deployment: its replicas serve HTTP, so the old `ingress` options are refused by name.
