@@ -137,6 +137,35 @@ def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) ->
     }
 
 
+def _run_header(
+    bench: str,
+    dev: Any,
+    cfg: Any,
+    images: int,
+    size: tuple[int, int],
+    jpeg_bytes: int,
+    batch: int,
+    shard: int,
+) -> dict[str, Any]:
+    """The figures both pipeline benchmarks start their result with: what ran, on what, on which inputs."""
+    return {
+        "bench": bench,
+        "env": environment(dev),
+        "device": str(dev),
+        "model": {
+            "checkpoint": cfg.model.checkpoint,
+            "vision_tower": cfg.model.vision_tower,
+            "dtype": cfg.model.dtype,
+            "compile": cfg.model.compile,
+        },
+        "images": images,
+        "image_size": list(size),
+        "jpeg_kb_mean": jpeg_bytes / images / 1e3,
+        "batch_size": batch,
+        "shard_size": shard,
+    }
+
+
 def bench_pipeline(
     config: Any = None,
     *,
@@ -233,20 +262,7 @@ def bench_pipeline(
         decode_capacity = per_core * decode_cpus if decode_cpus else None
         encoder_ips = enc["images_per_s"]
         result = {
-            "bench": "pipeline",
-            "env": environment(dev),
-            "device": str(dev),
-            "model": {
-                "checkpoint": cfg.model.checkpoint,
-                "vision_tower": cfg.model.vision_tower,
-                "dtype": cfg.model.dtype,
-                "compile": cfg.model.compile,
-            },
-            "images": n,
-            "image_size": [width, height],
-            "jpeg_kb_mean": jpeg_bytes / n / 1e3,
-            "batch_size": batch,
-            "shard_size": shard,
+            **_run_header("pipeline", dev, cfg, n, (width, height), jpeg_bytes, batch, shard),
             "actors": list(cfg.job.actors),
             "encoder_only": enc,
             "ray_start_s": ray_start_s,
@@ -461,20 +477,7 @@ def bench_pipeline_inprocess(
         encoder_ips = enc["images_per_s"]
         chain_ips = n / chain_s
         result = {
-            "bench": "pipeline-inprocess",
-            "env": environment(dev),
-            "device": str(dev),
-            "model": {
-                "checkpoint": cfg.model.checkpoint,
-                "vision_tower": cfg.model.vision_tower,
-                "dtype": cfg.model.dtype,
-                "compile": cfg.model.compile,
-            },
-            "images": n,
-            "image_size": [width, height],
-            "jpeg_kb_mean": jpeg_bytes / n / 1e3,
-            "batch_size": batch,
-            "shard_size": shard,
+            **_run_header("pipeline-inprocess", dev, cfg, n, (width, height), jpeg_bytes, batch, shard),
             "shards": decoded_files,
             "decode_workers": workers,
             "encoder_only": enc,
