@@ -286,6 +286,10 @@ def test_sharded_manifests_parquet_and_csv(tmp_path: Path):
         assert [s.carried["caption"] for _, _, s in got] == [f"c{i}" for i in range(7)]
         assert [s.data for _, _, s in got] == [(images / f"{i}.jpg").read_bytes() for i in range(7)]
     assert plan_inputs(str(manifests), shard_size=2, limit=3).rows == 3
+    tagged = tmp_path / "tagged.parquet"  # a column that cannot be carried: an error naming the manifest
+    pq.write_table(pa.table({"uri": uris[:1], "tags": [["a", "b"]]}), tagged)
+    with pytest.raises(ConfigError, match=r"Manifest .*tagged\.parquet: column 'tags' is list"):
+        plan_inputs(str(tagged), options=InputOptions(keep_columns=("tags",)))
     pacsv.write_csv(pa.table({"uri": ["../images/0.jpg"], "image_id": ["m3"]}), manifests / "part-2.csv")
     with pytest.raises(
         ConfigError,

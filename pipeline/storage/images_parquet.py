@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ..model.errors import ConfigError, ErrorCode, InputReadError
 from .manifest import _text, open_parquet
-from .units import CarriedType, Sample, Unit, carried_type
+from .units import CarriedType, Sample, Unit, carried_types
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +79,12 @@ def inspect_image_file(
             )
         if id_column is not None and id_column not in schema.names:
             raise ConfigError(f"{uri} has no column {id_column!r} (input.id_column; columns: {schema.names})")
-        carried: dict[str, CarriedType] = {}
         for column in keep:
             if column not in schema.names:
                 raise ConfigError(
                     f"{uri} has no column {column!r} (input.keep_columns; columns: {schema.names})"
                 )
-            kind = carried_type(schema.field(column).type)
-            if kind is None:
-                raise ConfigError(
-                    f"{uri}: column {column!r} is {schema.field(column).type}; input.keep_columns carries text, "
-                    "number and boolean columns"
-                )
-            carried[column] = kind
+        carried = carried_types(schema, keep, uri)
         md = pf.metadata
         groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         return ImageFile(uri, name, stamp, md.num_rows, groups, carried)

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from ..model.errors import ConfigError, InputReadError
 from .fs import format_uri, split_uri
 from .read import open_input
-from .units import CarriedType, InputItem, Sample, Unit, carried_type
+from .units import CarriedType, InputItem, Sample, Unit, carried_types
 
 logger = logging.getLogger(__name__)
 
@@ -408,15 +408,7 @@ def inspect_manifest(
     try:
         schema = pf.schema_arrow
         has_id = _check_columns(schema.names, uri, id_column, keep)
-        carried: dict[str, CarriedType] = {}
-        for column in keep:
-            kind = carried_type(schema.field(column).type)
-            if kind is None:
-                raise ConfigError(
-                    f"Manifest {uri}: column {column!r} is {schema.field(column).type}; input.keep_columns "
-                    "carries text, number and boolean columns"
-                )
-            carried[column] = kind
+        carried = carried_types(schema, keep, f"Manifest {uri}")
         id_name = id_want if has_id else None
         read_columns = [URI_COLUMN, *([id_want] if has_id else [])]
 

@@ -9,11 +9,11 @@ a unit into :class:`Sample` s, ``job.shard_size`` at a time (one output file eac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from ..model.errors import InputReadError
+from ..model.errors import ConfigError, InputReadError
 
 UnitKind = Literal["items", "manifest", "webdataset", "parquet"]
 """``items``: inputs listed one by one (files of a folder/glob, rows of a CSV manifest), carried in
@@ -149,3 +149,18 @@ def carried_type(arrow_type: Any) -> CarriedType | None:
     if pa.types.is_floating(t):
         return "float64"
     return None
+
+
+def carried_types(schema: Any, keep: Sequence[str], where: str) -> dict[str, CarriedType]:
+    """The carried type of each ``keep`` column of the Arrow ``schema`` (columns known to be there).
+    Raises ConfigError, prefixed with ``where`` (the file), for a column that cannot be carried."""
+    carried: dict[str, CarriedType] = {}
+    for column in keep:
+        kind = carried_type(schema.field(column).type)
+        if kind is None:
+            raise ConfigError(
+                f"{where}: column {column!r} is {schema.field(column).type}; input.keep_columns carries "
+                "text, number and boolean columns"
+            )
+        carried[column] = kind
+    return carried
