@@ -1,7 +1,7 @@
 """``llava-features``: the command line, the only layer above both front doors.
 
-Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``inspect`` (an output,
-:mod:`pipeline.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
+Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``inspect`` (a feature table,
+:mod:`pipeline.table.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
 ``demo``, ``make-tiny-model`` and ``info``.
 
 Every option that sets a configuration value is derived from its config dataclass field
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
-from pipeline.constants import COMMITS_DIR
 from pipeline.model.config import field_docs, literal_choices
 from pipeline.model.errors import LlavaFeaturesError
 
@@ -36,7 +35,7 @@ EXIT_ERROR_BUDGET = 3
 EXIT_BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 EXIT_INCOMPLETE = 1
-"""Exit status of ``inspect`` for an output that is not complete (failed, incomplete, unknown, empty)."""
+"""Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed)."""
 
 BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
     "serve": ("deployments.bench", "bench_serve"),
@@ -307,19 +306,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _print_inspect(report: Any) -> None:
-    """The human form of an :class:`pipeline.inspect.OutputReport`."""
-    brief = report.brief
+    """The human form of a :class:`pipeline.table.TableReport`."""
     state = report.state
-    when = f" (_SUCCESS written {report.finished})" if report.success and report.finished else ""
-    print(f"output:       {report.output}")
+    when = f" ({report.finished})" if state in ("complete", "failed") and report.finished else ""
+    print(f"table:        {report.output} (Delta Lake, version {report.version})")
     print(f"state:        {state}{when}")
     for problem in report.problems:
         print(f"  - {problem}")
-    of = f" of {report.inputs} inputs" if report.inputs is not None else ""
     budget = f"; budget {report.max_error_fraction:.2%}" if report.max_error_fraction is not None else ""
     print(
-        f"rows:         {report.rows}{of}: {report.ok} ok, {report.errors} errors "
-        f"({report.error_fraction:.2%}{budget})"
+        f"rows:         {report.rows}: {report.ok} ok, {report.errors} errors ({report.error_fraction:.2%}{budget})"
     )
     for i, group in enumerate(report.error_codes):
         head = "errors:       " if i == 0 else "              "
@@ -334,44 +330,52 @@ def _print_inspect(report: Any) -> None:
         size = "n varies by row" if col.bytes_per_row is None else _size(col.bytes_per_row)
         print(f"{head}{col.name}: {shape} {col.dtype} per row ({size}, {col.encoding})")
     planned = f" of {report.units_planned} planned" if report.units_planned is not None else ""
-    print(f"units:        {report.units_committed}{planned} committed")
-    records = [f"{COMMITS_DIR}/ ({report.commit_records} records)"] if report.commit_records else []
-    also = [*report.record_files, *records, *report.temporary_files]
+    print(f"units:        {report.units_committed}{planned} in the table (last plan)")
+    for seg in report.segments:
+        kind = "append" if seg.append else "job"
+        print(
+            f"segment {seg.number}:    {kind} of {seg.input} ({seg.input_kind}): {seg.units_committed} of "
+            f"{seg.units_planned} units, {seg.rows} rows, {seg.state}"
+        )
+    for run in report.runs:
+        live = ", writing now" if run.live else ""
+        print(
+            f"run {run.run}: {run.host} pid {run.pid}, {run.first} → {run.last}: {run.commits} commit(s), "
+            f"{run.units} units, {run.rows} rows{live}"
+        )
+    extra = []
+    if report.in_flight_files:
+        extra.append(f"{len(report.in_flight_files)} in flight")
+    if report.orphan_files:
+        extra.append(f"{len(report.orphan_files)} orphaned by stopped runs")
     print(
-        f"files:        {report.data_files} data files, {_size(report.data_bytes)}; "
-        f"{report.total_files} files, {_size(report.total_bytes)} in all"
-        + (f" (also {', '.join(also)})" if also else "")
+        f"files:        {report.data_files} data files, {_size(report.data_bytes)}"
+        + (f" (not in the table: {', '.join(extra)})" if extra else "")
     )
-    if report.fingerprint:
-        print(f"fingerprint:  {report.fingerprint}")
-    if brief:
-        model = brief.get("checkpoint") or brief.get("vision_tower")
-        print(
-            f"model:        {model} ({brief.get('layout')}): layer {brief.get('select_layer')} "
-            f"({brief.get('select_feature')}), projector {brief.get('projector_type')}, "
-            f"{brief.get('image_size')} px {brief.get('aspect_ratio')}"
-        )
-        print(
-            f"encoder:      {brief.get('features')} features{' + pooled' if brief.get('pooled') else ''}, "
-            f"computed in {brief.get('compute_dtype')}, stored as {brief.get('output_dtype')}"
-        )
-        print(
-            f"job:          input {brief.get('input')}, shard size {brief.get('shard_size')}, "
-            f"{brief.get('tensor_format')} tensors, compression {brief.get('compression')}"
-        )
+    print(f"fingerprint:  {report.fingerprint}")
+    model = report.encoder.get("model") or {}
+    pre = report.encoder.get("preprocess") or {}
+    print(
+        f"model:        {report.model} ({model.get('format')}): layer {model.get('select_layer')} "
+        f"({model.get('select_feature')}), projector {model.get('projector_type')}, "
+        f"{pre.get('crop_height')} px {pre.get('aspect_ratio')}"
+    )
+    options = ", ".join(f"{k} {json.dumps(v)}" for k, v in report.options.items())
+    print(f"options:      {options}")
+    print(f"job:          {report.job}, created {report.created}")
     if report.data_files:
         print(f"read it:      from pipeline import read_features; read_features({report.output!r})")
         print(
-            f"              DuckDB: select status, error_code, count(*) from "
-            f"'{report.output.rstrip('/')}/*.parquet' group by all"
+            f"              DuckDB: import deltalake, duckdb; ds = deltalake.DeltaTable({report.output!r})"
+            ".to_pyarrow_dataset(); duckdb.sql('select status, error_code, count(*) from ds group by all')"
         )
     print("(--json: all of it as JSON)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import inspect_output
+    from pipeline.table import inspect_table
 
-    report = inspect_output(args.output, s3_endpoint=getattr(args, "job.s3_endpoint", None))
+    report = inspect_table(args.output, s3_endpoint=getattr(args, "job.s3_endpoint", None))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -383,10 +387,11 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from pipeline.job import budget_error, dry_run, run_job
 
     config = load_cli_config(args)
+    mode = "resume" if args.resume else "append" if args.append else "create"
     if args.dry_run:
-        print(dry_run(config, args.input, args.output).format())
+        print(dry_run(config, args.input, args.output, mode=mode).format())
         return 0
-    summary = run_job(config, args.input, args.output, resume=args.resume)
+    summary = run_job(config, args.input, args.output, mode=mode)
     print(summary.format())
     error = budget_error(summary, config)
     if error is not None:
@@ -402,7 +407,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from pipeline.demo import run_demo
-    from pipeline.reader import read_features
+    from pipeline.table import read_features
 
     summary = run_demo(Path(args.output))
     print("\n== summary ==")
@@ -423,8 +428,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         'print(fs.image_ids[:3], fs.features.shape)"'
     )
     print(
-        f'{python} -c "import duckdb; print(duckdb.sql(\\"select status, error_code, count(*) '
-        f"from '{out}/*.parquet' group by all\\\"))\""
+        f"{python} -c \"import ray; print(ray.data.read_delta('{out}').select_columns(['image_id', 'status'])"
+        '.take(3))"'
+    )
+    print(
+        f"{python} -c \"import deltalake, duckdb; ds = deltalake.DeltaTable('{out}').to_pyarrow_dataset(); "
+        "print(duckdb.sql('select status, error_code, count(*) from ds group by all'))\""
     )
     return 0
 
@@ -541,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting(p, "job", "s3_endpoint")
     p.set_defaults(handler=_cmd_inspect)
 
-    p = sub.add_parser("encode", help="offline job: images → Parquet feature tables (Ray Data)")
+    p = sub.add_parser("encode", help="offline job: images → a feature table (Ray Data → Delta Lake)")
     _add_model_args(p)
     p.add_argument(
         "--input",
@@ -550,9 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
         "tar shards, .parquet/.csv manifests, or Parquet files of images (--image-column)",
     )
     p.add_argument(
-        "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
+        "--output", required=True, help="local dir or s3:// / gs:// prefix of the feature table (Delta Lake)"
     )
-    p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the table's job (the same input and options): encode only the units it does not hold",
+    )
+    existing.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs a complete table does not hold yet (by image_id), with the same encoder and schema",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -147,7 +147,7 @@ class JobConfig:
     SECTION: ClassVar[str] = "job"
 
     tensor_format: TensorFormat = "binary"
-    """``binary`` (raw bytes in our extension type; fast) or ``fixed_shape_tensor`` (canonical Arrow)."""
+    """Tensor columns as ``binary`` (raw bytes; fast, every dtype) or ``list`` (float32 arrays that Spark/DuckDB/Polars read natively)."""
     shard_size: int = setting(256, ge=1)
     """Inputs per output file; a unit of the plan (a tar, Parquet row groups, a manifest row range, listed files) may write several."""
     actors: tuple[int, int] = setting((1, 1), ge=1)
@@ -166,6 +166,10 @@ class JobConfig:
     """S3 endpoint override (else AWS_ENDPOINT_URL / the AWS default)."""
     compression: Compression = "none"
     """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``, ``gzip``, ``brotli``)."""
+    commit_interval_s: float = setting(10.0, gt=0)
+    """Longest a finished unit waits before the driver commits it to the table (units are committed in batches)."""
+    commit_max_units: int = setting(1000, ge=1)
+    """Most units one commit to the table's log holds (a batch is committed when it is this large)."""
     read_timeout_s: float = setting(60.0, gt=0)
     """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
     address: str | None = None

@@ -1,36 +1,40 @@
-"""The offline job: object storage → CPU decode → GPU encoder actor pool → Parquet feature tables.
+"""The offline job: object storage → CPU decode → GPU encoder actor pool → the feature table (Delta Lake).
 
 Plan (driver, metadata only; :func:`pipeline.storage.plan_inputs`): list the inputs and cut them
 into *units* — groups of listed image files, row ranges of a manifest, WebDataset tars, row
-groups of Parquet files of images — in a deterministic order. The plan costs memory in
-proportion to its units; the driver never reads an image, a tar member or a Parquet image row.
-Fingerprint the plan and the encoder, and check the output location (``_job.json`` records both).
+groups of Parquet files of images — in a deterministic order, each with a content key (what it
+reads). The plan costs memory in proportion to its units; the driver never reads an image, a tar
+member or a Parquet image row. Open the output (:class:`pipeline.table.TableWriter`): a new table,
+a ``--resume`` of its last plan, or an ``--append`` of new inputs; anything that would corrupt the
+table (another job's, another schema, other values, another plan) is refused before anything is
+written.
 
 Run (Ray Data, streaming): one row per pending unit → ``decode_unit`` CPU tasks, which expand
 their unit (read bytes, decode guard, preprocess to uint8; bad inputs become error records, never
 exceptions) into one typed :class:`~pipeline.records.DecodedShard` per output file of
 ``job.shard_size`` inputs → :class:`EncodeShardActor`, an autoscaling actor pool where each actor
 holds one :class:`~pipeline.encoder.FeatureEncoder` replica, encodes the file's ok images in
-batches and commits the Parquet file itself (:class:`pipeline.shards.ShardWriter`: temporary name +
-rename locally, final-name PUT on object stores). Feature tensors therefore never travel back through the object store or the
-driver; only a small per-file summary does. Once every file of a unit is committed, the driver
-writes the unit's commit record (``_commits/unit-NNNNNN.json``): a unit is committed exactly
-when its record exists, and ``--resume`` rewrites exactly the units without one. A file that is
-retried (actor killed, node lost) is rewritten under the same name, so every input row appears
-exactly once.
+batches and writes the data file itself (:class:`pipeline.shards.ShardWriter`). Feature tensors never
+travel back through the object store or the driver; only a small per-file summary does. The
+driver's committer (:class:`pipeline.table.Committer`) commits complete units to the table's Delta
+log in batches: a unit's files become visible in one commit, and two runs can never both commit a
+unit. A file that is retried (actor killed, node lost) is rewritten under the same name, so every
+input row appears exactly once.
 
-With ``job.serve_app`` (``encode --serve-app NAME``) the encode + commit stage runs on the encoder
+With ``job.serve_app`` (``encode --serve-app NAME``) the encode + write stage runs on the encoder
 replicas of a running Serve application instead (one GPU pool for both front doors): the job asks
 the application for its encoder fingerprint first and refuses another one before anything is
 written; tasks of :func:`send_shards` hand each decoded file to a replica through a deployment
 handle (``pipeline.constants.SERVE_ENCODER_DEPLOYMENT``), at most ``serve.max_offline_shards`` ×
-``serve.max_replicas`` at once, and send a file again when its replica died. The replica commits it
-with the same :class:`pipeline.shards.ShardWriter` and returns the same summary, so the commit
-records and ``_SUCCESS`` are the driver's, as above.
+``serve.max_replicas`` at once, and send a file again when its replica died. The replica writes it
+with the same :class:`pipeline.shards.ShardWriter` and returns the same summary; the commits are the
+driver's, as above.
 
-Finish: counts come from the commit records, files no record names (leftovers of interrupted
-writers) are removed, and ``_SUCCESS`` is written last (unless more than ``max_error_fraction``
-of the inputs failed: then the job exits non-zero after writing everything it has).
+Finish (:meth:`pipeline.table.TableRun.finish`): every unit of the plan must be in the table with
+all its rows; the counts and the error-budget decision are recorded in the log, ``_SUCCESS`` is
+written when the table is complete (unless more than ``max_error_fraction`` of the inputs failed:
+then the job exits non-zero after committing everything it has), and files no commit references
+that this run (or a run that died) wrote are removed.
 """
 
 from __future__ import annotations
@@ -41,25 +45,14 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .config import Config, config_to_dict
-from .constants import (
-    CONFIG_KEY,
-    FINGERPRINT_KEY,
-    JOB_FILE,
-    SERVE_DESCRIBE_METHOD,
-    SERVE_ENCODER_DEPLOYMENT,
-    SERVE_SHARD_METHOD,
-    SUCCESS_FILE,
-)
+from .config import Config
+from .constants import SERVE_DESCRIBE_METHOD, SERVE_ENCODER_DEPLOYMENT, SERVE_SHARD_METHOD
 from .model.errors import (
     ConfigError,
     DecodeError,
@@ -67,20 +60,20 @@ from .model.errors import (
     ErrorCode,
     InputReadError,
     LlavaFeaturesError,
-    OutputError,
 )
 from .ray_warnings import spend_actor_restart_warning
 from .records import DecodedShard, PoolInfo, ShardSummary, ShardTarget, rows_of_batch, rows_to_batch
-from .storage import (
-    InputOptions,
-    InputPlan,
-    ReadOptions,
-    Unit,
-    absolute_uri,
-    join_path,
-    read_json,
-    split_uri,
-    write_json,
+from .storage import InputOptions, InputPlan, ReadOptions, Unit, absolute_uri, split_uri
+from .table import (
+    SUCCESS_FILE,
+    Committer,
+    IdSet,
+    Outcome,
+    PlannedUnit,
+    RunPlan,
+    TableLocation,
+    TableRun,
+    TableWriter,
 )
 
 if TYPE_CHECKING:  # torch is imported when the model is resolved, after planning (see dry_run)
@@ -92,81 +85,89 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for the driver of a submitted job: its runtime environment (as JSON),
 whose ``working_dir`` says the driver runs in a temporary copy of the submitted folder."""
 _RAY_PROBE_TIMEOUT_S = 5.0
-_COMMIT_THREADS = 4
+
+WriteMode = Literal["create", "resume", "append"]
+"""How the job treats an existing table: refuse it, continue its last plan (``--resume``), or add the
+inputs it does not hold yet (``--append``)."""
 
 
 @dataclass
 class JobSummary:
-    """What a run did (also written, with the fingerprints, into ``_SUCCESS``)."""
+    """What a run did, and what the table holds of its plan."""
 
     output: str
-    """Where the Parquet dataset is (local paths absolute)."""
+    """Where the table is (local paths absolute)."""
     fingerprint: str
-    """Encoder fingerprint of every row in the output."""
+    """Encoder fingerprint of every row of the table."""
     input: str = ""
     """What was read (local paths absolute)."""
     input_kind: str = ""
     """``images``, ``manifest``, ``webdataset`` or ``parquet``."""
+    mode: WriteMode = "create"
+    """How the run treated the output: a new table, a ``--resume``, an ``--append``."""
     inputs: int = 0
-    """Input rows of the whole job (including units committed by earlier runs)."""
+    """Rows of the plan in the table (including units committed by earlier runs)."""
     read: int = 0
     """Input rows processed by this run."""
     ok: int = 0
-    """Rows with status ok in the whole output."""
+    """Rows of the plan with status ok."""
     errors: dict[str, int] = field(default_factory=dict)
-    """Error rows by error code in the whole output."""
+    """Error rows of the plan by error code."""
     units_total: int = 0
     """Units in the plan (the unit of resume)."""
     units_written: int = 0
     """Units committed by this run."""
     units_skipped: int = 0
-    """Units already committed (``--resume``)."""
-    shards_total: int = 0
-    """Output files in the whole output."""
-    shards_written: int = 0
-    """Output files written by this run."""
+    """Units the table held already (``--resume``, ``--append``)."""
+    files_total: int = 0
+    """Data files of the plan in the table."""
+    files_written: int = 0
+    """Data files written by this run."""
     seconds: float = 0.0
     """Wall time of this run's pipeline."""
     images_per_s: float = 0.0
     """Input rows processed by this run per second of its pipeline."""
     error_fraction: float = 0.0
-    """Error rows / rows in the whole output."""
+    """Error rows / rows of the plan."""
     max_error_fraction: float = 0.0
     """The error budget this run's decision was made with."""
     error_budget_exceeded: bool = False
-    """True when error_fraction > max_error_fraction (no _SUCCESS is written then)."""
+    """True when error_fraction > max_error_fraction (the table is then ``failed``, without _SUCCESS)."""
+    state: str = ""
+    """The table's state after the run: ``complete`` or ``failed``."""
+    version: int = 0
+    """The table's version after the run."""
     up_to_date: bool = False
-    """True when a ``--resume`` found every unit committed and wrote nothing."""
+    """True when the table held every unit already and the run wrote nothing."""
     recorded: dict[str, Any] | None = None
-    """With ``up_to_date``: the ``_SUCCESS`` the finished output holds (counts, budget, time), if any."""
+    """With ``up_to_date``: the totals the run that finished the table recorded (budget, counts)."""
 
     def format(self) -> str:
         errs = ", ".join(f"{code}: {n}" for code, n in sorted(self.errors.items())) or "none"
+        skipped = {"create": "", "resume": " already committed", "append": " already in the table"}[self.mode]
         lines = [
             f"input:         {self.input} ({self.input_kind})",
-            f"images read:   {self.read} this run ({self.inputs} in the job)",
+            f"images read:   {self.read} this run ({self.inputs} in the plan)",
             f"ok:            {self.ok}",
             f"errors:        {sum(self.errors.values())} ({errs})",
-            f"units:         {self.units_written} written, {self.units_skipped} already committed, "
+            f"units:         {self.units_written} written, {self.units_skipped}{skipped or ' skipped'}, "
             f"{self.units_total} in total",
-            f"shards:        {self.shards_written} written, {self.shards_total} in the output",
+            f"files:         {self.files_written} written, {self.files_total} in the table for this plan",
             f"throughput:    {self.images_per_s:.1f} images/s ({self.seconds:.1f} s)",
-            f"output:        {self.output}",
+            f"output:        {self.output} (Delta table version {self.version}, {self.state})",
             f"fingerprint:   {self.fingerprint[:16]}",
         ]
         if self.up_to_date:
-            if self.recorded is not None:
+            if (
+                self.recorded is not None
+                and self.recorded.get("max_error_fraction") != self.max_error_fraction
+            ):
                 lines.append(
-                    f"up to date:    every unit was committed already; counts as recorded in {SUCCESS_FILE} "
-                    f"({self.recorded.get('finished', '?')}, max_error_fraction "
-                    f"{self.recorded.get('max_error_fraction', '?')}), left as it is"
+                    "up to date:    every unit was committed already; the table stays as its last run recorded it "
+                    f"(max_error_fraction {self.recorded.get('max_error_fraction')})"
                 )
-            elif self.error_budget_exceeded:
-                lines.append("up to date:    every unit was committed already; nothing was written")
             else:
-                lines.append(
-                    f"up to date:    every unit was committed already; nothing was encoded again, {SUCCESS_FILE} written"
-                )
+                lines.append("up to date:    every unit was committed already; nothing was encoded again")
         if self.error_budget_exceeded:
             lines.append(
                 f"ERROR BUDGET EXCEEDED: {self.error_fraction:.2%} of inputs failed "
@@ -193,16 +194,16 @@ def read_options(config: Config) -> ReadOptions:
 
 def _decode_piece(
     samples: list[Any],
-    unit: int,
+    *,
+    unit: Unit,
+    key: str,
     piece: int,
-    last: bool,
     preprocessor: Any,
     device_decode: bool,
     keep: tuple[str, ...],
 ) -> DecodedShard:
-    record = DecodedShard(
-        shard=unit, piece=piece, last=last, data=[] if device_decode else None, carried={c: [] for c in keep}
-    )
+    record = DecodedShard(shard=unit.index, key=key, piece=piece, data=[] if device_decode else None)
+    record.rows.carried = {c: [] for c in keep}
     ok_pixels = []
     for sample in samples:
         try:
@@ -219,22 +220,24 @@ def _decode_piece(
             record.add_ok(
                 sample.image_id,
                 sample.uri,
-                prepared.width,
-                prepared.height,
+                width=prepared.width,
+                height=prepared.height,
                 carried=sample.carried,
                 tiles=len(tiles),
                 grid=grid,
             )
         except (DecodeError, InputReadError) as exc:
-            record.add_error(sample.image_id, sample.uri, str(exc.code), exc.message, carried=sample.carried)
+            record.add_error(
+                sample.image_id, sample.uri, code=str(exc.code), message=exc.message, carried=sample.carried
+            )
         except Exception as exc:  # a bug must not take the job down: record it on the row
             logger.exception("Unexpected failure on %s", sample.uri)
             record.add_error(
                 sample.image_id,
                 sample.uri,
-                str(ErrorCode.INTERNAL),
-                f"{type(exc).__name__}: {exc}",
-                sample.carried,
+                code=str(ErrorCode.INTERNAL),
+                message=f"{type(exc).__name__}: {exc}",
+                carried=sample.carried,
             )
         sample.data = None  # the encoded bytes are not needed any more
     if ok_pixels:
@@ -245,6 +248,16 @@ def _decode_piece(
     return record
 
 
+def _new_samples(pieces: Iterator[list[Any]], held: IdSet | None) -> Iterator[list[Any]]:
+    """``pieces`` less the inputs a table holds already (``--append``); pieces left empty are dropped."""
+    for samples in pieces:
+        if held is not None and len(held):
+            flags = held.contains([s.image_id for s in samples])
+            samples = [s for s, present in zip(samples, flags, strict=True) if not present]
+        if samples:
+            yield samples
+
+
 def decode_unit(
     batch: dict[str, np.ndarray],
     *,
@@ -252,49 +265,55 @@ def decode_unit(
     resolved: ResolvedModel,
     read: ReadOptions,
     shard_size: int,
+    held: IdSet | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Expand every unit row of ``batch`` into its output files: one :class:`DecodedShard` row each,
     ``shard_size`` inputs at a time, yielded as they are ready. Never raises for an input.
 
-    With ``decode.nvjpeg`` the encoder decodes on its own device: inputs are only read here.
+    With ``decode.nvjpeg`` the encoder decodes on its own device: inputs are only read here. With
+    ``held`` (``--append``) the inputs whose id the table holds already are left out. A unit without
+    rows gives one empty file (so that the table records it as done).
     """
     from .encoder import preprocess_spec
     from .images.preprocess import Preprocessor
     from .storage import expand_unit
 
     preprocessor = Preprocessor(preprocess_spec(resolved, config.decode), config.decode)
-    device_decode = config.decode.nvjpeg
-    keep = tuple(read.keep_columns)
+    options = {
+        "preprocessor": preprocessor,
+        "device_decode": config.decode.nvjpeg,
+        "keep": tuple(read.keep_columns),
+    }
     for row in rows_of_batch(batch):
         unit = Unit.from_row(row)
-        pieces = expand_unit(unit, shard_size, read)
+        key = str(row["key"])
+        pieces = _new_samples(expand_unit(unit, shard_size, read), held)
         current = next(pieces, None)
-        if current is None:  # a unit without rows (an empty tar): committed with no file
-            yield rows_to_batch(
-                [_decode_piece([], unit.index, 0, True, preprocessor, device_decode, keep).to_row()]
-            )
+        if current is None:  # a unit without (new) rows: one empty file
+            yield rows_to_batch([_decode_piece([], unit=unit, key=key, piece=0, **options).to_row()])
             continue
         piece = 0
         while current is not None:
-            record = _decode_piece(current, unit.index, piece, False, preprocessor, device_decode, keep)
+            record = _decode_piece(current, unit=unit, key=key, piece=piece, **options)
             current = next(pieces, None)  # read ahead: is this the unit's last file?
             record.last = current is None
             yield rows_to_batch([record.to_row()])
             piece += 1
 
 
-def unit_batch(units: Sequence[Unit]) -> dict[str, np.ndarray]:
-    """The numpy batch of plan rows that :func:`decode_unit` receives for ``units``, as the job hands
-    them to Ray Data. For running the job's stages in one process (the in-process benchmark, the GPU
-    tests)."""
-    return rows_to_batch([u.to_row() for u in units])
+def unit_batch(units: Sequence[Unit], keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The numpy batch of plan rows that :func:`decode_unit` receives for ``units`` (with their content
+    keys), as the job hands them to Ray Data. For running the job's stages in one process (the
+    in-process benchmark, the GPU tests)."""
+    keys = keys if keys is not None else ["0" * 64] * len(units)
+    return rows_to_batch([{**u.to_row(), "key": k} for u, k in zip(units, keys, strict=True)])
 
 
 # -- stage 2: encode + commit (actor pool) ----------------------------------------------------
 
 
 class EncodeShardActor:
-    """Ray Data actor: one FeatureEncoder replica; encodes output files' inputs and commits the files
+    """Ray Data actor: one FeatureEncoder replica; encodes output files' inputs and writes the data files
     (:class:`pipeline.shards.ShardWriter`, which the shared pool's Serve replicas run too).
 
     Two calls may run at once on an actor: the device work is serialised by a lock, so one file's
@@ -314,29 +333,19 @@ class EncodeShardActor:
         summaries = []
         for row in rows_of_batch(batch):
             record = DecodedShard.from_row(row)
-            encoded = None
-            if len(record):
-                with self.lock:
-                    encoded = self.writer.encode(record)
+            with self.lock:
+                encoded = self.writer.encode(record)
             summaries.append(self.writer.write(record, encoded).to_row())
         return rows_to_batch(summaries)
 
 
-def shard_target(
-    config: Config, output_uri: str, job_record: dict[str, Any], carried: dict[str, str] | None = None
-) -> ShardTarget:
-    """Where and how this job's files are written (``carried``: the plan's carried column types), for
-    whichever pool encodes them."""
+def shard_target(config: Config, run: TableRun, fingerprint: str) -> ShardTarget:
+    """What the encoders need to write this run's data files, whichever pool encodes them."""
     return ShardTarget(
-        output=output_uri,
-        fingerprint=job_record["fingerprint"],
-        metadata=shard_metadata(job_record),
+        fingerprint=fingerprint,
         features=config.encoder.features,
         pooled=config.encoder.pooled,
-        tensor_format=config.job.tensor_format,
-        compression=config.job.compression,
-        s3_endpoint=config.job.s3_endpoint,
-        carried_types=dict(carried or {}),
+        table=run.target(config.job.compression),
     )
 
 
@@ -426,96 +435,7 @@ def send_shards(batch: dict[str, np.ndarray], *, app: str, target: ShardTarget) 
     )
 
 
-# -- commit records (driver) --------------------------------------------------------------------
-
-
-class _Commits:
-    """Collects the actors' per-file summaries and writes each unit's commit record once all of its
-    files are in (on a few threads, so slow stores do not hold up the pipeline)."""
-
-    def __init__(self, fs: Any, out_path: str, units: dict[int, Unit]) -> None:
-        self.fs, self.out_path, self.units = fs, out_path, units
-        self.pieces: dict[int, dict[int, ShardSummary]] = {}
-        self.last: dict[int, int] = {}
-        self.committed: dict[int, Any] = {}
-        self.pool = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="commit")
-        self.futures: list[Future[str]] = []
-
-    def add(self, row: dict[str, Any]) -> bool:
-        """Record one file's summary (a :class:`~pipeline.records.ShardSummary` row); True when it is
-        new (a retried file reports again)."""
-        from .sink import UnitCommit, commit_unit
-
-        summary = ShardSummary.from_row(row)
-        unit, piece = summary.shard, summary.piece
-        pieces = self.pieces.setdefault(unit, {})
-        new = piece not in pieces
-        pieces[piece] = summary
-        if summary.last:
-            self.last[unit] = piece
-        last = self.last.get(unit)
-        if last is None or any(p not in pieces for p in range(last + 1)):
-            return new
-        files = [pieces[p] for p in range(last + 1)]
-        errors: Counter[str] = Counter()
-        for f in files:
-            errors.update(f.errors)
-        commit = UnitCommit(
-            unit=unit,
-            rows=sum(f.rows for f in files),
-            ok=sum(f.ok for f in files),
-            errors=dict(errors),
-            files=[(f.file, f.rows) for f in files if f.file],
-        )
-        planned = self.units[unit].rows
-        if planned is not None and commit.rows != planned:
-            raise OutputError(f"Unit {unit} wrote {commit.rows} rows for its {planned} inputs")  # a bug
-        self.committed[unit] = commit
-        self.futures.append(self.pool.submit(commit_unit, self.out_path, self.fs, commit))
-        return new
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        for future in self.futures:
-            future.result()  # a failed commit write fails the job (its unit is rewritten on resume)
-
-
 # -- the driver -------------------------------------------------------------------------------
-
-
-def _check_output(
-    fs: Any, out_path: str, output: str, job_record: dict[str, Any], resume: bool, s3_endpoint: str | None
-) -> dict[str, Any] | None:
-    """The existing ``_job.json`` of a resumable output (None for an empty one); OutputError otherwise."""
-    from .storage import output_is_empty
-
-    if output_is_empty(output, s3_endpoint=s3_endpoint):
-        return None
-    existing = read_json(fs, join_path(out_path, JOB_FILE))
-    if not resume:
-        raise OutputError(
-            f"Output {output} is not empty. Pass --resume to continue the job that wrote it, or choose "
-            "another output location (nothing is ever deleted for you)."
-        )
-    if existing is None:
-        raise OutputError(
-            f"Output {output} is not empty and holds no {JOB_FILE}: it was not written by this tool"
-        )
-    if existing.get("fingerprint") != job_record["fingerprint"]:
-        raise OutputError(
-            f"Output {output} was written with encoder fingerprint {existing.get('fingerprint', '?')[:16]}, this run's "
-            f"is {job_record['fingerprint'][:16]}: refusing to mix features of different encoders. "
-            "Use another output location, or the original settings.",
-            code=ErrorCode.FINGERPRINT_MISMATCH,
-        )
-    if existing.get("plan_fingerprint") != job_record["plan_fingerprint"]:
-        raise OutputError(
-            f"Output {output} was written for a different input plan (inputs changed, or their order, sizes or "
-            "modification times, --limit, --shard-size or the input options): resuming would mix units. "
-            "Use the original input and options, or another output location.",
-            code=ErrorCode.FINGERPRINT_MISMATCH,
-        )
-    return existing
 
 
 def ray_job_working_dir() -> str | None:
@@ -553,8 +473,8 @@ def resolve_output(output_uri: str) -> str:
 
 def make_plan(config: Config, input_uri: str) -> InputPlan:
     """The input plan of ``config`` for ``input_uri`` (:func:`pipeline.storage.plan_inputs`)."""
-    from .sink import OUTPUT_COLUMNS
     from .storage import plan_inputs
+    from .table import OUTPUT_COLUMNS
 
     clash = sorted(set(config.input.keep_columns) & OUTPUT_COLUMNS)
     if clash:
@@ -622,180 +542,135 @@ def _init_ray(address: str | None = None) -> Any:
     return ray
 
 
-def _job_record(config: Config, plan: InputPlan, description: Any) -> dict[str, Any]:
-    return {
-        "fingerprint": description.fingerprint,
-        "plan_fingerprint": plan.fingerprint,
-        "input": plan.input,
-        "input_kind": plan.kind,
-        "input_options": plan.options,
-        "carried_columns": plan.carried,
-        "source_files": plan.files,
-        "units": len(plan.units),
-        "rows": plan.rows,
-        "shard_size": plan.shard_size,
-        "encoder": description.fields,
-        "config": config_to_dict(config),
-        "created": datetime.now(UTC).isoformat(),
-    }
+def planned_units(plan: InputPlan) -> list[PlannedUnit]:
+    """The plan's units as the table sees them: index, content key, input rows."""
+    return [PlannedUnit(u.index, plan.unit_key(u), u.rows) for u in plan.units]
 
 
-def run_job(config: Config, input_uri: str, output_uri: str, *, resume: bool = False) -> JobSummary:
-    """Encode every input of ``input_uri`` into a Parquet dataset at ``output_uri``."""
+def _run_plan(plan: InputPlan, source: InputPlan | None = None) -> RunPlan:
+    return RunPlan(
+        plan=plan.fingerprint,
+        input=plan.input,
+        input_kind=plan.kind,
+        units=len(plan.units),
+        rows=plan.rows,
+        source_plan=source.fingerprint if source is not None else "",
+    )
+
+
+def output_location(config: Config, output_uri: str) -> TableLocation:
+    """The table location of ``--output`` (local paths absolute, see :func:`resolve_output`)."""
+    return TableLocation(resolve_output(output_uri), s3_endpoint=config.job.s3_endpoint)
+
+
+def new_table_run(config: Config, plan: InputPlan, output_uri: str, *, resolved: ResolvedModel) -> TableRun:
+    """A new table at ``output_uri`` and this process's run of it, for running the job's stages in one
+    process (the in-process benchmark, the GPU tests): its actors write to ``shard_target(config, run,
+    run.identity.fingerprint)``; :meth:`TableRun.committer` and :meth:`TableRun.finish` commit."""
+    from .encoder import describe_encoder
+    from .shards import table_identity
+
+    identity = table_identity(
+        config, resolved, describe_encoder(config, resolved), carried=dict(plan.carried)
+    )
+    writer = TableWriter.open(output_location(config, output_uri), identity=identity, mode="create")
+    return writer.start(_run_plan(plan))
+
+
+def run_job(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode = "create") -> JobSummary:
+    """Encode every input of ``input_uri`` into the feature table at ``output_uri``.
+
+    ``mode``: ``create`` a new table (an existing one is refused), ``resume`` the table's last plan
+    (the same inputs and options: only its missing units are encoded), or ``append`` the inputs the
+    table does not hold yet (by ``image_id``) to a complete table of the same encoder and schema.
+    """
     from .encoder import describe_encoder
     from .model import resolve_model
-    from .sink import committed_units, remove_stale_temp_files
-    from .storage import ensure_output_dir, resolve_filesystem
+    from .shards import table_identity
 
     job = config.job  # every value was checked (types, ranges) when the config was loaded
-    output_uri = resolve_output(output_uri)
+    location = output_location(config, output_uri)
     plan = make_plan(config, input_uri)
     release_memory()
     resolved = resolve_model(config.model)
     description = describe_encoder(config, resolved)
-    job_record = _job_record(config, plan, description)
-    fs, out_path = resolve_filesystem(output_uri, s3_endpoint=job.s3_endpoint)
-    existing = _check_output(fs, out_path, output_uri, job_record, resume, job.s3_endpoint)
-    done = committed_units(out_path, fs) if existing is not None else set()
-    pending = [u for u in plan.units if u.index not in done]
+    identity = table_identity(config, resolved, description, carried=dict(plan.carried))
+    writer = TableWriter.open(location, identity=identity, mode=mode)
+    held: IdSet | None = None
+    source = None
+    if mode == "append" and writer.snapshot is not None:
+        held = writer.existing_ids()
+        source, plan = plan, plan.without(held.contains, writer.snapshot.committed_keys())
+        logger.info("%d of the input's units hold inputs the table does not have yet", len(plan.units))
+    units = planned_units(plan)
+    done = writer.snapshot.committed_keys() if writer.snapshot is not None else set()
+    pending = [u for u in units if u.key not in done]
     summary = JobSummary(
-        output=output_uri,
+        output=location.uri,
         fingerprint=description.fingerprint,
         input=plan.input,
         input_kind=plan.kind,
-        units_total=len(plan.units),
-        units_skipped=len(plan.units) - len(pending),
+        mode=mode,
+        units_total=len(units),
+        units_skipped=len(units) - len(pending),
         max_error_fraction=job.max_error_fraction,
     )
     logger.info(
-        "%d unit(s) (%s rows) to %s: %d already committed, %d to write",
-        len(plan.units),
+        "%d unit(s) (%s rows) to %s: %d in the table already, %d to write",
+        len(units),
         plan.rows if plan.rows is not None else "unknown",
-        output_uri,
-        len(done),
+        location.uri,
+        len(units) - len(pending),
         len(pending),
     )
-    if not pending:
-        return _finish_up_to_date(config, plan, fs, out_path, summary)
-
-    # Ray first: when it cannot start, nothing has been written to the output.
-    _init_ray(job.address)
     pool = None
-    if job.serve_app:  # and the shared pool's replicas: their features must be the plan's
-        pool = describe_pool(job.serve_app)
-        check_pool(job.serve_app, pool, description.fingerprint)
-        logger.info(
-            "Encoding through Serve application %r (up to %d replicas, %d files in flight each)",
-            job.serve_app,
-            pool.max_replicas,
-            pool.max_offline_shards,
-        )
-    ensure_output_dir(output_uri, s3_endpoint=job.s3_endpoint)
-    if existing is None:
-        write_json(fs, join_path(out_path, JOB_FILE), job_record)
-    remove_stale_temp_files(out_path, fs)
-    _remove_uncommitted(fs, out_path, {u.index for u in pending})
-    commits = _Commits(fs, out_path, {u.index: u for u in plan.units})
-    started = time.perf_counter()
-    try:
-        target = shard_target(config, output_uri, job_record, dict(plan.carried))
-        _run_pipeline(config, resolved, pending, target, summary, commits, pool)
-    finally:
-        commits.close()
-    # A writer that died mid-file (actor or node lost) left its temporary file; the file was
-    # written again by the retry and no writer of this job is running any more.
-    remove_stale_temp_files(out_path, fs)
-    summary.seconds = time.perf_counter() - started
-    summary.images_per_s = summary.read / summary.seconds if summary.seconds > 0 else 0.0
-    summary.units_written = len(commits.committed)
-    return _finish(config, plan, fs, out_path, summary, commits.committed, done)
-
-
-def _remove_uncommitted(fs: Any, out_path: str, units: set[int]) -> None:
-    """Remove the output files of ``units`` (uncommitted: an interrupted run's) before rewriting them."""
-    from .sink import output_files, remove_files
-
-    remove_files(
-        out_path, fs, [name for name, (unit, _) in output_files(out_path, fs).items() if unit in units]
-    )
-
-
-def _count(summary: JobSummary, commits: dict[int, Any], max_error_fraction: float) -> None:
-    errors: Counter[str] = Counter()
-    for commit in commits.values():
-        errors.update(commit.errors)
-    summary.ok = sum(c.ok for c in commits.values())
-    summary.errors = dict(errors)
-    summary.inputs = sum(c.rows for c in commits.values())
-    summary.shards_total = sum(len(c.files) for c in commits.values())
-    summary.error_fraction = (summary.inputs - summary.ok) / summary.inputs if summary.inputs else 0.0
-    summary.error_budget_exceeded = summary.error_fraction > max_error_fraction
-
-
-def _write_success(fs: Any, out_path: str, summary: JobSummary, plan: InputPlan) -> None:
-    record = {
-        **asdict(summary),
-        "plan_fingerprint": plan.fingerprint,
-        "finished": datetime.now(UTC).isoformat(),
-    }
-    record.pop("recorded", None)
-    write_json(fs, join_path(out_path, SUCCESS_FILE), record)
-
-
-def _finish(
-    config: Config,
-    plan: InputPlan,
-    fs: Any,
-    out_path: str,
-    summary: JobSummary,
-    written: dict[int, Any],
-    done: set[int],
-) -> JobSummary:
-    from .sink import output_files, read_commits, remove_files
-
-    commits = {**read_commits(out_path, fs, done - set(written)), **written}
-    missing = [u.index for u in plan.units if u.index not in commits]
-    if missing:
-        raise OutputError(
-            f"Output {summary.output} is incomplete: {len(missing)} unit(s) have no commit record (e.g. unit "
-            f"{missing[0]}); run again with --resume"
-        )
-    for unit in plan.units:
-        if unit.rows is not None and commits[unit.index].rows != unit.rows:
-            raise OutputError(
-                f"Output {summary.output}: unit {unit.index} holds {commits[unit.index].rows} rows for its "
-                f"{unit.rows} inputs"
+    if pending:
+        # Ray first: when it cannot start, nothing has been written to the output.
+        _init_ray(job.address)
+        if job.serve_app:  # and the shared pool's replicas: their features must be the plan's
+            pool = describe_pool(job.serve_app)
+            check_pool(job.serve_app, pool, description.fingerprint)
+            logger.info(
+                "Encoding through Serve application %r (up to %d replicas, %d files in flight each)",
+                job.serve_app,
+                pool.max_replicas,
+                pool.max_offline_shards,
             )
-    present = output_files(out_path, fs)
-    named = {name for c in commits.values() for name, _ in c.files}
-    lost = sorted(named - set(present))
-    if lost:
-        raise OutputError(f"Output {summary.output} is missing {len(lost)} committed file(s), e.g. {lost[0]}")
-    remove_files(out_path, fs, set(present) - named)  # left by writers of an earlier attempt
-    _count(summary, commits, config.job.max_error_fraction)
-    if not summary.error_budget_exceeded:
-        _write_success(fs, out_path, summary, plan)
+    run = writer.start(_run_plan(plan, source))
+    try:
+        if pending:
+            run.remove_orphans()  # an interrupted run's files: this run writes those units again
+            committer = run.committer(
+                {u.index: u for u in units}, interval_s=job.commit_interval_s, max_units=job.commit_max_units
+            )
+            started = time.perf_counter()
+            try:
+                target = shard_target(config, run, description.fingerprint)
+                by_index = {u.index: u for u in plan.units}
+                work = [(by_index[u.index], u.key) for u in pending]
+                _run_pipeline(config, resolved, work, target, summary, committer, pool=pool, held=held)
+            finally:
+                committer.close()
+            summary.seconds = time.perf_counter() - started
+            summary.images_per_s = summary.read / summary.seconds if summary.seconds > 0 else 0.0
+            summary.units_written = len(run.committed)
+        outcome = run.finish(units, max_error_fraction=job.max_error_fraction)
+    finally:
+        run.close()
+    _count(summary, outcome, run)
     return summary
 
 
-def _finish_up_to_date(
-    config: Config, plan: InputPlan, fs: Any, out_path: str, summary: JobSummary
-) -> JobSummary:
-    """A resume with nothing to write: the recorded summary, this run's own budget decision, and a
-    ``_SUCCESS`` that is never rewritten (it says what the run that finished the output decided)."""
-    summary.up_to_date = True
-    recorded = read_json(fs, join_path(out_path, SUCCESS_FILE))
-    if recorded is not None and recorded.get("plan_fingerprint") == plan.fingerprint:
-        summary.recorded = recorded
-        summary.ok = int(recorded.get("ok", 0))
-        summary.errors = {str(k): int(v) for k, v in dict(recorded.get("errors") or {}).items()}
-        summary.inputs = int(recorded.get("inputs", 0))
-        summary.shards_total = int(recorded.get("shards_total", 0))
-        summary.error_fraction = (summary.inputs - summary.ok) / summary.inputs if summary.inputs else 0.0
-        summary.error_budget_exceeded = summary.error_fraction > config.job.max_error_fraction
-        return summary
-    # Every unit is committed but no run wrote _SUCCESS (one exceeded its budget): decide now.
-    return _finish(config, plan, fs, out_path, summary, {}, {u.index for u in plan.units})
+def _count(summary: JobSummary, outcome: Outcome, run: TableRun) -> None:
+    summary.inputs, summary.ok, summary.errors = outcome.rows, outcome.ok, outcome.errors
+    summary.files_total = outcome.files
+    summary.error_fraction = outcome.error_fraction
+    summary.error_budget_exceeded = outcome.budget_exceeded
+    summary.state = outcome.state
+    summary.version = run.snapshot.version
+    summary.up_to_date = outcome.up_to_date
+    if outcome.recorded is not None:
+        summary.recorded = dict(outcome.recorded.totals)
 
 
 _DECODE_WORKER_BASE_BYTES = 512 * 1024 * 1024  # a Python worker with PIL, numpy and the decode guard loaded
@@ -836,27 +711,19 @@ def _decode_task_memory(config: Config, resolved: ResolvedModel) -> int:
     return _DECODE_WORKER_BASE_BYTES + config.job.shard_size * per_image
 
 
-def shard_metadata(job_record: dict[str, Any]) -> dict[str, str]:
-    """Key-value metadata of every shard file of a job (``job_record``: what ``_job.json`` holds):
-    the encoder fingerprint and the resolved config + encoder description as JSON."""
-    return {
-        FINGERPRINT_KEY: job_record["fingerprint"],
-        CONFIG_KEY: json.dumps(
-            {"config": job_record["config"], "encoder": job_record["encoder"]}, default=str
-        ),
-    }
-
-
 def _run_pipeline(
     config: Config,
     resolved: ResolvedModel,
-    pending: list[Unit],
+    pending: list[tuple[Unit, str]],
     target: ShardTarget,
     summary: JobSummary,
-    commits: _Commits,
+    committer: Committer,
+    *,
     pool: PoolInfo | None = None,
+    held: IdSet | None = None,
 ) -> None:
-    """Decode tasks → the job's own encoder actors, or (``pool``) the Serve application's replicas."""
+    """Decode tasks → the job's own encoder actors, or (``pool``) the Serve application's replicas;
+    ``pending``: the units to write, with their content keys."""
     ray = _init_ray(config.job.address)
     job = config.job
     gpus = job.num_gpus_per_actor
@@ -864,7 +731,9 @@ def _run_pipeline(
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if (pool is not None or gpus == 0) and config.model.device == "auto":
         config = replace(config, model=replace(config.model, device="cpu"))  # the decode tasks' view
-    ds = ray.data.from_items([u.to_row() for u in pending], override_num_blocks=len(pending))
+    ds = ray.data.from_items(
+        [{**u.to_row(), "key": key} for u, key in pending], override_num_blocks=len(pending)
+    )
     ds = ds.map_batches(
         decode_unit,
         fn_kwargs={
@@ -872,6 +741,7 @@ def _run_pipeline(
             "resolved": resolved,
             "read": read_options(config),
             "shard_size": job.shard_size,
+            "held": held if held is not None and len(held) else None,
         },
         batch_size=1,
         num_cpus=1,
@@ -914,28 +784,38 @@ def _run_pipeline(
         )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row in rows_of_batch(batch):
-            if commits.add(row):  # a retried file reports again; it was replaced, not duplicated
-                summary.read += int(row["rows"])
-                summary.shards_written += 1 if row["file"] else 0
+            done = ShardSummary.from_row(row)
+            new = committer.add(
+                unit=done.shard,
+                piece=done.piece,
+                last=done.last,
+                file=done.file,
+                rows=done.rows,
+                ok=done.ok,
+                errors=done.errors,
+            )
+            if new:  # a retried file reports again; it was replaced, not duplicated
+                summary.read += done.rows
+                summary.files_written += 1 if done.file is not None else 0
 
 
 def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededError | None:
     """The typed error for a run above ``max_error_fraction`` (None when within budget)."""
     if not summary.error_budget_exceeded:
         return None
-    if summary.up_to_date and summary.recorded is not None:
+    if summary.up_to_date and summary.recorded is not None and summary.state == "complete":
         return ErrorBudgetExceededError(
             f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
             f"{config.job.max_error_fraction:.2%}; nothing was written (every unit was committed already), and "
-            f"{SUCCESS_FILE}, written by the run that allowed "
+            "the table, completed by the run that allowed "
             f"{float(summary.recorded.get('max_error_fraction', 0)):.2%}, is left as it is"
         )
     return ErrorBudgetExceededError(
         f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-        f"{config.job.max_error_fraction:.2%}; every row was written, {SUCCESS_FILE} was not. "
-        f"See the failures with `llava-features inspect {summary.output}`; to accept them, raise the "
-        f"budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, "
-        f"which writes {SUCCESS_FILE} without encoding anything again"
+        f"{config.job.max_error_fraction:.2%}; every row was committed and the table is marked failed (no "
+        f"{SUCCESS_FILE}). See the failures with `llava-features inspect {summary.output}`; to accept them, raise "
+        "the budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, which marks "
+        "the table complete without encoding anything again"
     )
 
 
@@ -1040,41 +920,41 @@ def release_memory() -> None:
         pass
 
 
-def dry_run(config: Config, input_uri: str, output_uri: str) -> DryRun:
+def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode = "create") -> DryRun:
     """Plan the job and describe what it would write, without starting Ray or writing anything.
 
     The plan is made first, before the model (and torch) is loaded to know the feature shapes.
     """
-    from .sink import committed_units
-    from .storage import output_is_empty, resolve_filesystem
+    from .encoder import describe_encoder
+    from .model import resolve_model
+    from .shards import table_identity
 
-    output_uri = resolve_output(output_uri)
+    location = output_location(config, output_uri)
     started = time.perf_counter()
     plan = make_plan(config, input_uri)
     plan_seconds = time.perf_counter() - started
     plan_rss = peak_rss_mb()
     release_memory()
-    from .encoder import describe_encoder  # torch and transformers from here on
-    from .model import resolve_model
-
-    resolved = resolve_model(config.model)
+    resolved = resolve_model(config.model)  # torch and transformers from here on
     per_row, shapes = feature_bytes(config, resolved)
-    fs, out_path = resolve_filesystem(output_uri, s3_endpoint=config.job.s3_endpoint)
-    if output_is_empty(output_uri, s3_endpoint=config.job.s3_endpoint):
-        state = "empty: a new job"
+    identity = table_identity(
+        config, resolved, describe_encoder(config, resolved), carried=dict(plan.carried)
+    )
+    try:
+        writer = TableWriter.open(location, identity=identity, mode=mode)
+    except LlavaFeaturesError as exc:
+        state = f"the job would refuse it: {exc.message}"
     else:
-        existing = read_json(fs, join_path(out_path, JOB_FILE))
-        if existing is None:
-            state = f"not empty and no {JOB_FILE}: the job would refuse it"
-        elif existing.get("plan_fingerprint") != plan.fingerprint:
-            state = "written for another plan: --resume would refuse it"
-        elif existing.get("fingerprint") != describe_encoder(config, resolved).fingerprint:
-            state = "written by another encoder: --resume would refuse it"
+        if writer.snapshot is None:
+            state = "empty: a new table"
         else:
-            done = len(committed_units(out_path, fs) & {u.index for u in plan.units})
-            finished = read_json(fs, join_path(out_path, SUCCESS_FILE)) is not None
-            state = f"{done} of {len(plan.units)} unit(s) committed{', finished' if finished else ''}: --resume continues it"
-    return DryRun(plan, output_uri, plan_seconds, per_row, shapes, state, plan_rss, config.job.serve_app)
+            if mode == "append":
+                plan = plan.without(writer.existing_ids().contains, writer.snapshot.committed_keys())
+            done = writer.snapshot.committed_keys()
+            held = sum(plan.unit_key(u) in done for u in plan.units)
+            verb = {"resume": "--resume continues it", "append": "--append adds the rest"}.get(mode, "")
+            state = f"a table (version {writer.snapshot.version}); {held} of {len(plan.units)} unit(s) of this plan in it: {verb}"
+    return DryRun(plan, location.uri, plan_seconds, per_row, shapes, state, plan_rss, config.job.serve_app)
 
 
 def peak_rss_mb() -> float | None:

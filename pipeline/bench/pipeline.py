@@ -367,9 +367,17 @@ def bench_pipeline_inprocess(
     import pyarrow.parquet as pq
     import torch
 
-    from ..config import Config, config_to_dict
-    from ..encoder import describe_encoder
-    from ..job import EncodeShardActor, decode_unit, make_plan, read_options, shard_target, unit_batch
+    from ..config import Config
+    from ..job import (
+        EncodeShardActor,
+        decode_unit,
+        make_plan,
+        new_table_run,
+        planned_units,
+        read_options,
+        shard_target,
+        unit_batch,
+    )
     from ..model import resolve_device, resolve_model
 
     base = config if config is not None else Config()
@@ -403,28 +411,27 @@ def bench_pipeline_inprocess(
         logger.info("encoder-only: %.1f images/s", enc["images_per_s"])
 
         resolved = resolve_model(cfg.model)
-        description = describe_encoder(cfg, resolved)
-        record = {
-            "fingerprint": description.fingerprint,
-            "config": config_to_dict(cfg),
-            "encoder": description.fields,
-        }
         plan = make_plan(cfg, str(images_dir))
-        batches = [unit_batch([u]) for u in plan.units]
+        keys = [u.key for u in planned_units(plan)]
+        batches = [unit_batch([u], [k]) for u, k in zip(plan.units, keys, strict=True)]
         read = read_options(cfg)
 
         def decode(b: dict[str, Any]) -> list[dict[str, Any]]:
             """One unit's output files, decoded (one batch each)."""
             return list(decode_unit(b, config=cfg, resolved=resolved, read=read, shard_size=shard))
 
+        # The actor writes the data files of a table's run (what the job's actors do); the commits to the
+        # table's log are the driver's, measured by `bench table`: the files are read back directly.
         out_dir = root / "out"
-        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, str(out_dir), record, dict(plan.carried)))
+        run = new_table_run(cfg, plan, str(out_dir), resolved=resolved)
+        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, run, run.identity.fingerprint))
 
         def read_back() -> dict[str, Any]:
-            ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
-            data = _dir_bytes(out_dir)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
+            files = sorted(out_dir.glob("part-*.parquet"))
+            ids = pq.read_table(files, columns=["image_id", "status"]).to_pydict()
+            data = sum(f.stat().st_size for f in files)
+            for f in files:
+                f.unlink()
             return {
                 "rows": len(ids["image_id"]),
                 "unique_ids": len(set(ids["image_id"])),
@@ -432,7 +439,6 @@ def bench_pipeline_inprocess(
                 "bytes": data,
             }
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         # decode alone (kept: the actor-only run encodes these)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
@@ -496,6 +502,7 @@ def bench_pipeline_inprocess(
             "target_ratio": 0.85,
         }
         actor.writer.encoder.close()
+        run.close()
         if cuda:
             torch.cuda.empty_cache()
         return result

@@ -45,6 +45,9 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     # Offline job outputs.
     OUTPUT_EXISTS = "output_exists"
+    OUTPUT_IN_USE = "output_in_use"
+    UNSUPPORTED_OUTPUT = "unsupported_output"
+    SCHEMA_MISMATCH = "schema_mismatch"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     ERROR_BUDGET_EXCEEDED = "error_budget_exceeded"
     # Anything not anticipated (a bug): still reported per item, never fatal to a job.
@@ -138,6 +141,10 @@ class OutputError(LlavaFeaturesError):
     """The output location cannot be used as asked (not empty, other fingerprint)."""
 
     default_code = ErrorCode.OUTPUT_EXISTS
+
+
+class IncompleteTableWarning(UserWarning):
+    """A feature table was read while it is not complete (in progress, interrupted, or over its budget)."""
 
 
 class ErrorBudgetExceededError(LlavaFeaturesError):

@@ -27,6 +27,7 @@ process); filesystem objects never cross the Ray hop.
 
 from __future__ import annotations
 
+from .delta import delta_location, delta_storage_options
 from .fs import (
     SUPPORTED_SCHEMES,
     _effective_s3_endpoint,
@@ -82,6 +83,8 @@ __all__ = [
     "_effective_s3_endpoint",
     "_effective_s3_region",
     "absolute_uri",
+    "delta_location",
+    "delta_storage_options",
     "ensure_output_dir",
     "expand_braces",
     "expand_unit",
