@@ -7,8 +7,7 @@ Layers, bottom to top (a module may import its own layer and the ones below):
 0. ``pipeline.model.errors``, ``pipeline.model.config``, ``pipeline.model.constants``,
    ``pipeline.config``, ``pipeline.constants``: pure Python (errors, config, vocabulary);
 1. ``pipeline.model``: torch + transformers (never ray, PIL, pyarrow);
-2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.tensors``, ``pipeline.sink``, ``pipeline.reader``,
-   ``pipeline.records``, ``pipeline.inspect``;
+2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``;
 3. ``pipeline.encoder``;
 3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
 4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
@@ -42,11 +41,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "pipeline.images",
         "pipeline.storage",
-        "pipeline.tensors",
-        "pipeline.sink",
-        "pipeline.reader",
+        "pipeline.table",
         "pipeline.records",
-        "pipeline.inspect",
     ),
     ("pipeline.encoder",),
     ("pipeline.shards",),
@@ -152,6 +148,17 @@ def test_model_package_is_pure_torch_and_transformers(path):
         assert top not in FORBIDDEN_IN_MODEL, f"{path.name} imports {name}"
         if top == "pipeline":
             assert name.startswith("pipeline.model"), f"{path.name} imports upward: {name}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipeline" / "table").rglob("*.py")), ids=lambda p: p.name)
+def test_the_table_knows_no_model_and_no_ray(path):
+    """The feature table writes and reads data files and the log; encoding them is the encoder's."""
+    for name, _ in imports_of(path):
+        top = name.split(".")[0]
+        assert top not in ("ray", "transformers", "PIL"), f"{path.name} imports {name}"
+        if name.startswith("pipeline.model"):
+            assert name == "pipeline.model.errors", f"{path.name} imports {name}: the table knows no model"
+        assert not name.startswith(("pipeline.encoder", "pipeline.shards", "pipeline.records")), name
 
 
 def test_the_checker_sees_string_imports():

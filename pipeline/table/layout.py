@@ -48,7 +48,7 @@ LEGACY_MARKERS = ("_job.json", "_commits")
 """Files of the layout before the Delta table (``_commits/unit-NNNNNN.json`` commit records)."""
 IDENTITY_KEY = "llava_features_table"
 """Key of the table's identity (the JSON in the Delta metadata's ``description``): its layout version."""
-COMMIT_KEY = "llava_features"
+COMMIT_KEY = "llava-features"
 """Key of our record in a commit's ``commitInfo`` (JSON: the run, its segment, what it committed)."""
 TXN_PREFIX = "llava-features/unit/"
 """Application-transaction id of a committed unit (+ its key): two commits of one unit conflict."""
