@@ -157,14 +157,16 @@ class JobSummary:
             f"output:        {self.output} (Delta table version {self.version}, {self.state})",
             f"fingerprint:   {self.fingerprint[:16]}",
         ]
-        if self.up_to_date:
+        if self.up_to_date and self.mode == "append" and not self.units_total:
+            lines.append("up to date:    the table holds every input already; nothing was appended")
+        elif self.up_to_date:
             if (
                 self.recorded is not None
                 and self.recorded.get("max_error_fraction") != self.max_error_fraction
             ):
                 lines.append(
-                    "up to date:    every unit was committed already; the table stays as its last run recorded it "
-                    f"(max_error_fraction {self.recorded.get('max_error_fraction')})"
+                    "up to date:    every unit was committed already; the table is left as its last run recorded "
+                    f"it (max_error_fraction {self.recorded.get('max_error_fraction')})"
                 )
             else:
                 lines.append("up to date:    every unit was committed already; nothing was encoded again")
@@ -623,6 +625,11 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
         len(units) - len(pending),
         len(pending),
     )
+    if mode == "append" and writer.snapshot is not None and not units:
+        summary.up_to_date, summary.state = True, "complete"
+        summary.version = writer.snapshot.version
+        logger.info("The table holds every input of %s already: nothing to append", plan.input)
+        return summary
     pool = None
     if pending:
         # Ray first: when it cannot start, nothing has been written to the output.

@@ -14,7 +14,9 @@ def _record(shard: int, n_ok: int, n_err: int, *, data: bool = False) -> Decoded
     pixels = []
     for i in range(n_ok + n_err):
         if (i % 2 == 0 and i // 2 < n_ok) or i >= 2 * n_err:
-            record.add_ok(f"img-{shard}-{i}", f"/in/{i}.jpg", width=40 + i, height=30 + i, carried={"caption": f"c{i}"})
+            record.add_ok(
+                f"img-{shard}-{i}", f"/in/{i}.jpg", width=40 + i, height=30 + i, carried={"caption": f"c{i}"}
+            )
             pixels.append(np.full((3, 4, 5), i, np.uint8))
             if data:
                 record.data.append(bytes([i]) * (i + 1))  # type: ignore[union-attr]
@@ -75,7 +77,15 @@ def test_device_decode_failures_become_error_rows_in_place():
 
 
 def test_summary_round_trip_carries_the_data_file():
-    file = DataFile("part-x.parquet", 1234, 5, {"error_code": 3, "image_id": 0}, "a", "e", 99)
+    file = DataFile(
+        "part-x.parquet",
+        1234,
+        5,
+        {"error_code": 3, "image_id": 0, "width": 2},
+        {"image_id": ("a", "e")},
+        {"width": (3, 40)},
+        99,
+    )
     summaries = [
         ShardSummary(shard=3, piece=1, last=True, rows=5, ok=3, errors={"corrupt": 2}, file=file),
         ShardSummary(shard=4, piece=0, last=True, rows=0, ok=0),
@@ -85,7 +95,7 @@ def test_summary_round_trip_carries_the_data_file():
     assert back == summaries
     assert back[0].file.ok == 3 and back[0].file.stats() == {
         "numRecords": 5,
-        "nullCount": {"error_code": 3, "image_id": 0},
-        "minValues": {"image_id": "a"},
-        "maxValues": {"image_id": "e"},
+        "nullCount": {"error_code": 3, "image_id": 0, "width": 2},
+        "minValues": {"image_id": "a", "width": 3},
+        "maxValues": {"image_id": "e", "width": 40},
     }

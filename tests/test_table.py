@@ -43,7 +43,13 @@ from pipeline.table.files import write_data_file
 from pipeline.table.layout import DataFileName, lease_path
 from pipeline.table.lease import Lease
 from pipeline.table.log import CommitRecord, commit_conflict_types, commit_files, load_snapshot
-from pipeline.table.tensors import column_to_numpy, pooled_column, tensor_column, variable_column, variable_rows
+from pipeline.table.tensors import (
+    column_to_numpy,
+    pooled_column,
+    tensor_column,
+    variable_column,
+    variable_rows,
+)
 
 TOKENS, DIM = 5, 8
 LOCAL = pafs.LocalFileSystem()
@@ -77,9 +83,13 @@ def _rows(n: int, errors: tuple[int, ...] = (), prefix: str = "img") -> InputRow
     for i in range(n):
         image_id = f"{prefix}-{i:03d}"
         if i in errors:
-            rows.add_error(image_id, f"/in/{image_id}.jpg", code="corrupt", message=f"{image_id}: broken", carried={})
+            rows.add_error(
+                image_id, f"/in/{image_id}.jpg", code="corrupt", message=f"{image_id}: broken", carried={}
+            )
         else:
-            rows.add_ok(image_id, f"/in/{image_id}.jpg", width=10 + i, height=5 + i, carried={"caption": f"c{i}"})
+            rows.add_ok(
+                image_id, f"/in/{image_id}.jpg", width=10 + i, height=5 + i, carried={"caption": f"c{i}"}
+            )
     return rows
 
 
@@ -101,17 +111,29 @@ def _write_unit(run: Any, unit: PlannedUnit, *, errors: tuple[int, ...] = (1,), 
 
 
 def _add(committer: Any, unit: PlannedUnit, file: DataFile) -> None:
-    committer.add(unit=unit.index, piece=0, last=True, file=file, rows=file.rows, ok=file.ok, errors={"corrupt": file.rows - file.ok})
+    committer.add(
+        unit=unit.index,
+        piece=0,
+        last=True,
+        file=file,
+        rows=file.rows,
+        ok=file.ok,
+        errors={"corrupt": file.rows - file.ok},
+    )
 
 
-def _start(out: Path, mode: str = "create", identity: TableIdentity | None = None, plan: str = "plan-1") -> Any:
+def _start(
+    out: Path, mode: str = "create", identity: TableIdentity | None = None, plan: str = "plan-1"
+) -> Any:
     writer = TableWriter.open(TableLocation(str(out)), identity=identity or _identity(), mode=mode)  # type: ignore[arg-type]
     return writer.start(RunPlan(plan=plan, input="/in", input_kind="images", units=4, rows=12))
 
 
-def _full_run(out: Path, units: list[PlannedUnit], *, only: list[PlannedUnit] | None = None, budget: float = 0.5) -> Any:
+def _full_run(
+    out: Path, units: list[PlannedUnit], *, only: list[PlannedUnit] | None = None, budget: float = 0.5
+) -> Any:
     run = _start(out, "create" if not (out / "_delta_log").exists() else "resume")
-    committer = run.committer({u.index: u for u in units}, interval_s=0.05)
+    committer = run.committer({u.index: u for u in units}, interval_s=60)  # one batch, at close
     for u in only if only is not None else units:
         _add(committer, u, _write_unit(run, u))
     committer.close()
@@ -121,7 +143,9 @@ def _full_run(out: Path, units: list[PlannedUnit], *, only: list[PlannedUnit] | 
 # -- tensor columns -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dtype", "fmt"), [("float16", "binary"), ("float32", "binary"), ("float32", "list")])
+@pytest.mark.parametrize(
+    ("dtype", "fmt"), [("float16", "binary"), ("float32", "binary"), ("float32", "list")]
+)
 def test_tensor_columns_round_trip_with_null_rows(dtype, fmt):
     ok = np.array([True, False, True, True, False])
     data = _features(3, dtype=dtype)
@@ -219,7 +243,9 @@ def test_a_data_file_is_complete_or_absent_and_reads_without_the_package(tmp_pat
     feats = _features(3)
     table = build_batch(rows, spec, features={"features": feats}, pooled=feats.astype(np.float32).mean(1))
     written = write_data_file(table, filesystem=LOCAL, folder=str(tmp_path), name="part-a.parquet")
-    assert written.rows == 4 and written.ok == 3 and (written.min_id, written.max_id) == ("img-000", "img-003")
+    assert written.rows == 4 and written.ok == 3 and written.text_bounds["image_id"] == ("img-000", "img-003")
+    assert written.int_bounds["width"] == (10, 13) and "features" not in written.null_counts
+    assert "error_message" in written.text_bounds  # every covered column has its bounds
     assert written.size == (tmp_path / "part-a.parquet").stat().st_size
     plain = pq.read_table(tmp_path / "part-a.parquet")  # any Parquet reader: plain binary + field metadata
     assert plain.schema.field("features").type == pa.binary()
@@ -254,7 +280,9 @@ def test_claim_commit_finish_read(tmp_path):
     np.testing.assert_array_equal(got.features[:2], _features(2, seed=0))
     assert got.identity.fingerprint == "fp-1" and got.identity.model == "/models/tiny"
     everything = read_features(str(out), status=None, column="pooled")
-    assert everything.num_rows == 12 and everything.valid.sum() == 8 and everything.features.shape == (12, DIM)
+    assert (
+        everything.num_rows == 12 and everything.valid.sum() == 8 and everything.features.shape == (12, DIM)
+    )
     # the other readers see the same snapshot
     ds = deltalake.DeltaTable(str(out)).to_pyarrow_dataset()
     counts = dict(duckdb.sql("select status, count(*) from ds group by all").fetchall())
@@ -332,7 +360,9 @@ def test_two_resumes_commit_every_unit_exactly_once(tmp_path):
     first = _full_run(out, units, only=units[:1])
     first.close()
     # Two resumes started together: each looks before the other holds a lease, so both proceed.
-    writers = [TableWriter.open(TableLocation(str(out)), identity=_identity(), mode="resume") for _ in range(2)]
+    writers = [
+        TableWriter.open(TableLocation(str(out)), identity=_identity(), mode="resume") for _ in range(2)
+    ]
     one, two = (w.start(RunPlan(plan="plan-1")) for w in writers)
     assert [len(r.pending(units)) for r in (one, two)] == [5, 5]
     c1 = one.committer({u.index: u for u in units}, interval_s=30)
@@ -462,7 +492,10 @@ def test_append_adds_a_segment(tmp_path):
     names = sorted(DataFileName.parse(p.name).segment for p in out.glob("part-*"))
     assert names == [1, 1, 2]
     report = inspect_table(str(out))
-    assert [(s.number, s.append, s.state) for s in report.segments] == [(1, False, "complete"), (2, True, "complete")]
+    assert [(s.number, s.append, s.state) for s in report.segments] == [
+        (1, False, "complete"),
+        (2, True, "complete"),
+    ]
 
 
 def test_outputs_that_are_not_a_table_are_refused(tmp_path):

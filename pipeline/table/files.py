@@ -47,8 +47,6 @@ DEFAULT_ROW_GROUP_BYTES = 256 * 1024 * 1024
 """Target size of a row group (about 54 rows of 576x4096 float16 features)."""
 _PAGE_BYTES = 1024 * 1024
 _OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
-_STAT_COLUMNS = ("image_id",)
-"""Columns whose min and max go into a file's statistics (lookups by id can skip files)."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +59,11 @@ class DataFile:
     """Bytes."""
     rows: int
     null_counts: dict[str, int] = field(default_factory=dict)
-    """Nulls per top-level column (``error_code``'s are the file's ok rows)."""
-    min_id: str | None = None
-    """Smallest ``image_id`` (None for a file without rows)."""
-    max_id: str | None = None
+    """Nulls of each column the statistics cover (``error_code``'s are the file's ok rows)."""
+    text_bounds: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """``(min, max)`` of the covered text columns that hold a value."""
+    int_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """``(min, max)`` of the covered integer columns that hold a value."""
     modified_ms: int = 0
     """When it was written (milliseconds since the epoch)."""
 
@@ -74,25 +73,35 @@ class DataFile:
         return int(self.null_counts.get("error_code", self.rows))
 
     def stats(self) -> dict[str, Any]:
-        """Delta's per-file statistics (``numRecords``, ``nullCount``, ``minValues``/``maxValues``)."""
-        out: dict[str, Any] = {"numRecords": self.rows, "nullCount": dict(self.null_counts)}
-        if self.min_id is not None and self.max_id is not None:
-            out["minValues"] = {"image_id": self.min_id}
-            out["maxValues"] = {"image_id": self.max_id}
-        return out
+        """Delta's per-file statistics: ``numRecords``, and ``nullCount``, ``minValues``, ``maxValues`` of the
+        text and integer columns (readers skip files by them, so they are exact and complete: a column
+        with a null count but no bounds would read as "no value matches" to delta-rs's datasets)."""
+        bounds = {**self.text_bounds, **self.int_bounds}
+        return {
+            "numRecords": self.rows,
+            "nullCount": dict(self.null_counts),
+            "minValues": {name: low for name, (low, _) in bounds.items()},
+            "maxValues": {name: high for name, (_, high) in bounds.items()},
+        }
 
     # -- across the Ray hop: natural columns, no JSON ------------------------------------------
 
     def to_row(self, prefix: str = "file_") -> dict[str, Any]:
         names = sorted(self.null_counts)
+        texts = sorted(self.text_bounds)
+        ints = sorted(self.int_bounds)
         return {
             f"{prefix}path": self.path,
             f"{prefix}size": int(self.size),
             f"{prefix}rows": int(self.rows),
             f"{prefix}null_columns": names,
             f"{prefix}null_counts": [int(self.null_counts[n]) for n in names],
-            f"{prefix}min_id": self.min_id or "",
-            f"{prefix}max_id": self.max_id or "",
+            f"{prefix}text_columns": texts,
+            f"{prefix}text_min": [self.text_bounds[n][0] for n in texts],
+            f"{prefix}text_max": [self.text_bounds[n][1] for n in texts],
+            f"{prefix}int_columns": ints,
+            f"{prefix}int_min": [int(self.int_bounds[n][0]) for n in ints],
+            f"{prefix}int_max": [int(self.int_bounds[n][1]) for n in ints],
             f"{prefix}modified_ms": int(self.modified_ms),
         }
 
@@ -102,6 +111,15 @@ class DataFile:
         path = str(row[f"{prefix}path"])
         if not path:
             return None
+
+        def pairs(names: str, lows: str, highs: str, kind: type) -> dict[str, tuple[Any, Any]]:
+            return {
+                str(n): (kind(lo), kind(hi))
+                for n, lo, hi in zip(
+                    row[prefix + names], row[prefix + lows], row[prefix + highs], strict=True
+                )
+            }
+
         return cls(
             path=path,
             size=int(row[f"{prefix}size"]),
@@ -110,24 +128,15 @@ class DataFile:
                 str(n): int(c)
                 for n, c in zip(row[f"{prefix}null_columns"], row[f"{prefix}null_counts"], strict=True)
             },
-            min_id=str(row[f"{prefix}min_id"]) or None,
-            max_id=str(row[f"{prefix}max_id"]) or None,
+            text_bounds=pairs("text_columns", "text_min", "text_max", str),
+            int_bounds=pairs("int_columns", "int_min", "int_max", int),
             modified_ms=int(row[f"{prefix}modified_ms"]),
         )
 
     @staticmethod
     def empty_row(prefix: str = "file_") -> dict[str, Any]:
-        """The :meth:`to_row` columns of "no file" (a piece without rows)."""
-        return {
-            f"{prefix}path": "",
-            f"{prefix}size": 0,
-            f"{prefix}rows": 0,
-            f"{prefix}null_columns": [],
-            f"{prefix}null_counts": [],
-            f"{prefix}min_id": "",
-            f"{prefix}max_id": "",
-            f"{prefix}modified_ms": 0,
-        }
+        """The :meth:`to_row` columns of "no file"."""
+        return DataFile("", 0, 0).to_row(prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,16 +295,29 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def file_stats(table: pa.Table) -> tuple[dict[str, int], str | None, str | None]:
-    """``(null counts per column, min image_id, max image_id)`` of a data file's table."""
-    # Delta keeps null counts of leaf columns: the nested ones (lists, structs) are left out.
-    nulls = {
-        f.name: int(table.column(f.name).null_count) for f in table.schema if not pa.types.is_nested(f.type)
-    }
-    if table.num_rows == 0:
-        return nulls, None, None
-    bounds = pc.min_max(table.column(_STAT_COLUMNS[0]))
-    return nulls, bounds["min"].as_py(), bounds["max"].as_py()
+def file_stats(
+    table: pa.Table,
+) -> tuple[dict[str, int], dict[str, tuple[str, str]], dict[str, tuple[int, int]]]:
+    """``(null counts, text bounds, integer bounds)`` of a data file's text and integer columns (the
+    others, tensors, floats and booleans, are left out of its statistics)."""
+    nulls: dict[str, int] = {}
+    texts: dict[str, tuple[str, str]] = {}
+    ints: dict[str, tuple[int, int]] = {}
+    for f in table.schema:
+        text = pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        if not (text or pa.types.is_integer(f.type)):
+            continue
+        column = table.column(f.name)
+        nulls[f.name] = int(column.null_count)
+        if column.null_count == len(column):
+            continue  # no value: its null count says so, and no bound exists
+        bounds = pc.min_max(column)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if text:
+            texts[f.name] = (low, high)
+        else:
+            ints[f.name] = (int(low), int(high))
+    return nulls, texts, ints
 
 
 def write_data_file(
@@ -343,7 +365,7 @@ def write_data_file(
             with contextlib.suppress(Exception):
                 filesystem.delete_file(tmp)
             raise
-    nulls, low, high = file_stats(table)
+    nulls, texts, ints = file_stats(table)
     logger.debug(
         "wrote %s (%d rows, %.1f MB) in %.2fs", final, table.num_rows, size / 1e6, time.perf_counter() - start
     )
@@ -352,7 +374,7 @@ def write_data_file(
         size=size,
         rows=table.num_rows,
         null_counts=nulls,
-        min_id=low,
-        max_id=high,
+        text_bounds=texts,
+        int_bounds=ints,
         modified_ms=int(time.time() * 1000),
     )
