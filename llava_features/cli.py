@@ -140,6 +140,8 @@ JOB_OPTIONS = (
     "limit",
     "s3_endpoint",
     "read_timeout_s",
+    "commit_interval_s",
+    "commit_max_units",
     "address",
     "serve_app",
 )

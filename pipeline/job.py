@@ -958,7 +958,7 @@ def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
             if mode == "append":
                 plan = plan.without(writer.existing_ids().contains, writer.snapshot.committed_keys())
             done = writer.snapshot.committed_keys()
-            held = sum(plan.unit_key(u) in done for u in plan.units)
+            held = sum(u.key in done for u in planned_units(plan))
             verb = {"resume": "--resume continues it", "append": "--append adds the rest"}.get(mode, "")
             state = f"a table (version {writer.snapshot.version}); {held} of {len(plan.units)} unit(s) of this plan in it: {verb}"
     return DryRun(plan, location.uri, plan_seconds, per_row, shapes, state, plan_rss, config.job.serve_app)

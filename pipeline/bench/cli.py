@@ -39,15 +39,27 @@ from ..model.constants import COMPILE_MODES, COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve", "shared-pool", "profile", "all")
+TARGETS = (
+    "encoder",
+    "pipeline",
+    "preprocess",
+    "sink",
+    "plan",
+    "table",
+    "serve",
+    "shared-pool",
+    "profile",
+    "all",
+)
 ORDER = ("encoder", "pipeline", "preprocess", "sink", "plan", "serve")
-NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "serve", "shared-pool", "profile")
+NEEDS_ARCHITECTURE = ("encoder", "pipeline", "plan", "table", "serve", "shared-pool", "profile")
 """Benchmarks that build an encoder (``--config FILE`` or ``--tiny``); preprocess and sink need
 neither (the architecture only sets their shapes: LLaVA-1.5's by default)."""
 _EXTERNAL = {
     "preprocess": ("pipeline.bench.preprocess", "bench_preprocess"),
     "sink": ("pipeline.bench.sink", "bench_sink"),
     "plan": ("pipeline.bench.plan", "bench_plan"),
+    "table": ("pipeline.bench.table", "bench_table"),
 }
 """Benchmarks of this package dispatched by name: target → (module, function)."""
 
@@ -347,6 +359,7 @@ RUNNERS: dict[str, Runner] = {
     "preprocess": _external("preprocess"),
     "sink": _external("sink"),
     "plan": _external("plan"),
+    "table": _external("table"),
     "serve": _external("serve"),
     "shared-pool": _external("shared-pool"),
     "profile": _local(_run_profile),

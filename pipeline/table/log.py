@@ -231,10 +231,12 @@ def load_snapshot(location: TableLocation, version: int | None = None) -> Snapsh
 def refresh(snapshot: Snapshot) -> Snapshot:
     """The newest version of ``snapshot``'s table (reads only the commits since)."""
     snapshot.table.update_incremental()
-    return _snapshot(snapshot.location, snapshot.table)
+    return _snapshot(snapshot.location, snapshot.table, {f.path: f.name for f in snapshot.files})
 
 
-def _snapshot(location: TableLocation, dt: Any) -> Snapshot:
+def _snapshot(
+    location: TableLocation, dt: Any, known: dict[str, DataFileName | None] | None = None
+) -> Snapshot:
     metadata = dt.metadata()
     identity = TableIdentity.from_json(metadata.description)
     schema = pa.schema(dt.schema().to_arrow())
@@ -249,8 +251,15 @@ def _snapshot(location: TableLocation, dt: Any) -> Snapshot:
         if "null_count.error_code" in adds.column_names
         else [None] * len(paths)
     )
+    known = known or {}  # names parsed for an earlier version (a refresh parses only the new ones)
     files = [
-        ActiveFile(p, DataFileName.parse(p), int(s), int(r or 0), None if o is None else int(o))
+        ActiveFile(
+            p,
+            known[p] if p in known else DataFileName.parse(p),
+            int(s),
+            int(r or 0),
+            None if o is None else int(o),
+        )
         for p, s, r, o in zip(paths, sizes, rows, oks, strict=True)
     ]
     return Snapshot(
