@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,10 +33,10 @@ from pipeline.storage import (
     join_path,
     resolve_filesystem,
 )
+from tests.delta_race import ARROW_SCHEMA, claim
 from tests.fixtures.gcs import GcsServer
 from tests.fixtures.s3 import S3Server
 
-ARROW_SCHEMA = pa.schema([("image_id", pa.string()), ("value", pa.int64())])
 RACERS = 4
 # What delta-rs says to a claim that lost the race: the table was there when it looked, or (it
 # looked too early) the store refused its create-if-absent write of version 0, which with
@@ -175,29 +174,11 @@ def test_create_commit_checkpoint_and_read_back(store: Store) -> None:
     assert _rows(reloaded) == [("a", 10), ("b", 20), ("c", 30)]
 
 
-def _claim(location: str, options: dict[str, str], writer: int, barrier: Any, results: Any) -> None:
-    """One racer (a spawned process: forking after deltalake is imported deadlocks)."""
-    try:
-        barrier.wait(timeout=60)
-        create_table_with_add_actions(
-            location,
-            Schema.from_arrow(ARROW_SCHEMA),
-            [],
-            mode="error",
-            storage_options=options,
-            commit_properties=CommitProperties(max_commit_retries=0, custom_metadata={"writer": str(writer)}),
-        )
-    except Exception as exc:
-        results.put((writer, f"{type(exc).__name__}: {exc}"))
-    else:
-        results.put((writer, None))
-
-
 def test_claim_race_has_one_winner(store: Store) -> None:
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(RACERS), context.Queue()
     racers = [
-        context.Process(target=_claim, args=(store.location, store.options, i, barrier, results))
+        context.Process(target=claim, args=(store.location, store.options, i, barrier, results))
         for i in range(RACERS)
     ]
     for racer in racers:
