@@ -8,9 +8,14 @@ objects in place and look at what the product left behind.
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import io
+import json
 import os
+import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +106,160 @@ def test_emulator_errors_fail_fast(gcs_server: GcsServer) -> None:
     assert status == 400
     assert b"TypeError" in body
     assert gcs_server.request("PUT", "/storage/v1/b")[0] == 400  # 501 from the emulator
+
+
+def _xml_path(bucket: str, key: str = "") -> str:
+    """An XML-API path as object_store spells it: every non-alphanumeric byte percent-encoded."""
+    return f"/{quote(bucket, safe='')}/{quote(key, safe='')}" if key else f"/{quote(bucket, safe='')}"
+
+
+def test_xml_api_objects(gcs_server: GcsServer) -> None:
+    """The XML API object_store uses, over the JSON API's storage: uploads, reads, copies, deletes."""
+    bucket = gcs_server.create_bucket()
+    key = "t/_delta_log/00000000000000000000.json"
+    create = {"x-goog-if-generation-match": "0", "Content-Type": "application/octet-stream"}
+    status, headers, _ = gcs_server.exchange(
+        "PUT", _xml_path(bucket, key), body=b"0123456789", headers=create
+    )
+    assert status == 200
+    generation = headers["x-goog-generation"]
+    assert headers["etag"] == f'"{hashlib.md5(b"0123456789").hexdigest()}"'
+    # Create-if-absent: a second creator is refused, and the object is left as it was.
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"other", headers=create)[0] == 412
+    assert gcs_server.list_keys(bucket) == [key]  # the JSON API sees the XML API's object
+    with gcs_server.filesystem().open_input_stream(f"{bucket}/{key}") as f:
+        assert f.read() == b"0123456789"
+
+    status, headers, body = gcs_server.exchange("GET", _xml_path(bucket, key))
+    assert (status, body, headers["x-goog-generation"], headers["content-length"]) == (
+        200,
+        b"0123456789",
+        generation,
+        "10",
+    )
+    assert email.utils.parsedate_to_datetime(headers["last-modified"]).year >= 2024
+    status, headers, body = gcs_server.exchange("HEAD", _xml_path(bucket, key))
+    assert (status, body, headers["content-length"], headers["x-goog-generation"]) == (
+        200,
+        b"",
+        "10",
+        generation,
+    )
+    for value, expected, content_range in [
+        ("bytes=2-4", b"234", "bytes 2-4/10"),
+        ("bytes=7-", b"789", "bytes 7-9/10"),
+        ("bytes=-3", b"789", "bytes 7-9/10"),
+        ("bytes=8-99", b"89", "bytes 8-9/10"),
+    ]:
+        status, headers, body = gcs_server.exchange("GET", _xml_path(bucket, key), headers={"Range": value})
+        assert (status, body, headers["content-range"]) == (206, expected, content_range), value
+    assert gcs_server.exchange("GET", _xml_path(bucket, key), headers={"Range": "bytes=10-"})[0] == 416
+
+    # An update conditioned on the generation: the current one passes, a stale one is refused.
+    update = {"x-goog-if-generation-match": generation}
+    status, headers, _ = gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"v2", headers=update)
+    assert status == 200 and headers["x-goog-generation"] != generation
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"v3", headers=update)[0] == 412
+    assert gcs_server.exchange("GET", _xml_path(bucket, key))[2] == b"v2"
+
+    # Copies (object_store's copy_if_not_exists, with the destination precondition), then deletes.
+    odd = "odd name+#?%&=ü.json"
+    gcs_server.put_object(bucket, odd, b"json api")  # written through the JSON API
+    source = {"x-goog-copy-source": f"{quote(bucket, safe='')}/{quote(odd, safe='')}"}
+    assert gcs_server.exchange("PUT", _xml_path(bucket, "copy"), headers=source)[0] == 200
+    assert gcs_server.exchange("GET", _xml_path(bucket, "copy"))[2] == b"json api"
+    refused = {**source, "x-goog-if-generation-match": "0"}
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), headers=refused)[0] == 412
+    assert gcs_server.exchange("PUT", _xml_path(bucket, "copy2"), headers=refused)[0] == 200
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, "copy"))[0] == 204
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, "copy"))[0] == 404
+    assert gcs_server.exchange("GET", _xml_path(bucket, "copy"))[0] == 404
+    assert gcs_server.list_keys(bucket) == ["copy2", odd, key]
+    assert gcs_server.exchange("GET", _xml_path(f"{bucket}-missing", key))[0] == 404
+
+    # What object_store does not use is refused at once (400), never approximated.
+    assert gcs_server.exchange("POST", _xml_path(bucket, key), query={"uploads": ""})[0] == 400
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, key), headers=update)[0] == 400
+    status, _, body = gcs_server.exchange(
+        "GET", _xml_path(bucket, key), headers={"x-goog-if-metageneration-match": "1"}
+    )
+    assert status == 400 and b"not served by the test XML API" in body
+
+
+def test_xml_api_listing(gcs_server: GcsServer) -> None:
+    """``list-type=2`` with prefix, delimiter, start-after and continuation tokens, in GCS's XML."""
+    bucket = gcs_server.create_bucket()
+    for name in ("t/a/1", "t/a/2", "t/b", "t/c/3", "t/d", "u/x"):
+        gcs_server.put_object(bucket, name, name)
+    ns = {"s3": "http://doc.s3.amazonaws.com/2006-03-01"}
+
+    def page(**query: str) -> tuple[list[str], list[str], str | None]:
+        status, _, body = gcs_server.exchange("GET", _xml_path(bucket), query={"list-type": "2", **query})
+        assert status == 200
+        root = ET.fromstring(body)
+        keys = [e.text or "" for e in root.findall("s3:Contents/s3:Key", ns)]
+        sizes = [int(e.text or -1) for e in root.findall("s3:Contents/s3:Size", ns)]
+        assert sizes == [len(k) for k in keys]  # each object's body is its name
+        prefixes = [e.text or "" for e in root.findall("s3:CommonPrefixes/s3:Prefix", ns)]
+        token = root.find("s3:NextContinuationToken", ns)
+        assert (root.findtext("s3:IsTruncated", namespaces=ns) == "true") == (token is not None)
+        return keys, prefixes, None if token is None else token.text
+
+    assert page(prefix="t/") == (["t/a/1", "t/a/2", "t/b", "t/c/3", "t/d"], [], None)
+    assert page(prefix="t/", delimiter="/") == (["t/b", "t/d"], ["t/a/", "t/c/"], None)
+    assert page(prefix="t/", **{"start-after": "t/b"}) == (["t/c/3", "t/d"], [], None)
+    # Pages of two entries, a common prefix counting as one.
+    keys, prefixes, token = page(prefix="t/", delimiter="/", **{"max-keys": "2"})
+    assert (keys, prefixes) == (["t/b"], ["t/a/"]) and token
+    keys, prefixes, token = page(prefix="t/", delimiter="/", **{"max-keys": "2", "continuation-token": token})
+    assert (keys, prefixes) == (["t/d"], ["t/c/"]) and token is None
+    keys, _, token = page(**{"max-keys": "5"})
+    assert keys == ["t/a/1", "t/a/2", "t/b", "t/c/3", "t/d"] and token
+    assert page(**{"continuation-token": token}) == (["u/x"], [], None)
+    assert (
+        gcs_server.exchange("GET", _xml_path(bucket), query={"list-type": "2", "fetch-owner": "true"})[0]
+        == 400
+    )
+
+
+def test_json_uploads_honour_if_generation_match(gcs_server: GcsServer) -> None:
+    """``ifGenerationMatch`` on JSON-API uploads (real GCS honours it; the emulator did not)."""
+    bucket = gcs_server.create_bucket()
+    upload = f"/upload/storage/v1/b/{bucket}/o"
+    gcs_server.put_object(bucket, "x", b"first")
+    generation = json.loads(gcs_server.request("GET", f"/storage/v1/b/{bucket}/o/x")[1])["generation"]
+    media = {"uploadType": "media", "name": "x"}
+    assert gcs_server.request("POST", upload, query={**media, "ifGenerationMatch": "0"}, body=b"no")[0] == 412
+    assert gcs_server.request("POST", upload, query={**media, "ifGenerationMatch": "1"}, body=b"no")[0] == 412
+    status, body = gcs_server.request(
+        "POST", upload, query={**media, "ifGenerationMatch": generation}, body=b"yes"
+    )
+    assert status == 200 and json.loads(body)["generation"] != generation
+    assert (
+        gcs_server.request(
+            "POST", upload, query={**media, "ifGenerationMatch": "0", "name": "y"}, body=b"new"
+        )[0]
+        == 200
+    )
+    # A resumable upload's precondition is given when it starts and checked when it completes.
+    status, headers, _ = gcs_server.exchange(
+        "POST", upload, query={"uploadType": "resumable", "name": "z", "ifGenerationMatch": "0"}
+    )
+    assert status == 200
+    gcs_server.put_object(bucket, "z", b"a concurrent writer")
+    session = urlsplit(headers["location"])
+    status, _ = gcs_server.request(
+        "PUT", f"{session.path}?{session.query}", body=b"late", headers={"Content-Range": "bytes 0-3/4"}
+    )
+    assert status == 412
+    with gcs_server.filesystem().open_input_stream(f"{bucket}/z") as f:
+        assert f.read() == b"a concurrent writer"
+    # pyarrow creates directory markers with ifGenerationMatch=0 and expects 412 for an existing one.
+    fs = gcs_server.filesystem()
+    fs.create_dir(f"{bucket}/dir")
+    fs.create_dir(f"{bucket}/dir")
+    assert fs.get_file_info(f"{bucket}/dir").type == Directory
+    assert gcs_server.list_keys(bucket) == ["dir/", "x", "y", "z"]
 
 
 def test_gcs_env_is_scoped_and_forwarded_to_workers(

@@ -14,7 +14,8 @@
   column (relative ``uri``s are resolved against the manifest's folder);
 * Parquet files holding the images (``input.image_column``).
 
-Modules: :mod:`~pipeline.storage.fs` (URIs, filesystems, output helpers), :mod:`~.listing`
+Modules: :mod:`~pipeline.storage.fs` (URIs, filesystems, output helpers), :mod:`~.delta` (the same
+locations as delta-rs takes them: URI and storage options), :mod:`~.listing`
 (folders, globs, braces; a symlink-safe local walk), :mod:`~.read` (timed reads that never open
 special files), :mod:`~.units` (the plan's vocabulary), :mod:`~.plan` (planning and expanding
 units), and one module per container kind: :mod:`~.manifest`, :mod:`~.webdataset`,
@@ -30,16 +31,19 @@ from __future__ import annotations
 from .delta import delta_location, delta_storage_options
 from .fs import (
     SUPPORTED_SCHEMES,
+    S3Connection,
     _effective_s3_endpoint,
     _effective_s3_region,
     absolute_uri,
     ensure_output_dir,
     format_uri,
+    gcs_emulator,
     join_path,
     output_is_empty,
     read_json,
     relative_path,
     resolve_filesystem,
+    s3_connection,
     split_uri,
     write_json,
 )
@@ -77,6 +81,7 @@ __all__ = [
     "InputOptions",
     "InputPlan",
     "ReadOptions",
+    "S3Connection",
     "Sample",
     "Shard",
     "Unit",
@@ -89,6 +94,7 @@ __all__ = [
     "expand_braces",
     "expand_unit",
     "format_uri",
+    "gcs_emulator",
     "glob_to_regex",
     "is_image_path",
     "is_tar_path",
@@ -103,6 +109,7 @@ __all__ = [
     "read_json",
     "relative_path",
     "resolve_filesystem",
+    "s3_connection",
     "special_file_reason",
     "split_uri",
     "walk_local",
