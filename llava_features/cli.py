@@ -13,13 +13,15 @@ Ray; each handler imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
@@ -44,6 +46,10 @@ BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
 """Benchmarks of the online layer, which ``pipeline.bench`` cannot import itself: name → (module, function)."""
 
 _DEST_SEPARATOR = "."
+
+HF_PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+"""Hugging Face's switch for its progress bars: huggingface_hub's (downloads) and, as their default,
+transformers' ("Loading weights", "Writing model shards"). Set by :func:`third_party_progress_bars`."""
 
 
 # -- options from config fields ---------------------------------------------------------------
@@ -528,7 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLaVA vision features (CLIP vision tower + projector) at scale: an offline Ray Data job "
         "and an online Ray Serve endpoint.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and third-party progress bars (transformers')",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demo)")
@@ -610,6 +621,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def third_party_progress_bars(shown: bool) -> Iterator[None]:
+    """Hugging Face's progress bars off for a command unless ``shown`` (``-v``): a command prints our
+    lines only, not a "Loading weights 100%|...|" bar between them. A user's own
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` wins either way.
+
+    The CLI is the place for it: the libraries only say how (no module of ours switches them at
+    import). The environment variable is read by huggingface_hub when imported and gives transformers
+    its default (both imported by the handlers, after this), and the processes started from here (a
+    local Ray cluster's workers) inherit it. When transformers is already imported (``main`` called
+    in-process), its own switch is turned off for the command too (the model package's scope, which
+    restores it); the variable is removed after the command.
+    """
+    if shown or HF_PROGRESS_BARS_ENV in os.environ:
+        yield
+        return
+    os.environ[HF_PROGRESS_BARS_ENV] = "1"
+    try:
+        with contextlib.ExitStack() as scope:
+            if "transformers" in sys.modules:  # it read the variable at its import: too late for this
+                from pipeline.model.tower import quiet_progress_bars
+
+                scope.enter_context(quiet_progress_bars())
+            yield
+    finally:
+        os.environ.pop(HF_PROGRESS_BARS_ENV, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -619,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        status = int(handler(args) or 0)
+        with third_party_progress_bars(shown=args.verbose):
+            status = int(handler(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
         return status
     except LlavaFeaturesError as exc:

@@ -229,3 +229,53 @@ def test_a_closed_stdout_is_no_traceback(tiny_llava):
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _progress_bar_lines(text: str) -> list[str]:
+    """Lines (tqdm redraws a bar with carriage returns) that are a progress bar: ``NN%|`` or
+    transformers' "Loading weights"."""
+    lines = text.replace("\r", "\n").splitlines()
+    return [line for line in lines if "%|" in line or "Loading weights" in line]
+
+
+def test_verify_prints_our_lines_only_and_bars_with_verbose(tiny_llava):
+    """A command's output is ours: transformers' "Loading weights 100%|...|" bar of the reference
+    model (and any Hugging Face bar) only with -v."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    env["PYTHONPATH"] = str(REPO)
+
+    def verify(*flags: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_features", *flags, "verify", "--model", str(tiny_llava)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "verdict: identical to the reference" in proc.stdout
+        return proc.stdout + proc.stderr
+
+    assert _progress_bar_lines(verify()) == []
+    bars = _progress_bar_lines(verify("-v"))
+    assert any("Loading weights" in line and "100%|" in line for line in bars), bars
+
+
+def test_make_tiny_model_in_process_has_no_bar_and_restores_the_switches(tmp_path, capfd):
+    """``main`` called in-process (transformers already imported): "Writing model shards" is off for
+    the command, and transformers' switch and the environment are as they were after it."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    before = (hf_logging.is_progress_bar_enabled(), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+    assert cli_main(["make-tiny-model", str(tmp_path / "m")]) == 0
+    out, err = capfd.readouterr()
+    assert "Wrote a tiny llava checkpoint" in out
+    assert _progress_bar_lines(out + err) == []
+    assert (hf_logging.is_progress_bar_enabled(), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")) == before
