@@ -286,7 +286,10 @@ def test_claim_commit_finish_read(tmp_path):
     # the other readers see the same snapshot
     ds = deltalake.DeltaTable(str(out)).to_pyarrow_dataset()
     counts = dict(duckdb.sql("select status, count(*) from ds group by all").fetchall())
-    assert counts == {"ok": 8, "error": 4}
+    assert counts == {"ok": 8, "error": 4} and ds.count_rows() == 12
+    # filters use the files' statistics: every column they cover must keep its rows
+    assert duckdb.sql("select count(*) from ds where status = 'ok' and width > 0").fetchall() == [(8,)]
+    assert duckdb.sql("select count(*) from ds where error_code = 'corrupt'").fetchall() == [(4,)]
     import polars as pl
 
     assert pl.scan_delta(str(out)).select(pl.len()).collect().item() == 12
