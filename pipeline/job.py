@@ -546,7 +546,7 @@ def _init_ray(address: str | None = None) -> Any:
 
 def planned_units(plan: InputPlan) -> list[PlannedUnit]:
     """The plan's units as the table sees them: index, content key, input rows."""
-    return [PlannedUnit(u.index, plan.unit_key(u), u.rows) for u in plan.units]
+    return [PlannedUnit(u.index, key, u.rows) for u, key in zip(plan.units, plan.unit_keys(), strict=True)]
 
 
 def _run_plan(plan: InputPlan, source: InputPlan | None = None) -> RunPlan:

@@ -118,7 +118,9 @@ def _commit(config: Any, manifests: str, output: str) -> dict[str, Any]:
         committer.add(unit=u.index, piece=0, last=True, file=file, rows=1, ok=1, errors={})
     committer.close()
     commit_s = time.perf_counter() - started
-    commits = run.snapshot.version  # every commit after the claim
+    from ..table.log import refresh
+
+    commits = refresh(run.snapshot).version  # every commit after the claim
     started = time.perf_counter()
     outcome = run.finish(units, max_error_fraction=0.0)
     finish_s = time.perf_counter() - started

@@ -100,14 +100,20 @@ class InputPlan:
     """sha256 over the unit list: kinds, paths, sizes and mtimes, row ranges, ids (see :func:`fingerprint_units`)."""
     header: dict[str, Any] = field(default_factory=dict)
     """What the fingerprint covers besides the units (kind, shard size, limit, input options)."""
+    _keys: list[str] | None = field(default=None, repr=False, compare=False)
 
     def unit_key(self, unit: Unit) -> str:
         """Hex sha256 of what ``unit`` reads and how: its source, stamp, rows and inline inputs, and the
         input options. The same unit in another plan of the same files has the same key (an append
         recognises what a table holds already); a changed file, row range or option gives another."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps([UNIT_KEY_VERSION, self.options, _unit_line(unit)], sort_keys=True).encode())
-        return digest.hexdigest()
+        return _unit_key(self.options, unit)
+
+    def unit_keys(self) -> list[str]:
+        """:meth:`unit_key` of every unit, in order (computed once)."""
+        if self._keys is None or len(self._keys) != len(self.units):
+            prefix = json.dumps([UNIT_KEY_VERSION, self.options], sort_keys=True)
+            self._keys = [_unit_key(self.options, u, prefix) for u in self.units]
+        return self._keys
 
     def without(self, exclude: Callable[[Sequence[str]], Any], done: Collection[str]) -> InputPlan:
         """This plan less what a table holds already (``--append``): units whose key is in ``done`` are
@@ -158,7 +164,9 @@ class InputPlan:
                     groups[group].append((item, tuple(values[j] for _, values in unit.columns)))
         flush()
         header = {**self.header, "without": True}
-        return replace(self, units=units, fingerprint=fingerprint_units(units, header), header=header)
+        return replace(
+            self, units=units, fingerprint=fingerprint_units(units, header), header=header, _keys=None
+        )
 
     @property
     def rows(self) -> int | None:
@@ -193,6 +201,11 @@ def _check_shard_size(shard_size: int) -> None:
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def _unit_key(options: dict[str, Any], unit: Unit, prefix: str | None = None) -> str:
+    prefix = prefix if prefix is not None else json.dumps([UNIT_KEY_VERSION, options], sort_keys=True)
+    return hashlib.sha256((prefix + json.dumps(_unit_line(unit), sort_keys=True)).encode()).hexdigest()
 
 
 def _unit_line(u: Unit) -> list[Any]:

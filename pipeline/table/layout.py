@@ -22,7 +22,7 @@ Outputs of earlier versions (``_job.json`` + ``_commits/``) are recognised by :d
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "DELTA_LOG_DIR",
@@ -58,15 +58,18 @@ KEY_HEX = 20
 RUN_HEX = 8
 """Hex digits of a run id."""
 
-_DATA_FILE = re.compile(
+DATA_FILE_PATTERN = re.compile(
     rf"^part-s(\d{{3,}})-u(\d{{6,}})-p(\d{{5,}})-k([0-9a-f]{{{KEY_HEX}}})-r([0-9a-f]{{{RUN_HEX}}})\.parquet$"
 )
+"""A data file's name (groups: segment, unit, piece, key, run)."""
+KEY_SLICE = (-(KEY_HEX + RUN_HEX + len("-r.parquet")), -(RUN_HEX + len("-r.parquet")))
+"""Where a data file's name holds its unit key, counted from its end (the key and the run are fixed-width)."""
 _TEMP_FILE = re.compile(r"^\.(part-.+\.parquet)\.[0-9a-f]+\.tmp$")
 
 
-@dataclass(frozen=True)
-class DataFileName:
-    """What a data file's name says (:meth:`parse` reads it, :meth:`name` writes it)."""
+class DataFileName(NamedTuple):
+    """What a data file's name says (:meth:`parse` reads it, :meth:`name` writes it). A tuple: tables
+    hold hundreds of thousands of files, and their names are parsed at every snapshot."""
 
     segment: int
     unit: int
@@ -84,7 +87,7 @@ class DataFileName:
     @classmethod
     def parse(cls, name: str) -> DataFileName | None:
         """The parts of a data file's name (a bare name, or a path: its last part); None for other names."""
-        match = _DATA_FILE.match(name.rsplit("/", 1)[-1])
+        match = DATA_FILE_PATTERN.match(name.rsplit("/", 1)[-1])
         if match is None:
             return None
         seg, unit, piece, key, run = match.groups()

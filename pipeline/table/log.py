@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..model.errors import InputReadError, OutputError
 from .files import DataFile
-from .layout import COMMIT_KEY, DataFileName, unit_app_id
+from .layout import COMMIT_KEY, DATA_FILE_PATTERN, KEY_SLICE, DataFileName, unit_app_id
 from .location import TableLocation
 from .schema import TableIdentity
 
@@ -156,17 +157,48 @@ class Snapshot:
     identity: TableIdentity | None
     """None when the Delta table was not created by this product."""
     schema: pa.Schema
-    files: list[ActiveFile]
+    adds: pa.Table = field(repr=False)
+    """The add actions of its files (``path``, ``size_bytes``, ``num_records``, null counts, ...)."""
     table: Any = field(repr=False, default=None)
     """The ``deltalake.DeltaTable`` it was read from."""
+    _files: list[ActiveFile] | None = field(default=None, repr=False)
+
+    @property
+    def files(self) -> list[ActiveFile]:
+        """Its data files (built on first use: a committer only asks for :meth:`committed_keys`)."""
+        if self._files is None:
+            adds = self.adds
+            n = adds.num_rows
+
+            def column(name: str) -> list[Any]:
+                return adds.column(name).to_pylist() if name in adds.column_names else [None] * n
+
+            self._files = [
+                ActiveFile(
+                    p, DataFileName.parse(p), int(size), int(rows or 0), None if ok is None else int(ok)
+                )
+                for p, size, rows, ok in zip(
+                    column("path"),
+                    column("size_bytes"),
+                    column("num_records"),
+                    column("null_count.error_code"),
+                    strict=True,
+                )
+            ]
+        return self._files
 
     def committed_keys(self, segment: int | None = None) -> set[str]:
-        """Content keys of the units with files in the snapshot (of one segment when given)."""
-        return {
-            f.name.key
-            for f in self.files
-            if f.name is not None and (segment is None or f.name.segment == segment)
-        }
+        """Content keys of the units with files in the snapshot (of one segment when given). Read from
+        the paths at once (no per-file object), as a committer does before each commit."""
+        if segment is not None or self._files is not None:
+            return {
+                f.name.key
+                for f in self.files
+                if f.name is not None and (segment is None or f.name.segment == segment)
+            }
+        paths = self.adds.column("path")
+        ours = pc.match_substring_regex(paths, DATA_FILE_PATTERN.pattern)
+        return set(pc.utf8_slice_codeunits(paths.filter(ours), *KEY_SLICE).to_pylist())
 
     def files_of(self, segment: int) -> list[ActiveFile]:
         return [f for f in self.files if f.name is not None and f.name.segment == segment]
@@ -231,39 +263,16 @@ def load_snapshot(location: TableLocation, version: int | None = None) -> Snapsh
 def refresh(snapshot: Snapshot) -> Snapshot:
     """The newest version of ``snapshot``'s table (reads only the commits since)."""
     snapshot.table.update_incremental()
-    return _snapshot(snapshot.location, snapshot.table, {f.path: f.name for f in snapshot.files})
+    return _snapshot(snapshot.location, snapshot.table)
 
 
-def _snapshot(
-    location: TableLocation, dt: Any, known: dict[str, DataFileName | None] | None = None
-) -> Snapshot:
+def _snapshot(location: TableLocation, dt: Any) -> Snapshot:
     metadata = dt.metadata()
     identity = TableIdentity.from_json(metadata.description)
     schema = pa.schema(dt.schema().to_arrow())
     adds = pa.table(dt.get_add_actions(flatten=True))
-    paths = adds.column("path").to_pylist()
-    sizes = adds.column("size_bytes").to_pylist()
-    rows = (
-        adds.column("num_records").to_pylist() if "num_records" in adds.column_names else [None] * len(paths)
-    )
-    oks = (
-        adds.column("null_count.error_code").to_pylist()
-        if "null_count.error_code" in adds.column_names
-        else [None] * len(paths)
-    )
-    known = known or {}  # names parsed for an earlier version (a refresh parses only the new ones)
-    files = [
-        ActiveFile(
-            p,
-            known[p] if p in known else DataFileName.parse(p),
-            int(s),
-            int(r or 0),
-            None if o is None else int(o),
-        )
-        for p, s, r, o in zip(paths, sizes, rows, oks, strict=True)
-    ]
     return Snapshot(
-        location=location, version=int(dt.version()), identity=identity, schema=schema, files=files, table=dt
+        location=location, version=int(dt.version()), identity=identity, schema=schema, adds=adds, table=dt
     )
 
 

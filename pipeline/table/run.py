@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -78,6 +79,8 @@ Mode = Literal["create", "resume", "append"]
 """``create``: a new table (refused when one is there); ``resume``: continue the table's last plan;
 ``append``: add a new segment to a complete table."""
 
+_HEX_KEY = re.compile(rf"^[0-9a-fA-F]{{{KEY_HEX},}}$")
+
 COMMIT_ATTEMPTS = 8
 """Tries of one batch of units when concurrent commits of other runs win the race."""
 _RETRY_S = 0.5
@@ -108,10 +111,9 @@ class PlannedUnit:
     """Input rows (None when only reading tells: a tar)."""
 
     def __post_init__(self) -> None:
-        key = self.key.lower()
-        if len(key) < KEY_HEX or any(c not in "0123456789abcdef" for c in key):
+        if not _HEX_KEY.match(self.key):
             raise ValueError(f"a unit key is a hex digest of at least {KEY_HEX} digits, got {self.key!r}")
-        object.__setattr__(self, "key", key[:KEY_HEX])
+        object.__setattr__(self, "key", self.key[:KEY_HEX].lower())
 
 
 @dataclass(frozen=True)
@@ -727,7 +729,9 @@ class Committer:
                     self._cond.wait(timeout=wait)
                 if not self._ready and self._closing:
                     return
-                batch, self._ready, self._oldest = self._ready, [], None
+                # At most max_units a commit: what came in while the last one was committing waits its turn.
+                batch, self._ready = self._ready[: self.max_units], self._ready[self.max_units :]
+                self._oldest = time.monotonic() if self._ready else None
             try:
                 self._commit(batch)
             except BaseException as exc:
