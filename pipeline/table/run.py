@@ -440,11 +440,10 @@ class _UnitFiles:
 
 @dataclass(frozen=True)
 class CommittedUnit:
-    """A unit this run committed."""
+    """A unit this run committed (its counts: the files are the log's)."""
 
     index: int
     key: str
-    files: tuple[DataFile, ...]
     rows: int
     ok: int
     errors: dict[str, int]
@@ -656,6 +655,9 @@ class Committer:
         self.interval_s = interval_s
         self.max_units = max_units
         self._files: dict[int, _UnitFiles] = {}
+        """Pieces of the units not complete yet."""
+        self._done: set[int] = set()
+        """Units whose pieces are all in (ready, committed, or dropped for another run's commit)."""
         self._ready: list[_Ready] = []
         self._oldest: float | None = None
         self._cond = threading.Condition()
@@ -684,9 +686,11 @@ class Committer:
         state.pieces[piece] = (file, rows, ok, dict(errors))
         if last:
             state.last = piece
-        if not state.complete() or unit in self.run.committed or any(r.index == unit for r in self._ready):
+        if not state.complete():
             return new
         pieces = [state.pieces[p] for p in range(state.last + 1)]  # type: ignore[operator]
+        del self._files[unit]  # complete: what the driver keeps of a unit is its ready batch entry
+        self._done.add(unit)
         errs: Counter[str] = Counter()
         for p in pieces:
             errs.update(p[3])
@@ -780,9 +784,7 @@ class Committer:
                 continue
             with run._lock:
                 for u in batch:
-                    run.committed[u.index] = CommittedUnit(
-                        u.index, u.key, tuple(u.files), u.rows, u.ok, u.errors
-                    )
+                    run.committed[u.index] = CommittedUnit(u.index, u.key, u.rows, u.ok, u.errors)
             logger.debug("committed %d unit(s) to %s", len(batch), run.location.uri)
             return
         raise OutputError(
