@@ -38,6 +38,9 @@ to every decision; the field is marked deprecated in Ray 2.60 but still sets the
 LOOK_BACK_S = 10.0
 """The window the controller averages each replica's load over (Serve's default is 30 s); the
 replica samples its load every LOOK_BACK_S / 5 = 2 s."""
+DECIDE_EVERY_S = 0.5
+"""The controller asks the policy every 0.1 s; the replicas' figures change every METRICS_INTERVAL_S,
+so the policy recomputes (merging every replica's time series) at most this often."""
 SERVE_LOGGER = "ray.serve"
 """The policy runs in Serve's controller, whose log is Serve's own logger."""
 
@@ -59,6 +62,11 @@ def both_doors_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
     Serve's own count of ongoing requests stands in."""
     if ctx.current_num_replicas == 0:
         return ctx.target_num_replicas, {}
+    now = ctx.current_time or 0.0
+    state = dict(ctx.policy_state)
+    last = state.get("llava_features_decided")
+    if last is not None and 0 <= now - last[0] < DECIDE_EVERY_S and last[2] == ctx.current_num_replicas:
+        return last[1], state  # the replicas' figures change every METRICS_INTERVAL_S: no need to recompute
     reported = (ctx.aggregated_metrics or {}).get(LOAD_METRIC, {})
     queued = ctx.total_queued_requests or 0.0
     load = sum(reported.values()) + queued if reported else ctx.total_num_requests
@@ -67,7 +75,7 @@ def both_doors_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
     wanted = min(
         max(math.ceil(desired - 1e-9), ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas
     )
-    state = dict(ctx.policy_state)
+    state["llava_features_decided"] = (now, desired, ctx.current_num_replicas)
     if state.get("llava_features_wanted") != wanted:  # log changes only (this runs every 0.1 s)
         state["llava_features_wanted"] = wanted
         logging.getLogger(SERVE_LOGGER).info(

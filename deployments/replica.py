@@ -9,8 +9,11 @@ A request's path on a replica (the HTTP side is :mod:`deployments.router`):
    (``serve.decode_threads``), behind a budget of decoded pixels in flight
    (:class:`~deployments.scheduling.PixelBudget`, ``serve.max_decode_pixels``); the allocator's free
    memory is handed back to the system after bursts (:func:`pipeline.memory.release_free_memory`);
-3. the device queue (:class:`~deployments.scheduling.DeviceQueue`) forms the batches and runs the
-   forward passes (``encode_core`` + ``encode_post``) on one device thread.
+3. ``@serve.batch`` groups the decoded images of concurrent requests, waiting up to
+   ``serve.batch_wait_timeout_s`` only while other images are still being decoded; the groups go
+   to the device queue (:class:`~deployments.scheduling.DeviceQueue`), whose one device thread runs
+   the forward passes (``encode_core`` + ``encode_post``) one at a time and merges the groups that
+   wait while a pass runs into the next one (why both: docs/benchmarks.md).
 
 :meth:`FeaturesEncoderImpl.encode_pixels` (uint8 pixel batches through a deployment handle) is the
 non-HTTP entry point into the same queue; :meth:`~FeaturesEncoderImpl.describe_pool` and
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from ray import serve
 
 from pipeline.config import Config, config_to_dict
 from pipeline.memory import release_free_memory, rss_bytes
@@ -43,7 +47,7 @@ from .build import API_KEY_ENV, decode_budget
 from .metrics import ReplicaMetrics
 from .offline import OfflineShards
 from .result import EncodeResult
-from .scheduling import Admission, DeviceQueue, PixelBudget
+from .scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size
 
 if TYPE_CHECKING:
     from pipeline.encoder import EncodedBatch
@@ -54,6 +58,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MERGED_BATCHES = 8
+"""Batches ``@serve.batch`` may hand over while the device is busy (the device queue merges them)."""
 MIN_DECODE_THREADS = 2
 """Fewest decode threads per replica when ``serve.decode_threads`` is unset (more when Ray gives the
 replica more CPUs)."""
@@ -130,7 +136,9 @@ class FeaturesEncoderImpl:
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.anyres = self.encoder.anyres_output
         """``tiles`` or ``packed`` for a LLaVA-NeXT checkpoint (its images are batched by tiles), else None."""
-        batching: dict[str, Any] = {"batch_wait_s": s.batch_wait_timeout_s}
+        self.encode_batch.set_max_batch_size(s.max_batch_size)
+        self.inflow = Inflow(s.max_batch_size)
+        batching: dict[str, Any] = {}
         if self.anyres is not None:
             batching.update(size=lambda image: len(image[0]), collate=list)
         self.device = DeviceQueue(
@@ -269,21 +277,21 @@ class FeaturesEncoderImpl:
         ``count=False`` (health checks) leaves the per-result counters alone.
         """
         started = time.perf_counter()
-        self.device.expect()  # a forming batch may wait for this image while it decodes
+        self.inflow.decoding += 1  # a forming batch may wait for this image while it decodes
         try:
             prepared = await self._prepare(data, image_id)
-        except BaseException as exc:
-            self.device.unexpect()
-            if not isinstance(exc, DecodeError):
-                raise
+        except DecodeError as exc:
             if count:
                 self._count(str(exc.code))
             return EncodeResult(
                 False, image_id, self.fingerprint, error_code=str(exc.code), error_message=exc.message
             )
+        finally:
+            self.inflow.decoding -= 1
         self.metrics.decoded((time.perf_counter() - started) * 1000)
+        self.encode_batch.set_batch_wait_timeout_s(self._batch_window())
         image = prepared.pixels if self.anyres is None else (prepared.tiles, prepared.grid)
-        [(features, pooled)] = await self.device.encode([image], expected=True)
+        features, pooled = await self.encode_batch((image, self.inflow))
         if count:
             self._count("ok")
         return EncodeResult(
@@ -296,6 +304,24 @@ class FeaturesEncoderImpl:
             width=prepared.width,
             height=prepared.height,
         )
+
+    @serve.batch(
+        max_batch_size=32,
+        batch_wait_timeout_s=0.005,
+        max_concurrent_batches=MERGED_BATCHES,
+        batch_size_fn=forming_batch_size,
+    )
+    async def encode_batch(self, items: list[tuple[Any, Inflow]]) -> list[tuple[np.ndarray, ...]]:
+        """Decoded images (anyres: (tiles, grid)) → [(features, pooled)]: one group of the device's next
+        pass (groups cut while a pass runs are merged into the next one). A group closes when it is
+        full, when no other image of the replica is on its way (at once if none is when its first
+        image comes), or ``batch_wait_timeout_s`` after its first image."""
+        return await self.device.encode([image for image, _ in items])
+
+    def _batch_window(self) -> float:
+        """How long the batch an image starts may wait for more: ``serve.batch_wait_timeout_s``
+        while other images are on their way (decoding), none when no other image could join it."""
+        return self.limits.batch_wait_timeout_s if self.inflow.decoding else 0.0
 
     async def encode_many(
         self, items: list[tuple[bytes, str | None]], want: str = "features"

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.autoscaling import LOAD_METRIC, autoscaling_config, both_doors_policy, replica_load
+from deployments.autoscaling import (
+    DECIDE_EVERY_S,
+    LOAD_METRIC,
+    autoscaling_config,
+    both_doors_policy,
+    replica_load,
+)
 from pipeline.config import load_config
 from tests.fixtures.serve import tiny_app_args
 
@@ -48,6 +54,7 @@ def _ctx(
         capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=4,
         policy_state={},
+        current_time=None,
     )
 
 
@@ -62,6 +69,15 @@ def test_load_and_policy():
     assert both_doors_policy(_ctx([0.0], replicas=0))[0] == 0  # no replica: the target stands
     desired, state = both_doors_policy(_ctx([5.0]))
     assert math.ceil(desired) == 3 and state["llava_features_wanted"] == 3
+    # asked again within DECIDE_EVERY_S (the controller asks every 0.1 s): the last answer stands
+    first = _ctx([5.0])
+    first.current_time = 100.0
+    _, state = both_doors_policy(first)
+    again = _ctx([9.0])
+    again.current_time, again.policy_state = 100.2, state
+    assert both_doors_policy(again)[0] == 2.5
+    again.current_time = 100.2 + DECIDE_EVERY_S
+    assert both_doors_policy(again)[0] == 4.5
     config = load_config(None, {"serve": {"upscale_delay_s": 2.5, "downscale_delay_s": 7, "max_replicas": 3}})
     auto = autoscaling_config(config)
     assert (auto["upscale_delay_s"], auto["downscale_delay_s"], auto["max_replicas"]) == (2.5, 7.0, 3)

@@ -37,7 +37,7 @@ from deployments.build import (
     with_api_key_from_env,
 )
 from deployments.replica import declared_pixels
-from deployments.scheduling import Admission, DeviceQueue, PixelBudget
+from deployments.scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
 from pipeline.memory import release_free_memory
@@ -304,43 +304,17 @@ def test_pixel_budget_admission_and_device_queue():
         assert [int(total) for total, _ in flat] == [4 * i for i in range(7)]
         assert [int(first) for _, first in flat] == list(range(7))
 
-    async def window() -> None:
-        passes: list[int] = []
-        image = np.ones((1, 2, 2), np.uint8)
-        q = DeviceQueue(
-            lambda px: (px.reshape(len(px), -1).sum(axis=1),),
-            max_batch_size=4,
-            observe=lambda n, waits, s: passes.append(n),
-            batch_wait_s=0.3,
-        )
-        started = time.perf_counter()
-        await q.encode([image])  # nothing else on its way: runs at once
-        assert passes == [1] and time.perf_counter() - started < 0.2
-        q.expect()
-        q.expect()
-        first = asyncio.create_task(q.encode([image], expected=True))
-        await asyncio.sleep(0.05)
-        assert passes == [1]  # held: another image is being decoded
-        await q.encode([image], expected=True)
-        await first
-        assert passes == [1, 2]  # both in one pass, before the window closed
-        q.expect()
-        q.expect()
-        started = time.perf_counter()
-        await q.encode([image], expected=True)  # the other never comes: the window closes
-        assert passes == [1, 2, 1] and 0.25 <= time.perf_counter() - started < 2
-        q.unexpect()
-        q.expect()
-        lone = asyncio.create_task(q.encode([image]))
-        await asyncio.sleep(0.05)
-        q.unexpect()  # its decode failed: the waiting image goes at once
-        await asyncio.wait_for(lone, 0.2)
-        assert passes == [1, 2, 1, 1] and q.coming == 0
-
     asyncio.run(budget())
     asyncio.run(admission())
     asyncio.run(device())
-    asyncio.run(window())
+    # A forming batch counts as full once no other image of the replica is on its way.
+    inflow = Inflow(max_batch_size=8)
+    items = [(images, inflow) for images in range(3)]
+    inflow.decoding = 2
+    assert forming_batch_size(items) == 3
+    inflow.decoding = 0
+    assert forming_batch_size(items) == 8
+    assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
     png = io.BytesIO()
     Image.new("RGB", (300, 200)).save(png, "PNG")
     assert declared_pixels(png.getvalue()) == 60_000
