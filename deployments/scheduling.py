@@ -9,7 +9,7 @@
   runs only when no online image waits.
 
 Two batchers, measured (docs/benchmarks.md): the device queue alone, forming the batches with the
-same window, made smaller batches (3.3 against 4.4 images per pass at concurrency 32 on the tiny
+same window, made smaller batches (3.4 against 4.4 images per pass at concurrency 32 on the tiny
 model) and cost more CPU per request than ``@serve.batch`` in front of it.
 """
 

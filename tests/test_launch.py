@@ -137,7 +137,7 @@ def test_readme_one_pool_commands_and_a_prompt_stop(tiny_llava, tmp_path):
         printed_cmd = printed.group(1)
         address = re.search(r"--address (\S+)", printed_cmd).group(1)
         # The README's shell-2 command is the printed one, plus the same --model, --input and --output.
-        readme_job = job_line.replace("127.0.0.1:PORT", address)
+        readme_job = job_line.replace("HOST:PORT", address)
         head = f"RAY_AUTH_MODE=token llava-features encode --address {address} --serve-app llava-features"
         assert readme_job.startswith(head + " --model /tmp/tiny --input ./images --output ./features2"), (
             job_line
