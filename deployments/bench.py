@@ -153,10 +153,16 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
     }
 
 
-def _session_cpu() -> Callable[[], float] | None:
+ROLES = (b"ProxyActor", b"ServeReplica")
+"""Process titles of Serve's HTTP proxy and of the replicas (Ray names its workers ``ray::<actor>``):
+their CPU is reported apart; everything else of the session is ``other``."""
+
+
+def _session_cpu() -> Callable[[], dict[str, float]] | None:
     """A reader of the CPU seconds used so far by the processes of this driver's local Ray session
     (those whose command line names the session directory, and all their descendants: the
-    workers, Serve's proxy and controller, the replicas), from Linux's ``/proc``; None elsewhere."""
+    workers, Serve's proxy and controller, the replicas), by role (``proxy``, ``replica``,
+    ``other``), from Linux's ``/proc``; None elsewhere."""
     if not os.path.isdir("/proc/self"):
         return None
     try:
@@ -168,9 +174,10 @@ def _session_cpu() -> Callable[[], float] | None:
     tick = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
 
-    def read() -> float:
+    def read() -> dict[str, float]:
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
+        role: dict[int, str] = {}
         roots = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -180,12 +187,14 @@ def _session_cpu() -> Callable[[], float] | None:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    named = session.encode() in f.read()
+                    cmdline = f.read()
             except OSError:  # gone meanwhile
                 continue
             parents[pid] = int(fields[1])
             cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-            if named:
+            head = cmdline[:64]
+            role[pid] = "proxy" if ROLES[0] in head else "replica" if ROLES[1] in head else "other"
+            if session.encode() in cmdline:
                 roots.append(pid)
         children: dict[int, list[int]] = {}
         for pid, parent in parents.items():
@@ -197,7 +206,10 @@ def _session_cpu() -> Callable[[], float] | None:
                 continue
             seen.add(pid)
             todo.extend(children.get(pid, ()))
-        return sum(cpu[pid] for pid in seen)
+        out = dict.fromkeys(("proxy", "replica", "other"), 0.0)
+        for pid in seen:
+            out[role[pid]] += cpu[pid]
+        return out
 
     return read
 
@@ -234,6 +246,31 @@ class _Client:
             self.conn = None
 
 
+def _poster(
+    base_url: str, path: str, body: bytes, headers: dict[str, str], timeout_s: float
+) -> tuple[Callable[[], None], list[_Client], list[int]]:
+    """A function that POSTs ``body`` to ``path`` on this thread's keep-alive connection; the
+    connections it opened (to close) and the statuses of the failed requests."""
+    local = threading.local()
+    clients: list[_Client] = []
+    failures: list[int] = []
+
+    def post() -> None:
+        if not hasattr(local, "client"):
+            local.client = _Client(base_url, headers, timeout_s)
+            clients.append(local.client)
+        status, answer = local.client.post(path, body)
+        if status != 200:
+            failures.append(status)
+            logger.warning("bench request failed: %s %s", status, answer[:200])
+
+    return post, clients, failures
+
+
+def _auth(headers: dict[str, str], api_key: str | None) -> dict[str, str]:
+    return {**headers, "authorization": f"Bearer {api_key}"} if api_key else headers
+
+
 def _bench_http(
     base_url: str,
     image: bytes,
@@ -249,22 +286,8 @@ def _bench_http(
     """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one keep-alive
     connection per thread); ``before_throughput`` and ``after_throughput`` run right before and
     after the concurrent phase (the caller resets the replicas' counters, samples CPU time)."""
-    headers = {"content-type": "application/octet-stream"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    local = threading.local()
-    clients: list[_Client] = []
-    failures: list[int] = []
-
-    def post() -> None:
-        if not hasattr(local, "client"):
-            local.client = _Client(base_url, headers, timeout_s)
-            clients.append(local.client)
-        status, body = local.client.post("/v1/features", image)
-        if status != 200:
-            failures.append(status)
-            logger.warning("bench request failed: %s %s", status, body[:200])
-
+    headers = _auth({"content-type": "application/octet-stream"}, api_key)
+    post, clients, failures = _poster(base_url, "/v1/features", image, headers, timeout_s)
     try:
         for _ in range(warmup):
             post()
@@ -294,6 +317,62 @@ def _bench_http(
     }
 
 
+def multipart_body(images: list[bytes]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body with one file part per image, and its Content-Type."""
+    boundary = "llava-features-bench-boundary"
+    parts = []
+    for i, data in enumerate(images):
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        )
+        parts += [head.encode(), data, b"\r\n"]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _bench_batch_route(
+    base_url: str,
+    image: bytes,
+    *,
+    images_per_request: int,
+    requests: int,
+    concurrency: int,
+    api_key: str | None,
+    timeout_s: float,
+    session_cpu: Callable[[], dict[str, float]] | None,
+) -> dict[str, float]:
+    """``/v1/features:batch`` with ``images_per_request`` images per request, ``requests`` requests at
+    ``concurrency``: images/s, and the CPU per image of the server (the local Ray session, when
+    measured) and of this load generator, apart."""
+    body, content_type = multipart_body([image] * images_per_request)
+    post, clients, failures = _poster(
+        base_url, "/v1/features:batch", body, _auth({"content-type": content_type}, api_key), timeout_s
+    )
+    try:
+        post()  # warm: the multipart route's first request
+        before = session_cpu() if session_cpu is not None else None
+        cpu = time.process_time()
+        wall = _run_concurrent(post, requests, concurrency)
+        cpu = time.process_time() - cpu
+        after = session_cpu() if session_cpu is not None else None
+    finally:
+        for client in clients:
+            client.close()
+    images = requests * images_per_request
+    out = {
+        "batch_route_images_per_request": float(images_per_request),
+        "batch_route_concurrency": float(concurrency),
+        "batch_route_images_per_s": images / wall,
+        "batch_route_client_cpu_ms_per_image": cpu * 1000 / images,
+        "batch_route_errors": float(len(failures)),
+    }
+    if before is not None and after is not None:
+        out["batch_route_server_cpu_ms_per_image"] = sum(after.values()) - sum(before.values())
+        out["batch_route_server_cpu_ms_per_image"] *= 1000 / images
+    return out
+
+
 def bench_serve(
     config: Config,
     *,
@@ -307,6 +386,9 @@ def bench_serve(
     ray_actor_options: dict[str, Any] | None = None,
     direct_threads: int | None = None,
     timeout_s: float = 120.0,
+    batch_images: int = 16,
+    batch_requests: int | None = None,
+    batch_concurrency: int = 4,
 ) -> dict[str, Any]:
     """Deploy the endpoint for ``config`` locally and measure it against in-process encoding.
 
@@ -318,6 +400,9 @@ def bench_serve(
     requests of each phase; without ``image_bytes`` a ``width`` x ``height`` JPEG is generated.
     ``direct_threads`` (torch threads of the in-process run) defaults to what Ray gives the
     encoder replica, floor(its num_cpus) and at least 1, so both sides get the same cores.
+    Then ``/v1/features:batch``: ``batch_requests`` requests (default: ``requests`` // 4, at least 4)
+    of ``batch_images`` images each at ``batch_concurrency`` (``batch_images`` 0 skips it), its
+    images/s against the in-process images/s (``batch_route_ratio``).
     Returns a flat dict of figures (milliseconds, requests or images per second).
     """
     import gc
@@ -327,7 +412,8 @@ def bench_serve(
 
     from pipeline.model.errors import ConfigError
 
-    from .app import DEFAULT_ENCODER_CPUS, ENCODER_DEPLOYMENT, build_app, deployable_args
+    from .app import ENCODER_DEPLOYMENT, build_app
+    from .build import DEFAULT_ENCODER_CPUS, deployable_args
 
     if requests < 1 or concurrency < 1:
         raise ConfigError("requests and concurrency must be >= 1")
@@ -366,7 +452,7 @@ def bench_serve(
         result["deploy_s"] = time.perf_counter() - t0
         handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
         session_cpu = _session_cpu() if started_ray else None  # another session holds other apps too
-        samples: list[float] = []
+        samples: list[dict[str, float]] = []
 
         def before() -> None:
             handle.reset_stats.remote().result()
@@ -377,14 +463,16 @@ def bench_serve(
             if session_cpu is not None:
                 samples.append(session_cpu())
 
+        base_url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+        api_key = config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY")
         result.update(
             _bench_http(
-                f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
+                base_url,
                 image,
                 requests=requests,
                 concurrency=concurrency,
                 warmup=warmup,
-                api_key=config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY"),
+                api_key=api_key,
                 timeout_s=timeout_s,
                 # The batch sizes reported are those of the concurrent phase only (the latency
                 # phase's requests come one at a time: batches of one by construction).
@@ -393,10 +481,27 @@ def bench_serve(
             )
         )
         if len(samples) == 2:
-            result["serve_cpu_ms_per_request"] = (samples[1] - samples[0]) * 1000 / requests
+            for role, seconds in samples[1].items():
+                result[f"serve_cpu_ms_per_request_{role}"] = (seconds - samples[0][role]) * 1000 / requests
+            result["serve_cpu_ms_per_request"] = sum(
+                result[f"serve_cpu_ms_per_request_{role}"] for role in samples[1]
+            )
         stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
+        if batch_images > 0:
+            result.update(
+                _bench_batch_route(
+                    base_url,
+                    image,
+                    images_per_request=batch_images,
+                    requests=batch_requests or max(4, requests // 4),
+                    concurrency=batch_concurrency,
+                    api_key=api_key,
+                    timeout_s=timeout_s,
+                    session_cpu=session_cpu,
+                )
+            )
     finally:
         try:
             if started_serve:
@@ -412,6 +517,9 @@ def bench_serve(
     result["throughput_ratio"] = result["serve_throughput_rps"] / result["direct_throughput_ips"]
     if result.get("serve_cpu_ms_per_request"):
         result["cpu_ratio"] = result["direct_cpu_ms_per_image"] / result["serve_cpu_ms_per_request"]
+    if "batch_route_images_per_s" in result:
+        result["batch_route_errors"] = int(result["batch_route_errors"])
+        result["batch_route_ratio"] = result["batch_route_images_per_s"] / result["direct_throughput_ips"]
     return result
 
 
@@ -449,7 +557,8 @@ def bench_shared_pool(
     import ray
     from ray import serve
 
-    from .app import build_app, deployable_args
+    from .app import build_app
+    from .build import deployable_args
 
     images = images or 256
     config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=shard_size))

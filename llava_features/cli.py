@@ -152,7 +152,15 @@ JOB_OPTIONS = (
     "serve_app",
 )
 INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
-SERVE_OPTIONS = ("host", "port")
+SERVE_OPTIONS = (
+    "host",
+    "port",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+)
 DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
 """The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
 EXIT_MISMATCH = 4

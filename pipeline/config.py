@@ -211,7 +211,11 @@ class ServeConfig:
     initial_replicas: int = setting(1, ge=0)
     """Autoscaling: replicas at start."""
     target_ongoing_requests: int = setting(16, ge=1)
-    """Autoscaling: ongoing requests per replica that the autoscaler aims for."""
+    """Autoscaling: load per replica the autoscaler aims for (online requests; an offline file counts target/max_offline_shards)."""
+    upscale_delay_s: float = setting(10.0, ge=0)
+    """Autoscaling: seconds the load must stay above target before replicas are added."""
+    downscale_delay_s: float = setting(120.0, ge=0)
+    """Autoscaling: seconds the load must stay below target before replicas are removed."""
     num_gpus_per_replica: float | None = setting(None, ge=0)
     """GPUs per encoder replica; null means 1 when the cluster has GPUs, else 0."""
     decode_threads: int | None = setting(None, ge=1)
@@ -221,7 +225,11 @@ class ServeConfig:
     max_body_bytes: int = setting(32 * 1024 * 1024, ge=1)
     """Largest accepted request body; larger ones get 413 before being read whole."""
     request_timeout_s: float = setting(30.0, gt=0)
-    """Requests taking longer get 504."""
+    """Requests taking longer (once their body has arrived) get 504."""
+    body_timeout_s: float = setting(10.0, gt=0)
+    """A request body that has not fully arrived after this many seconds gets 408 (slow or stalled uploads)."""
+    shutdown_timeout_s: float = setting(10.0, ge=0)
+    """On shutdown (SIGTERM, scale-down), seconds a replica lets its requests in progress finish before it stops."""
     api_key: str | None = None
     """When set (or LLAVA_FEATURES_API_KEY is), every route but /healthz needs this Bearer token."""
     offline_chunk_size: int = setting(8, ge=1)

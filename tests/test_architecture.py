@@ -5,7 +5,8 @@ the only layer above both front doors, and importing any module has no side effe
 Layers, bottom to top (a module may import its own layer and the ones below):
 
 0. ``pipeline.model.errors``, ``pipeline.model.config``, ``pipeline.model.constants``,
-   ``pipeline.config``, ``pipeline.constants``: pure Python (errors, config, vocabulary);
+   ``pipeline.config``, ``pipeline.constants``, ``pipeline.memory``: pure Python (errors, config,
+   vocabulary, the process's memory);
 1. ``pipeline.model``: torch + transformers (never ray, PIL, pyarrow);
 2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``;
 3. ``pipeline.encoder``;
@@ -36,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.model.constants",
         "pipeline.config",
         "pipeline.constants",
+        "pipeline.memory",
     ),
     ("pipeline.model",),
     (

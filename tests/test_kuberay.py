@@ -54,8 +54,8 @@ def _cli() -> Any:
 
 
 def _app() -> Any:
-    """The Serve application module (``import_path: deployments.app:build_app``)."""
-    return importlib.import_module("deployments.app")
+    """The Serve application's builder module (``import_path: deployments.app:build_app`` builds with it)."""
+    return importlib.import_module("deployments.build")
 
 
 # -- files -------------------------------------------------------------------------------------

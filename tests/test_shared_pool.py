@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from deployments.app import ENCODER_DEPLOYMENT, DeviceQueue, FeaturesEncoderImpl
+from deployments.app import ENCODER_DEPLOYMENT
+from deployments.replica import FeaturesEncoderImpl
+from deployments.scheduling import DeviceQueue
 from pipeline.config import load_config
 from pipeline.constants import COMMITS_DIR, SERVE_DESCRIBE_METHOD, SERVE_SHARD_METHOD, SUCCESS_FILE
 from pipeline.model.errors import ConfigError, ErrorCode, LlavaFeaturesError

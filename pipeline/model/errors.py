@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
+    BODY_TIMEOUT = "body_timeout"
+    """The request's body did not arrive in time (a stalled or trickled upload)."""
     # Offline job outputs.
     OUTPUT_EXISTS = "output_exists"
     OUTPUT_IN_USE = "output_in_use"

@@ -1,0 +1,90 @@
+"""The offline job's files on a replica (one GPU pool for both front doors, ``encode --serve-app``).
+
+:class:`OfflineShards` holds a replica's shard writers (``pipeline.shards.ShardWriter``, one per job
+target), its write threads and its counters; :meth:`OfflineShards.encode` runs one decoded file's
+device work in chunks on the device queue's low-priority lane (online first), commits its Parquet
+file off the event loop and returns the file's summary. The shard types are the job's own, opaque
+here (``ShardTarget``, ``DecodedShard``, ``ShardSummary``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from .scheduling import DeviceQueue
+
+if TYPE_CHECKING:
+    from pipeline.records import DecodedShard, ShardSummary, ShardTarget
+    from pipeline.shards import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_WRITE_THREADS = 2
+"""Threads per replica writing offline files' Parquet (off the event loop and the device)."""
+KEPT_WRITERS = 4
+"""Offline jobs' shard writers a replica keeps (one per job target; the oldest are dropped)."""
+
+
+class OfflineShards:
+    """A replica's offline files: writers, write threads, counters and the files in progress."""
+
+    def __init__(self, encoder: Any, device: DeviceQueue, chunk_size: int) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.chunk_size = chunk_size
+        self.in_flight = 0
+        """Files this replica is working on now (what the autoscaler counts for the offline door)."""
+        self.counts: Counter[str] = Counter()
+        """``shards``, ``images`` and ``chunks`` done."""
+        self._writers: collections.OrderedDict[str, ShardWriter] = collections.OrderedDict()
+        self._write_pool = ThreadPoolExecutor(OFFLINE_WRITE_THREADS, thread_name_prefix="write")
+
+    def _writer(self, target: ShardTarget) -> ShardWriter:
+        """The writer of a job's files (one per job target, the last few kept)."""
+        from pipeline.shards import ShardWriter, check_fingerprint
+
+        check_fingerprint(self.encoder, target)
+        key = json.dumps(dataclasses.asdict(target), sort_keys=True, default=str)
+        writer = self._writers.pop(key, None) or ShardWriter(self.encoder, target)
+        self._writers[key] = writer
+        while len(self._writers) > KEPT_WRITERS:
+            self._writers.popitem(last=False)
+        return writer
+
+    async def encode(self, target: ShardTarget, record: DecodedShard) -> ShardSummary:
+        """One decoded file of an offline job → committed in ``target.output``; its summary back.
+
+        Its device work runs in chunks of ``chunk_size`` images (anyres: tiles) on the device queue's
+        low-priority lane (a chunk starts only when no online batch waits), the Parquet write in the
+        write threads. Raises ConfigError (``fingerprint_mismatch``) for a job whose fingerprint is
+        not this replica's."""
+        self.in_flight += 1
+        try:
+            writer = self._writer(target)
+            started = time.perf_counter()
+            encoded = None
+            if len(record):
+                chunks = writer.chunks(record, self.chunk_size)
+                encoded = writer.join([await self.device.offline(chunk) for chunk in chunks])
+                self.counts["chunks"] += len(chunks)
+            loop = asyncio.get_running_loop()
+            summary = await loop.run_in_executor(self._write_pool, writer.write, record, encoded)
+        finally:
+            self.in_flight -= 1
+        self.counts["shards"] += 1
+        self.counts["images"] += record.num_ok
+        logger.debug(
+            "Committed %s (%d rows) in %.2fs",
+            summary.file or "an empty unit",
+            summary.rows,
+            time.perf_counter() - started,
+        )
+        return summary
