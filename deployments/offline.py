@@ -2,8 +2,8 @@
 
 :class:`OfflineShards` holds a replica's shard writers (``pipeline.shards.ShardWriter``, one per job
 target), its write threads and its counters; :meth:`OfflineShards.encode` runs one decoded file's
-device work in chunks on the device queue's low-priority lane (online first), commits its Parquet
-file off the event loop and returns the file's summary. The shard types are the job's own, opaque
+device work in chunks on the device queue's low-priority lane (online first), writes its data
+file off the event loop and returns the file's summary (the job's driver commits it to the table). The shard types are the job's own, opaque
 here (``ShardTarget``, ``DecodedShard``, ``ShardSummary``).
 """
 
@@ -60,7 +60,7 @@ class OfflineShards:
         return writer
 
     async def encode(self, target: ShardTarget, record: DecodedShard) -> ShardSummary:
-        """One decoded file of an offline job → committed in ``target.output``; its summary back.
+        """One decoded file of an offline job → a data file of its table (``target.table``); its summary back.
 
         Its device work runs in chunks of ``chunk_size`` images (anyres: tiles) on the device queue's
         low-priority lane (a chunk starts only when no online batch waits), the Parquet write in the
@@ -82,8 +82,8 @@ class OfflineShards:
         self.counts["shards"] += 1
         self.counts["images"] += record.num_ok
         logger.debug(
-            "Committed %s (%d rows) in %.2fs",
-            summary.file or "an empty unit",
+            "Wrote %s (%d rows) in %.2fs",
+            summary.file.path if summary.file is not None else "no file",
             summary.rows,
             time.perf_counter() - started,
         )
