@@ -312,6 +312,8 @@ def read_features(
     elif spec is not None:
         if out is not None and not parts and pos == len(out):
             arr = out
+        elif out is None and len(parts) == 1:
+            arr = parts[0]  # one file: its one copy
         else:  # the statistics did not tell (or were wrong): one more copy
             done = [out[:pos]] if out is not None else []
             arr = (
