@@ -547,6 +547,13 @@ def planned_units(plan: InputPlan) -> list[PlannedUnit]:
     return [PlannedUnit(u.index, plan.unit_key(u), u.rows) for u in plan.units]
 
 
+def held_units(plan: InputPlan, committed: set[str]) -> set[str]:
+    """The unit keys of ``plan`` (full digests, as :meth:`InputPlan.without` takes them) of the units a
+    table holds: ``committed`` is the snapshot's keys, which keep a key's first digits only."""
+    keys = map(plan.unit_key, plan.units)
+    return {key for key in keys if PlannedUnit(0, key).key in committed}
+
+
 def _run_plan(plan: InputPlan, source: InputPlan | None = None) -> RunPlan:
     return RunPlan(
         plan=plan.fingerprint,
@@ -600,7 +607,7 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
     source = None
     if mode == "append" and writer.snapshot is not None:
         held = writer.existing_ids()
-        source, plan = plan, plan.without(held.contains, writer.snapshot.committed_keys())
+        source, plan = plan, plan.without(held.contains, held_units(plan, writer.snapshot.committed_keys()))
         logger.info("%d of the input's units hold inputs the table does not have yet", len(plan.units))
     units = planned_units(plan)
     done = writer.snapshot.committed_keys() if writer.snapshot is not None else set()
@@ -948,10 +955,10 @@ def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
         if writer.snapshot is None:
             state = "empty: a new table"
         else:
-            if mode == "append":
-                plan = plan.without(writer.existing_ids().contains, writer.snapshot.committed_keys())
             done = writer.snapshot.committed_keys()
-            held = sum(plan.unit_key(u) in done for u in plan.units)
+            if mode == "append":
+                plan = plan.without(writer.existing_ids().contains, held_units(plan, done))
+            held = sum(u.key in done for u in planned_units(plan))
             verb = {"resume": "--resume continues it", "append": "--append adds the rest"}.get(mode, "")
             state = f"a table (version {writer.snapshot.version}); {held} of {len(plan.units)} unit(s) of this plan in it: {verb}"
     return DryRun(plan, location.uri, plan_seconds, per_row, shapes, state, plan_rss, config.job.serve_app)
