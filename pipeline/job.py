@@ -930,19 +930,20 @@ def release_memory() -> None:
 def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode = "create") -> DryRun:
     """Plan the job and describe what it would write, without starting Ray or writing anything.
 
-    The plan is made first, before the model (and torch) is loaded to know the feature shapes.
+    The plan is made first, before the model (and torch) is loaded to know the feature shapes: the
+    planning's peak memory is its own (``bench plan`` measures it).
     """
-    from .encoder import describe_encoder
-    from .model import resolve_model
-    from .shards import table_identity
-
     location = output_location(config, output_uri)
     started = time.perf_counter()
     plan = make_plan(config, input_uri)
     plan_seconds = time.perf_counter() - started
     plan_rss = peak_rss_mb()
     release_memory()
-    resolved = resolve_model(config.model)  # torch and transformers from here on
+    from .encoder import describe_encoder  # torch and transformers from here on
+    from .model import resolve_model
+    from .shards import table_identity
+
+    resolved = resolve_model(config.model)
     per_row, shapes = feature_bytes(config, resolved)
     identity = table_identity(
         config, resolved, describe_encoder(config, resolved), carried=dict(plan.carried)
