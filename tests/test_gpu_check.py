@@ -119,6 +119,7 @@ def test_dry_run_without_ray_writes_the_report(tmp_path):
 
     env = payload["env"]
     assert env["python"] and env["torch"] and env["versions"]["transformers"] and env["versions"]["pyarrow"]
+    assert env["importable"]["deltalake"] is True and env["versions"]["deltalake"]  # the table's log
     assert env["cuda_available"] is False  # CUDA hidden in a dry run
     assert env["importable"]["ray"] is False and env["importable"]["fastapi"] is False
     assert env["serve_importable"] is False
@@ -207,6 +208,22 @@ def test_a_hanging_step_is_stopped_at_its_timeout(tmp_path):
         while time.monotonic() < deadline and _alive(child):
             time.sleep(0.1)
         assert not _alive(child), "the step's own child process outlived the timeout"
+    finally:
+        check.close()
+
+
+def test_the_pipeline_step_needs_deltalake(tmp_path):
+    """Without delta-rs (not on the GPU machine unless carried) the job cannot write its table: the step
+    fails at once, saying so, instead of after loading the model."""
+    gpu_check = load_script()
+    check = gpu_check.Check(tmp_path, dry_run=True, budget_s=60, python=sys.executable, keep=False)
+    try:
+        check.results["env"] = {"importable": {"deltalake": False}}
+        started = time.monotonic()
+        outcome = check.step_pipeline(timeout_s=60)
+        assert time.monotonic() - started < 5
+        assert outcome.status == "failed" and "deltalake is not importable" in outcome.reason
+        assert check.results["pipeline"] == {"failed": outcome.reason}
     finally:
         check.close()
 
