@@ -14,7 +14,9 @@ def _record(shard: int, n_ok: int, n_err: int, *, data: bool = False) -> Decoded
     pixels = []
     for i in range(n_ok + n_err):
         if (i % 2 == 0 and i // 2 < n_ok) or i >= 2 * n_err:
-            record.add_ok(f"img-{shard}-{i}", f"/in/{i}.jpg", width=40 + i, height=30 + i, carried={"caption": f"c{i}"})
+            record.add_ok(
+                f"img-{shard}-{i}", f"/in/{i}.jpg", width=40 + i, height=30 + i, carried={"caption": f"c{i}"}
+            )
             pixels.append(np.full((3, 4, 5), i, np.uint8))
             if data:
                 record.data.append(bytes([i]) * (i + 1))  # type: ignore[union-attr]
@@ -37,7 +39,11 @@ def test_round_trip_through_a_numpy_batch(n_ok, n_err, data):
     assert (back.shard, back.key, back.piece, back.last) == (7, "ab" * 32, 2, False)
     assert back.rows.image_id == want.rows.image_id and back.rows.uri == want.rows.uri
     # one convention for what is missing: None for an ok row's error, a carried value it lacks
-    assert back.rows.error_code == want.rows.error_code and None in back.rows.error_code[:1] + [None]
+    assert back.rows.error_code == want.rows.error_code
+    pairs = list(zip(back.rows.ok, back.rows.error_code, strict=True))
+    assert [c for ok, c in pairs if ok] == [None] * n_ok and [c for ok, c in pairs if not ok] == [
+        "corrupt"
+    ] * n_err
     assert back.rows.error_message == want.rows.error_message
     assert back.rows.ok == want.rows.ok and back.rows.width == want.rows.width
     assert back.rows.carried == want.rows.carried
