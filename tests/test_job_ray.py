@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.constants import SUCCESS_FILE
+from pipeline.table import SUCCESS_FILE
 from tests.corpus import write_real_photos
 from tests.fixtures.ray_cluster import free_port
 

@@ -989,7 +989,7 @@ def test_killed_encoder_replica_is_replaced(main):
 def test_features_equal_offline_job(main, tiny_llava, tmp_path):
     """The endpoint and the offline job serve the same numbers for the same image (float16)."""
     from pipeline.job import run_job
-    from pipeline.reader import read_features
+    from pipeline.table import read_features
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -999,7 +999,8 @@ def test_features_equal_offline_job(main, tiny_llava, tmp_path):
     summary = run_job(config, str(folder), str(tmp_path / "out"))
     assert summary.ok == len(IMAGES)
     offline = read_features(str(tmp_path / "out"))
-    assert offline.features.dtype == np.float16
+    assert offline.features.dtype == np.float16 and offline.state == "complete"
+    assert offline.identity.fingerprint == summary.fingerprint and offline.num_rows == len(IMAGES)
     for row, name in enumerate(offline.image_ids):
         r = main.post("/v1/features", content=IMAGES[name])
         assert r.status_code == 200, r.text

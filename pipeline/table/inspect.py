@@ -131,6 +131,8 @@ class TableReport:
     """Files no commit references, of runs that are no longer live (the next run removes them)."""
     missing_files: list[str] = field(default_factory=list)
     """Files the snapshot references that are not there (removed behind the table's back)."""
+    changed_files: list[str] = field(default_factory=list)
+    """Files the snapshot references whose size is not the one the log recorded (rewritten behind its back)."""
     other_files: list[str] = field(default_factory=list)
     """Files the table does not account for (not written by llava-features)."""
     success: bool = False
@@ -274,7 +276,7 @@ def _runs(report: TableReport, records: list[CommitRecord], leases: dict[str, An
 def _files(report: TableReport, snapshot: Any, leases: dict[str, Any]) -> None:
     location = snapshot.location
     fs = location.filesystem
-    referenced = {f.path for f in snapshot.files}
+    referenced = {f.path: f for f in snapshot.files}
     listed: set[str] = set()
     try:
         entries = fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
@@ -288,6 +290,8 @@ def _files(report: TableReport, snapshot: Any, leases: dict[str, Any]) -> None:
             continue
         listed.add(name)
         if name in referenced:
+            if entry.size is not None and entry.size != referenced[name].size:
+                report.changed_files.append(name)
             continue
         if name == SUCCESS_FILE:
             report.success = True
@@ -334,6 +338,11 @@ def _verdict(report: TableReport, latest: CommitRecord | None) -> None:
         problems.append(
             f"{len(report.missing_files)} file(s) of the table are missing ({', '.join(report.missing_files[:3])}): "
             "they were removed behind its back; reads will fail"
+        )
+    if report.changed_files:
+        problems.append(
+            f"{len(report.changed_files)} file(s) of the table are not the size its log recorded "
+            f"({', '.join(report.changed_files[:3])}): they were rewritten behind its back; reads will fail"
         )
     if report.other_files:
         problems.append(f"files that are not the table's: {', '.join(report.other_files[:5])}")

@@ -219,6 +219,8 @@ def read_features(
         raise InputReadError(f"Cannot open {location.uri}: {exc}") from exc
     snapshot: Snapshot | None = None
     state: TableState | None = None
+    expected: list[int | None] = [None]
+    """Rows of each file by the log (None: not known), to catch a file changed behind the table's back."""
     if is_file:
         files = [location.path]
         try:
@@ -229,6 +231,7 @@ def read_features(
         snapshot, state = open_table(path, version=version, s3_endpoint=s3_endpoint)
         schema = snapshot.identity.spec.arrow_schema()  # type: ignore[union-attr]
         files = [location.join(f.path) for f in snapshot.ordered_files()]
+        expected = [f.rows if f.name is not None else None for f in snapshot.ordered_files()]
         if state != "complete":
             message = f"{location.uri} is not complete (state: {state}) at version {snapshot.version}"
             if complete_only:
@@ -268,7 +271,12 @@ def read_features(
     parts: list[np.ndarray] = []
     rows_out: list[np.ndarray | None] = []
     valid_parts: list[np.ndarray] = []
-    for table in ordered_map(file_loader(fs, wanted), files, workers):
+    for index, table in enumerate(ordered_map(file_loader(fs, wanted), files, workers)):
+        if expected[index] is not None and table.num_rows != expected[index]:
+            raise InputReadError(
+                f"{files[index]} holds {table.num_rows} rows, the table's log says {expected[index]} (version "
+                f"{snapshot.version if snapshot else '?'}): the file was changed behind the table's back"
+            )
         if status is not None:
             keep = pc.equal(table.column("status"), status).fill_null(False)
             if not pc.all(keep).as_py():

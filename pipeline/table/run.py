@@ -733,9 +733,11 @@ class Committer:
                     self._cond.wait(timeout=wait)
                 if not self._ready and self._closing:
                     return
-                # At most max_units a commit: what came in while the last one was committing waits its turn.
+                # At most max_units a commit: the units beyond (ready during a slow commit) go in the
+                # next one, due by count or by the age of this batch's oldest unit, never later.
                 batch, self._ready = self._ready[: self.max_units], self._ready[self.max_units :]
-                self._oldest = time.monotonic() if self._ready else None
+                if not self._ready:
+                    self._oldest = None
             try:
                 self._commit(batch)
             except BaseException as exc:
