@@ -5,9 +5,8 @@ on 127.0.0.1; ``gcs_env`` points ``STORAGE_EMULATOR_HOST`` at it for one test. E
 through the product's own functions; the fixture's helpers (plain JSON-API requests) only put
 objects in place and look at what the product left behind.
 
-The table's data files go through pyarrow's GCS client and pass; its log goes through delta-rs, which
-speaks GCS's XML API that the emulator does not serve yet: those tests are expected to fail
-(``DELTA_GCS_XFAIL``) until the fixture serves it. The job's gs:// inputs are tested with a local output.
+The table's data files go through pyarrow's GCS client; its log goes through delta-rs, which speaks
+GCS's XML API: the fixture serves that API from the emulator's storage (tests/fixtures/gcs_xml.py).
 """
 
 from __future__ import annotations
@@ -479,9 +478,6 @@ def test_ensure_output_dir_creates_nothing(gcs_env: GcsServer) -> None:
 # ------------------------------------------------------------------------------------------
 
 TOKENS, DIM = 5, 8
-DELTA_GCS_XFAIL = pytest.mark.xfail(reason="delta-rs needs the GCS XML API of the emulator", strict=False)
-"""delta-rs (object_store) speaks GCS's XML API, which gcp-storage-emulator does not serve yet: every
-test whose table log lives on gs:// (a job's output, inspect, reads of a table) waits for it."""
 
 
 def _spec() -> TableSpec:
@@ -517,7 +513,7 @@ def test_write_data_file_and_read_it_back(gcs_env: GcsServer) -> None:
     table, feats, pooled = _batch()
     written = write_data_file(table, filesystem=fs, folder=out, name=_name(4))
     assert (written.path, written.rows, written.ok) == (_name(4), 5, 3)
-    assert (written.min_id, written.max_id) == ("img-0", "img-4")
+    assert written.text_bounds["image_id"] == ("img-0", "img-4")
     assert gcs_env.list_keys(bucket) == [f"out/{_name(4)}"]  # straight to the final key, no temporary one
     assert written.size == fs.get_file_info(f"{out}/{_name(4)}").size
     assert not output_is_empty(f"gs://{bucket}/out")
@@ -568,11 +564,9 @@ def test_table_location_on_gs(gcs_env: GcsServer) -> None:
     assert _options(location.filesystem)["endpoint_override"] == gcs_env.host_port
     assert location.join(_name(0)) == f"{bucket}/out/{_name(0)}"
     assert location.delta_uri == f"gs://{bucket}/out"
-    assert location.storage_options() == {
-        "google_base_url": gcs_env.endpoint_url,
-        "google_skip_signature": "true",
-        "allow_http": "true",
-    }
+    options = location.storage_options()
+    assert options["google_base_url"] == gcs_env.endpoint_url and options["allow_http"] == "true"
+    assert json.loads(options["google_service_account_key"])["disable_oauth"] is True  # no token sent
 
 
 def _identity() -> TableIdentity:
@@ -587,7 +581,6 @@ def _identity() -> TableIdentity:
     )
 
 
-@DELTA_GCS_XFAIL
 def test_table_on_gs_claim_commit_read(gcs_env: GcsServer) -> None:
     """A table whose log is on gs://: the claim, a unit's commit, the finish; the second claim loses."""
     bucket = gcs_env.create_bucket()
@@ -678,7 +671,6 @@ def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, ti
 
 
 @pytest.mark.slow
-@DELTA_GCS_XFAIL
 def test_job_writes_its_table_to_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
     from pipeline.job import run_job
     from pipeline.table import inspect_table

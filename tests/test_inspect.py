@@ -570,7 +570,6 @@ def test_inspect_what_is_not_a_feature_table(complete, tmp_path, capsys):
     assert "did not write" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="delta-rs needs the GCS XML API of the emulator", strict=False)
 def test_inspect_on_gcs(complete, gcs_server, gcs_env, capsys):
     out, _ = complete
     bucket = gcs_server.create_bucket()
