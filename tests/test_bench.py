@@ -20,11 +20,19 @@ import pytest
 import torch
 
 import pipeline.bench.sink as sink_module
+from deployments.bench import ServeOptions, SharedPoolOptions
 from llava_features import bench as bench_cli
 from llava_features.cli import main as cli_main
 from pipeline.bench.arch import KNOWN_TOWERS, bench_arch, tiny_arch
+from pipeline.bench.encoder import EncoderOptions
 from pipeline.bench.flops import encoder_flops
+from pipeline.bench.pipeline import PipelineOptions
+from pipeline.bench.plan import PlanOptions
+from pipeline.bench.preprocess import PreprocessOptions
+from pipeline.bench.profile import ProfileOptions
 from pipeline.bench.report import format_table, write_json
+from pipeline.bench.sink import SinkOptions
+from pipeline.bench.table import TableOptions
 from pipeline.config import Config, load_config
 from pipeline.measure.timing import percentiles_ms, time_callable
 from pipeline.model.config import field_docs
@@ -242,27 +250,26 @@ def test_bench_all_skips_missing_dependencies_and_records_failures(monkeypatch, 
 
 
 @pytest.mark.parametrize(
-    "cls",
+    "options",
     [
-        "pipeline.bench.encoder.EncoderOptions",
-        "pipeline.bench.pipeline.PipelineOptions",
-        "pipeline.bench.preprocess.PreprocessOptions",
-        "pipeline.bench.sink.SinkOptions",
-        "pipeline.bench.plan.PlanOptions",
-        "pipeline.bench.table.TableOptions",
-        "pipeline.bench.profile.ProfileOptions",
-        "deployments.bench.ServeOptions",
-        "deployments.bench.SharedPoolOptions",
+        EncoderOptions,
+        PipelineOptions,
+        PreprocessOptions,
+        SinkOptions,
+        PlanOptions,
+        TableOptions,
+        ProfileOptions,
+        ServeOptions,
+        SharedPoolOptions,
     ],
+    ids=lambda cls: cls.__name__,
 )
-def test_every_benchmark_option_has_a_default_and_a_doc(cls):
-    module, _, name = cls.rpartition(".")
-    options = getattr(__import__(module, fromlist=[name]), name)
+def test_every_benchmark_option_has_a_default_and_a_doc(options):
     built = options()  # every field has a default, and the defaults pass the checks
     assert dataclasses.is_dataclass(built) and options.__dataclass_params__.frozen
     docs = field_docs(options)
     for f in dataclasses.fields(options):
-        assert docs.get(f.name), f"{name}.{f.name} has no one-line doc"
+        assert docs.get(f.name), f"{options.__name__}.{f.name} has no one-line doc"
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.__setattr__(dataclasses.fields(options)[0].name, None)
 
@@ -285,14 +292,16 @@ def test_timing_json_and_table_helpers(tmp_path):
 
 def test_bench_sink_writes_and_reads_each_tensor_format(tmp_path):
     out = tmp_path / "sink.json"
-    opts = ["--opt", "rows=3", "--opt", "repeats=1", "--opt", "dtype=float32", "--opt", f"tmpdir={tmp_path}"]
-    assert cli_main(["bench", "sink", "--tiny", *opts, "--json", str(out)]) == 0
+    # 3 MB of features: enough that a rate rounded to 0.1 MB/s is not 0 on a loaded machine
+    opts = ["--opt", "rows=3", "--opt", "tokens=64", "--opt", "dim=4096", "--opt", "repeats=1"]
+    opts += ["--opt", "dtype=float32", "--opt", f"tmpdir={tmp_path}"]
+    assert cli_main(["bench", "sink", *opts, "--json", str(out)]) == 0
     result = json.loads(out.read_text())["results"]["sink"]
-    assert (result["rows"], result["tokens"], result["dim"], result["dtype"]) == (3, 16, 64, "float32")
-    assert result["shard_mb"] == round(3 * 16 * 64 * 4 / 1e6, 1)
+    assert (result["rows"], result["tokens"], result["dim"], result["dtype"]) == (3, 64, 4096, "float32")
+    assert result["shard_mb"] == round(3 * 64 * 4096 * 4 / 1e6, 1) == 3.1
     assert sorted(result["results"]) == ["binary", "list"]
     for figures in result["results"].values():
-        assert figures["write_mb_s"] > 0 and figures["read_mb_s"] > 0 and figures["file_mb"] >= 0
+        assert figures["write_mb_s"] > 0 and figures["read_mb_s"] > 0 and figures["file_mb"] >= 3.1
     assert list(tmp_path.iterdir()) == [out]  # its files are removed
 
 
