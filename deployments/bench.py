@@ -16,62 +16,91 @@ also reports the CPU milliseconds the whole local Ray session (proxy, controller
 raylet, GCS: every process of the session, from ``/proc``) spends per request at
 ``concurrency``, the load generator's own, and the in-process encoder's per image; their ratio
 (``cpu_ratio``) is the endpoint's throughput per CPU-second relative to in-process.
+
+:func:`bench_shared_pool` runs the offline job on its own actors and through the application's replicas
+(the job's ``run_job`` is given by the command line: this package never imports the offline job).
+Each takes its options dataclass (:class:`ServeOptions`, :class:`SharedPoolOptions`); the generated
+JPEGs, the Ray and Serve sessions and the percentiles are :mod:`pipeline.measure`'s.
 """
 
 from __future__ import annotations
 
 import http.client
-import io
 import logging
 import math
 import os
-import socket
-import statistics
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.constants import SERVE_ENCODER_DEPLOYMENT
+from pipeline.measure.images import iter_photos, photo_jpeg, write_jpegs
+from pipeline.measure.options import BenchOptions
+from pipeline.measure.session import ray_session, serve_session
+from pipeline.measure.timing import percentiles_ms
+from pipeline.model.config import setting
 
 logger = logging.getLogger(__name__)
 
 BENCH_APP_NAME = "llava-features-bench"
+SHARED_POOL_APP = "llava-features-pool-bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class EndpointOptions(BenchOptions):
+    """What both endpoint benchmarks share: the generated JPEG, the deployment and where it listens."""
+
+    image_size: tuple[int, int] = setting((640, 480), ge=1)
+    """(width, height) of the generated JPEG(s)."""
+    warmup: int = setting(5, ge=0)
+    """Untimed requests first (``serve``: and untimed in-process calls)."""
+    port: int | None = setting(None, ge=1)
+    """Serve's HTTP port: where Serve is started (default: a free port), or a running Serve's whose own cannot be found."""
+    ray_actor_options: dict | None = None
+    """The deployment's ``ray_actor_options`` by role, e.g. ``{"encoder": {"num_cpus": 0.1}}``."""
+    timeout_s: float = setting(120.0, gt=0)
+    """Seconds a request may take."""
 
 
-def sample_image(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
-    """A photo-like JPEG (smooth gradients + noise) for benchmarks."""
-    from PIL import Image
+@dataclass(frozen=True)
+class ServeOptions(EndpointOptions):
+    """Options of ``bench serve``."""
 
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
-    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    SECTION: ClassVar[str] = "bench.serve"
+
+    requests: int = setting(200, ge=1)
+    """Requests of each phase (latency at concurrency 1, then throughput)."""
+    concurrency: int = setting(32, ge=1)
+    """Parallel clients of the throughput phase."""
+    direct_threads: int | None = setting(None, ge=1)
+    """Torch threads of the in-process run (default: what Ray gives the encoder replica, floor(num_cpus), ≥ 1)."""
+    batch_images: int = setting(16, ge=0)
+    """Images per ``/v1/features:batch`` request (0: that route is not measured)."""
+    batch_requests: int | None = setting(None, ge=1)
+    """Requests to ``/v1/features:batch`` (default: ``requests`` // 4, at least 4)."""
+    batch_concurrency: int = setting(4, ge=1)
+    """Parallel clients of ``/v1/features:batch``."""
 
 
-def _percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in samples_s)
-    if not ms:
-        return {"p50": 0.0, "p99": 0.0, "mean": 0.0}
+@dataclass(frozen=True)
+class SharedPoolOptions(EndpointOptions):
+    """Options of ``bench shared-pool``."""
 
-    def pct(q: float) -> float:
-        return ms[min(len(ms) - 1, max(0, round(q * (len(ms) - 1))))]
+    SECTION: ClassVar[str] = "bench.shared-pool"
 
-    return {"p50": pct(0.50), "p99": pct(0.99), "mean": statistics.fmean(ms)}
+    images: int = setting(256, ge=1)
+    """JPEGs of each timed job."""
+    shard_size: int = setting(16, ge=1)
+    """Images per output file (and per file handed to a replica)."""
+    requests: int = setting(60, ge=1)
+    """Online requests on the idle application."""
 
 
 def _run_concurrent(call: Callable[[], None], total: int, concurrency: int) -> float:
@@ -93,23 +122,9 @@ def _run_concurrent(call: Callable[[], None], total: int, concurrency: int) -> f
     return time.perf_counter() - started
 
 
-def _running_serve_port() -> int | None:
-    """HTTP port of the Serve instance this driver is connected to, if one runs."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client(raise_if_no_controller_running=False)
-    except Exception:
-        return None
-    if client is None:
-        return None
-    try:
-        return int(client.http_config.port)
-    except Exception:
-        return None
-
-
-def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, threads: int) -> dict[str, float]:
+def _bench_direct(
+    config: Config, image: bytes, *, requests: int, warmup: int, threads: int
+) -> dict[str, float]:
     """The endpoint's work in this process: decode + preprocess + forward (+ host copy), with
     ``threads`` torch threads (what Ray gives a replica: OMP_NUM_THREADS = floor(num_cpus))."""
     import torch
@@ -119,12 +134,14 @@ def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, thre
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _time_direct(FeatureEncoder(config), config, image, requests, warmup)
+        return _time_direct(FeatureEncoder(config), config, image, requests=requests, warmup=warmup)
     finally:
         torch.set_num_threads(previous)
 
 
-def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warmup: int) -> dict[str, float]:
+def _time_direct(
+    encoder: Any, config: Config, image: bytes, *, requests: int, warmup: int
+) -> dict[str, float]:
     batch = max(1, config.serve.max_batch_size)  # what the endpoint's dynamic batches hold at most
 
     def one() -> None:
@@ -137,7 +154,7 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
         t = time.perf_counter()
         one()
         latencies.append(time.perf_counter() - t)
-    lat = _percentiles(latencies)
+    lat = percentiles_ms(latencies)
     t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, requests, batch):
         n = min(batch, requests - start)
@@ -296,7 +313,7 @@ def _bench_http(
             t = time.perf_counter()
             post()
             latencies.append(time.perf_counter() - t)
-        lat = _percentiles(latencies)
+        lat = percentiles_ms(latencies)
         if before_throughput is not None:
             before_throughput()
         cpu = time.process_time()
@@ -373,85 +390,56 @@ def _bench_batch_route(
     return out
 
 
-def bench_serve(
-    config: Config,
-    *,
-    requests: int = 200,
-    concurrency: int = 32,
-    image_bytes: bytes | None = None,
-    width: int = 640,
-    height: int = 480,
-    warmup: int = 5,
-    port: int | None = None,
-    ray_actor_options: dict[str, Any] | None = None,
-    direct_threads: int | None = None,
-    timeout_s: float = 120.0,
-    batch_images: int = 16,
-    batch_requests: int | None = None,
-    batch_concurrency: int = 4,
-) -> dict[str, Any]:
+def bench_serve(config: Config, options: ServeOptions, *, image: bytes | None = None) -> dict[str, Any]:
     """Deploy the endpoint for ``config`` locally and measure it against in-process encoding.
 
-    The in-process figures are taken first (``direct_*``), then the endpoint's (``serve_*``).
-    Starts a local Ray (and Serve on ``port`` or a free port) when none is running, and shuts
-    them down afterwards; on an already running Serve it deploys the application
-    ``llava-features-bench`` under ``/bench`` next to the others and deletes it at the end
-    (pass ``port`` when the running Serve's port cannot be found). ``requests`` is the number of
-    requests of each phase; without ``image_bytes`` a ``width`` x ``height`` JPEG is generated.
-    ``direct_threads`` (torch threads of the in-process run) defaults to what Ray gives the
-    encoder replica, floor(its num_cpus) and at least 1, so both sides get the same cores.
-    Then ``/v1/features:batch``: ``batch_requests`` requests (default: ``requests`` // 4, at least 4)
-    of ``batch_images`` images each at ``batch_concurrency`` (``batch_images`` 0 skips it), its
-    images/s against the in-process images/s (``batch_route_ratio``).
+    The in-process figures are taken first (``direct_*``), then the endpoint's (``serve_*``), on
+    ``image`` (default: a generated JPEG of ``image_size``). Runs on this driver's Ray and Serve when
+    they run (the application ``llava-features-bench`` under ``/bench``, deleted at the end), else on a
+    local Ray and Serve started here and stopped after. ``direct_threads`` (torch threads of the
+    in-process run) defaults to what Ray gives the encoder replica, so both sides get the same cores.
+    Then ``/v1/features:batch``: ``batch_requests`` requests of ``batch_images`` images each at
+    ``batch_concurrency``, its images/s against the in-process images/s (``batch_route_ratio``).
     Returns a flat dict of figures (milliseconds, requests or images per second).
     """
     import gc
 
-    import ray
     from ray import serve
-
-    from pipeline.model.errors import ConfigError
 
     from .app import ENCODER_DEPLOYMENT, build_app
     from .build import DEFAULT_ENCODER_CPUS, deployable_args
 
-    if requests < 1 or concurrency < 1:
-        raise ConfigError("requests and concurrency must be >= 1")
-    image = image_bytes if image_bytes is not None else sample_image(width, height)
+    o = options
+    image = image if image is not None else photo_jpeg(*o.image_size)
     result: dict[str, Any] = {
-        "requests": requests,
-        "concurrency": concurrency,
+        "requests": o.requests,
+        "concurrency": o.concurrency,
         "image_bytes": len(image),
         "max_batch_size": config.serve.max_batch_size,
         "batch_wait_timeout_s": config.serve.batch_wait_timeout_s,
     }
+    direct_threads = o.direct_threads
     if direct_threads is None:
-        encoder_cpus = ((ray_actor_options or {}).get("encoder") or {}).get("num_cpus", DEFAULT_ENCODER_CPUS)
+        encoder_cpus = ((o.ray_actor_options or {}).get("encoder") or {}).get(
+            "num_cpus", DEFAULT_ENCODER_CPUS
+        )
         direct_threads = max(1, math.floor(encoder_cpus))
     result["direct_threads"] = direct_threads
-    result.update(_bench_direct(config, image, requests, warmup, direct_threads))
+    result.update(_bench_direct(config, image, requests=o.requests, warmup=o.warmup, threads=direct_threads))
     gc.collect()
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, namespace="serve")
-    running_port = None if started_ray else _running_serve_port()
-    started_serve = running_port is None
-    route_prefix = "/" if started_serve else "/bench"
-    if started_serve:
-        port = port or _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    else:
-        port = running_port
-    try:
+    with (
+        ray_session(include_dashboard=False, namespace="serve") as ray_,
+        serve_session(BENCH_APP_NAME, "/bench", port=o.port) as served,
+    ):
         args = deployable_args(config)
-        if ray_actor_options:
-            args["ray_actor_options"] = ray_actor_options
+        if o.ray_actor_options:
+            args["ray_actor_options"] = o.ray_actor_options
         t0 = time.perf_counter()
-        serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
+        serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=served.route_prefix)
         result["deploy_s"] = time.perf_counter() - t0
         handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
-        session_cpu = _session_cpu() if started_ray else None  # another session holds other apps too
+        session_cpu = _session_cpu() if ray_.started else None  # another session holds other apps too
         samples: list[dict[str, float]] = []
 
         def before() -> None:
@@ -463,17 +451,16 @@ def bench_serve(
             if session_cpu is not None:
                 samples.append(session_cpu())
 
-        base_url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
         api_key = config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY")
         result.update(
             _bench_http(
-                base_url,
+                served.base_url,
                 image,
-                requests=requests,
-                concurrency=concurrency,
-                warmup=warmup,
+                requests=o.requests,
+                concurrency=o.concurrency,
+                warmup=o.warmup,
                 api_key=api_key,
-                timeout_s=timeout_s,
+                timeout_s=o.timeout_s,
                 # The batch sizes reported are those of the concurrent phase only (the latency
                 # phase's requests come one at a time: batches of one by construction).
                 before_throughput=before,
@@ -482,35 +469,26 @@ def bench_serve(
         )
         if len(samples) == 2:
             for role, seconds in samples[1].items():
-                result[f"serve_cpu_ms_per_request_{role}"] = (seconds - samples[0][role]) * 1000 / requests
+                result[f"serve_cpu_ms_per_request_{role}"] = (seconds - samples[0][role]) * 1000 / o.requests
             result["serve_cpu_ms_per_request"] = sum(
                 result[f"serve_cpu_ms_per_request_{role}"] for role in samples[1]
             )
         stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
-        if batch_images > 0:
+        if o.batch_images > 0:
             result.update(
                 _bench_batch_route(
-                    base_url,
+                    served.base_url,
                     image,
-                    images_per_request=batch_images,
-                    requests=batch_requests or max(4, requests // 4),
-                    concurrency=batch_concurrency,
+                    images_per_request=o.batch_images,
+                    requests=o.batch_requests or max(4, o.requests // 4),
+                    concurrency=o.batch_concurrency,
                     api_key=api_key,
-                    timeout_s=timeout_s,
+                    timeout_s=o.timeout_s,
                     session_cpu=session_cpu,
                 )
             )
-    finally:
-        try:
-            if started_serve:
-                serve.shutdown()
-            else:
-                serve.delete(BENCH_APP_NAME)
-        finally:
-            if started_ray:
-                ray.shutdown()
     result["serve_errors"] = int(result["serve_errors"])
     result["overhead_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
     result["overhead_p99_ms"] = result["serve_p99_ms"] - result["direct_p99_ms"]
@@ -523,24 +501,11 @@ def bench_serve(
     return result
 
 
-SHARED_POOL_APP = "llava-features-pool-bench"
-
-
 def bench_shared_pool(
-    config: Config,
-    *,
-    run_job: Callable[..., Any],
-    images: int | None = None,
-    shard_size: int = 16,
-    width: int = 640,
-    height: int = 480,
-    requests: int = 60,
-    warmup: int = 5,
-    port: int | None = None,
-    ray_actor_options: dict[str, Any] | None = None,
-    timeout_s: float = 120.0,
+    config: Config, options: SharedPoolOptions, *, run_job: Callable[..., Any]
 ) -> dict[str, Any]:
-    """The mixed run of the shared pool, on a local Ray + Serve started here (and stopped after):
+    """The mixed run of the shared pool, on this driver's Ray (else a local one started here and stopped
+    after), with Serve started for it (or the running one's, the application deleted at the end):
 
     1. the standalone job (its own actor pool) over ``images`` generated JPEGs, ``shard_size`` per
        output file: images/s (after a job of two files that starts the workers and loads the model);
@@ -554,58 +519,54 @@ def bench_shared_pool(
     import tempfile
     from pathlib import Path
 
-    import ray
     from ray import serve
 
     from .app import build_app
     from .build import deployable_args
 
-    images = images or 256
-    config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=shard_size))
+    o = options
+    width, height = o.image_size
+    config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=o.shard_size))
     result: dict[str, Any] = {
-        "images": images,
+        "images": o.images,
         "shard_size": config.job.shard_size,
         "offline_chunk_size": config.serve.offline_chunk_size,
         "max_offline_shards": config.serve.max_offline_shards,
-        "requests": requests,
+        "requests": o.requests,
     }
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", include_dashboard=False, namespace="serve", logging_level=logging.WARNING)
     pooled = dataclasses.replace(config, job=dataclasses.replace(config.job, serve_app=SHARED_POOL_APP))
-    body = sample_image(width, height, seed=10_000)
-    try:
-        with tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp:
-            folder = Path(tmp) / "images"
-            folder.mkdir()
-            for i in range(images):
-                (folder / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+    body = photo_jpeg(width, height, seed=10_000)
+    with (
+        ray_session(
+            address="local", include_dashboard=False, namespace="serve", logging_level=logging.WARNING
+        ),
+        tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp,
+    ):
+        folder = Path(tmp) / "images"
+        write_jpegs(iter_photos(o.images, height, width), folder)
+        warm = Path(tmp) / "warm"
+        write_jpegs(iter_photos(2 * o.shard_size, height, width, seed=1), warm)
 
-            warm = Path(tmp) / "warm"
-            warm.mkdir()
-            for i in range(2 * shard_size):
-                (warm / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+        def job(cfg: Config, name: str) -> float:
+            # A small job first (Ray Data's workers, the actors' model loads), then the timed one.
+            run_job(cfg, str(warm), str(Path(tmp) / f"{name}-warmup"))
+            summary = run_job(cfg, str(folder), str(Path(tmp) / name))
+            if summary.ok != o.images:
+                raise RuntimeError(f"the {name} job encoded {summary.ok} of {o.images} images")
+            return float(summary.images_per_s)
 
-            def job(cfg: Config, name: str) -> float:
-                # A small job first (Ray Data's workers, the actors' model loads), then the timed one.
-                run_job(cfg, str(warm), str(Path(tmp) / f"{name}-warmup"))
-                summary = run_job(cfg, str(folder), str(Path(tmp) / name))
-                if summary.ok != images:
-                    raise RuntimeError(f"the {name} job encoded {summary.ok} of {images} images")
-                return float(summary.images_per_s)
-
-            # The standalone job first, while no application holds CPUs or a device.
-            result["standalone_images_per_s"] = job(config, "standalone")
-            port = port or _free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # The standalone job first, while no application holds CPUs or a device.
+        result["standalone_images_per_s"] = job(config, "standalone")
+        with serve_session(SHARED_POOL_APP, "/pool", port=o.port) as served:
             args = deployable_args(config)
-            if ray_actor_options:
-                args["ray_actor_options"] = ray_actor_options
-            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix="/pool")
+            if o.ray_actor_options:
+                args["ray_actor_options"] = o.ray_actor_options
+            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix=served.route_prefix)
             result["pool_images_per_s"] = job(pooled, "pool")
-            base_url = f"http://127.0.0.1:{port}/pool"
-            idle = _online_latencies(base_url, body, n=requests, warmup=warmup, timeout_s=timeout_s)
-            result.update({f"online_idle_{k}_ms": v for k, v in _percentiles(idle).items()})
+            idle = _online_latencies(
+                served.base_url, body, n=o.requests, warmup=o.warmup, timeout_s=o.timeout_s
+            )
+            result.update({f"online_idle_{k}_ms": v for k, v in percentiles_ms(idle).items()})
             done = threading.Event()
             mixed: dict[str, float] = {}
 
@@ -619,20 +580,14 @@ def bench_shared_pool(
             handle.reset_stats.remote().result()  # the longest chunk and online wait of the mixed run
             thread = threading.Thread(target=background, name="pool-bench-job")
             thread.start()
-            during = _online_latencies(base_url, body, until=done, timeout_s=timeout_s)
+            during = _online_latencies(served.base_url, body, until=done, timeout_s=o.timeout_s)
             thread.join()
-        result.update({f"online_during_job_{k}_ms": v for k, v in _percentiles(during).items()})
+            stats = handle.stats.remote().result()
+        result.update({f"online_during_job_{k}_ms": v for k, v in percentiles_ms(during).items()})
         result["online_requests_during_job"] = len(during)
         result["pool_images_per_s_with_online"] = mixed.get("ips", 0.0)
-        stats = handle.stats.remote().result()
         result["offline_chunk_ms_max"] = stats["offline_chunk_ms_max"]
         result["online_wait_ms_max"] = stats["online_wait_ms_max"]
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            if started_ray:
-                ray.shutdown()
     result["pool_vs_standalone"] = result["pool_images_per_s"] / result["standalone_images_per_s"]
     result["online_p99_during_vs_idle"] = result["online_during_job_p99_ms"] / result["online_idle_p99_ms"]
     return result

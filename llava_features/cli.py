@@ -28,6 +28,8 @@ from pipeline.config import SECTIONS, Config, load_config
 from pipeline.model.config import field_docs, literal_choices
 from pipeline.model.errors import LlavaFeaturesError
 
+from .arguments import int_tuple, layers, pair, str_tuple
+
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
@@ -40,12 +42,6 @@ EXIT_INCOMPLETE = 1
 """Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed), or
 whose files were removed or rewritten behind its back (reads fail)."""
 
-BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
-    "serve": ("deployments.bench", "bench_serve"),
-    "shared-pool": ("llava_features.cli", "bench_shared_pool"),
-}
-"""Benchmarks of the online layer, which ``pipeline.bench`` cannot import itself: name → (module, function)."""
-
 _DEST_SEPARATOR = "."
 
 HF_PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
@@ -54,35 +50,6 @@ transformers' ("Loading weights", "Writing model shards"). Set by :func:`third_p
 
 
 # -- options from config fields ---------------------------------------------------------------
-
-
-def _pair(value: str) -> tuple[int, int]:
-    """``MIN,MAX`` (or ``N`` for N,N) → (MIN, MAX)."""
-    parts = value.split(",")
-    try:
-        lo, hi = int(parts[0]), int(parts[-1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX (or N), got {value!r}") from None
-    return lo, hi
-
-
-def _int_tuple(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _layers(value: str) -> int | tuple[int, ...]:
-    """``N`` or ``N,M,...`` (several hidden layers, concatenated)."""
-    layers = _int_tuple(value)
-    if not layers:
-        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {value!r}")
-    return layers[0] if len(layers) == 1 else layers
-
-
-def _str_tuple(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _base_type(annotation: Any) -> Any:
@@ -111,13 +78,13 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
     elif base is int or base is float or base is str:
         kwargs["type"] = base
     elif base == tuple[int, int]:
-        kwargs.update(type=_pair, metavar="MIN,MAX")
+        kwargs.update(type=pair, metavar="MIN,MAX")
     elif base == tuple[int, ...]:
-        kwargs.update(type=_int_tuple, metavar="N,N,...")
+        kwargs.update(type=int_tuple, metavar="N,N,...")
     elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
-        kwargs.update(type=_layers, metavar="N[,N...]")
+        kwargs.update(type=layers, metavar="N[,N...]")
     elif base == tuple[str, ...]:
-        kwargs.update(type=_str_tuple, metavar="A,B,...")
+        kwargs.update(type=str_tuple, metavar="A,B,...")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -507,37 +474,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(load_cli_config(args))
 
 
-def bench_shared_pool(
-    config: Config,
-    *,
-    images: int | None = None,
-    shard_size: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """``bench shared-pool``: :func:`deployments.bench.bench_shared_pool` with the offline job's
-    ``run_job`` (only this layer sees both front doors); ``options`` are its other keywords (--opt)."""
-    from deployments.bench import bench_shared_pool as run
-    from pipeline.job import run_job
-
-    given = {"images": images, "shard_size": shard_size, "width": width, "height": height}
-    sizes = {k: v for k, v in given.items() if v is not None}
-    return run(config, run_job=run_job, **sizes, **options)
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench.cli import main as bench_main
+    from .bench import main as bench_main
 
-    return bench_main(args, external=BENCH_EXTERNAL)
+    return bench_main(args)
 
 
 # -- the parser -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.bench.cli import add_bench_arguments
     from pipeline.model.constants import TINY_FORMATS, WEIGHT_FORMATS
+
+    from .bench import RUNNERS, add_bench_arguments
 
     parser = argparse.ArgumentParser(
         prog="llava-features",
@@ -623,9 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser(
-        "bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, shared-pool, profile"
-    )
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(RUNNERS)}")
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser

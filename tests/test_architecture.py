@@ -8,7 +8,8 @@ Layers, bottom to top (a module may import its own layer and the ones below):
    ``pipeline.config``, ``pipeline.constants``, ``pipeline.memory``: pure Python (errors, config,
    vocabulary, the process's memory);
 1. ``pipeline.model``: torch + transformers (never ray, PIL, pyarrow);
-2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``;
+2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``,
+   ``pipeline.measure`` (what the benchmarks of both front doors measure with);
 3. ``pipeline.encoder``;
 3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
 4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
@@ -45,6 +46,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.storage",
         "pipeline.table",
         "pipeline.records",
+        "pipeline.measure",
     ),
     ("pipeline.encoder",),
     ("pipeline.shards",),

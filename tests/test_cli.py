@@ -143,7 +143,7 @@ def test_info_says_in_one_line_what_the_features_are(tiny_llava, capsys):
 def test_info_line_for_llava_1_5_7b():
     """The line for LLaVA-1.5-7B's vision path (its resolved description, built here: no download)."""
     from llava_features.cli import info_lines
-    from pipeline.bench.common import clip_image_processor_dict
+    from pipeline.bench.arch import clip_image_processor_dict
     from pipeline.model import ResolvedModel
 
     cfg = load_config(REPO / "configs" / "llava-v1.5-7b.yaml")

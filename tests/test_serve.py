@@ -933,17 +933,17 @@ def test_hostile_images_stay_within_the_decode_budget(serve_cluster, tiny_llava,
 
 @slow
 def test_bench_serve_runs(serve_cluster, tiny_llava):
-    from deployments.bench import bench_serve
+    from deployments.bench import ServeOptions, bench_serve
 
     config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "serve": {"max_batch_size": 8}})
-    figures = bench_serve(
-        config,
+    options = ServeOptions(
         requests=20,
         concurrency=4,
         warmup=2,
         port=serve_cluster.port,
         ray_actor_options={"encoder": {"num_cpus": 0.1}},
     )
+    figures = bench_serve(config, options)
     for key in (
         "serve_p50_ms",
         "serve_p99_ms",

@@ -30,12 +30,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..measure.options import BenchOptions
+from ..model.config import setting
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TARGETS", "bench_plan", "write_manifests", "write_tars"]
+__all__ = ["TARGETS", "PlanOptions", "bench_plan", "write_manifests", "write_tars"]
+
+
+@dataclass(frozen=True)
+class PlanOptions(BenchOptions):
+    """Options of ``bench plan``: the sizes of the generated inputs."""
+
+    SECTION: ClassVar[str] = "bench.plan"
+
+    rows: int = setting(10_000_000, ge=1)
+    """Rows of the generated manifest."""
+    manifest_files: int = setting(100, ge=1)
+    """Parquet files the manifest is split into."""
+    tars: int = setting(10_000, ge=1)
+    """Empty WebDataset-named tar files generated."""
+    workdir: str | None = None
+    """Keep (and reuse) the generated inputs here (default: a temporary folder, removed)."""
+
 
 TARGETS = {
     "manifest": {"plan_s": 30.0, "plan_peak_rss_mb": 600.0},
@@ -88,17 +112,12 @@ def _run_child(config_file: Path, input_uri: str, output: Path) -> dict[str, Any
     return result
 
 
-def bench_plan(
-    config: Any,
-    rows: int = 10_000_000,
-    manifest_files: int = 100,
-    tars: int = 10_000,
-    workdir: str | None = None,
-) -> dict[str, Any]:
+def bench_plan(config: Config, options: PlanOptions) -> dict[str, Any]:
     """Plan a ``rows``-row manifest in ``manifest_files`` Parquet files and ``tars`` tar shards, each in
     a fresh process; returns ``{"cases": {case: figures}, "targets": {...}}`` (see the module docstring)."""
     from ..config import config_to_dict
 
+    rows, manifest_files, tars, workdir = options.rows, options.manifest_files, options.tars, options.workdir
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="llava-bench-plan-"))
     try:
         root.mkdir(parents=True, exist_ok=True)

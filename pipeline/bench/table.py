@@ -29,12 +29,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..measure.options import BenchOptions
+from ..model.config import setting
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TARGETS", "bench_table"]
+__all__ = ["TARGETS", "TableOptions", "bench_table"]
+
+
+@dataclass(frozen=True)
+class TableOptions(BenchOptions):
+    """Options of ``bench table``."""
+
+    SECTION: ClassVar[str] = "bench.table"
+
+    sizes: tuple[int, ...] = setting((10_000, 100_000), ge=1)
+    """Units of each table measured (one unit per manifest row)."""
+    workdir: str | None = None
+    """Keep the generated manifests here (default: a temporary folder, removed); the tables are removed."""
+
 
 TARGETS = {"resume_s": 30.0, "resume_peak_rss_mb": 1024.0}
 """The targets of planning a resume of a table of 10⁵ units."""
@@ -64,9 +84,7 @@ def _child_run(step: str, config_file: Path, manifests: Path, output: Path) -> d
     return result
 
 
-def bench_table(
-    config: Any, sizes: tuple[int, ...] = (10_000, 100_000), workdir: str | None = None
-) -> dict[str, Any]:
+def bench_table(config: Config, options: TableOptions) -> dict[str, Any]:
     """Commit, load and resume tables of each of ``sizes`` units; returns ``{"cases": {units: figures}}``
     (see the module docstring)."""
     from dataclasses import replace
@@ -74,6 +92,7 @@ def bench_table(
     from ..config import config_to_dict
     from .plan import write_manifests
 
+    sizes, workdir = options.sizes, options.workdir
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="llava-bench-table-"))
     config = replace(config, job=replace(config.job, shard_size=1))
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench.common import bench_resolved, random_modules
+from pipeline.bench.models import bench_resolved, random_modules
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder, preprocess_spec
 from pipeline.images.gpu_decode import NVJPEG_TOLERANCE, BatchedJpegDecoder
@@ -103,7 +103,7 @@ def test_encoder_with_decode_nvjpeg_on_cuda(cuda):
     _nvjpeg_or_skip()
     from dataclasses import replace
 
-    from pipeline.bench.common import tiny_arch
+    from pipeline.bench.arch import tiny_arch
     from pipeline.config import Config
 
     arch = tiny_arch()
