@@ -264,6 +264,13 @@ def info_lines(
     return lines
 
 
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from .reference import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from pipeline.encoder import describe_encoder
     from pipeline.images.native import resampler_name
@@ -507,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_make_tiny_model)
+
+    p = sub.add_parser(
+        "config-reference",
+        help="print the configuration reference (every section and key; docs/configuration.md)",
+    )
+    p.set_defaults(handler=_cmd_config_reference)
 
     p = sub.add_parser("info", help="what the features will be: shapes, layer, projector, fingerprint")
     _add_model_args(p)
