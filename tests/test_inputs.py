@@ -508,7 +508,7 @@ def test_dry_run_prints_the_plan_and_starts_no_ray(tiny_llava, tmp_path: Path):
         and "rows:          10\n" in manifest
     )
     assert "shards:        3 (up to 4 rows each)" in manifest
-    assert "features [16, 64] (4.1 KB per row)" in manifest and "output bytes:  ~41.0 KB" in manifest
+    assert "features [16, 64] (4.1 kB per row)" in manifest and "output bytes:  ~41.0 kB" in manifest
     assert "(empty: a new table)" in manifest
     assert (
         "(webdataset: 3 file(s)" in shards and "rows:          0 known; 3 unit(s) counted when read" in shards

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -154,7 +155,7 @@ def test_offline_work_waits_for_online_work():
 def test_job_through_the_pool_equals_the_standalone_job(pool, tiny_llava, tmp_path):
     """Same inputs → the same rows and float32 features as the job's own actors, committed with the
     same protocol (every unit in the table's log, complete, _SUCCESS), by the replica (its counters say so)."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 1)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")  # an error row, through both
@@ -200,7 +201,8 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
     --dry-run plans without Ray and names the pool; an application that does not exist is a typed error."""
     from llava_features.cli import main as cli_main
     from pipeline.encoder import describe_encoder
-    from pipeline.job import describe_pool, dry_run
+    from pipeline.offline import dry_run
+    from pipeline.offline.pool import describe_pool
 
     _write_inputs(tmp_path / "in", 1)
     before = _stats(pool)["offline_shards"]
@@ -342,7 +344,7 @@ def test_llava_next_online_and_through_the_pool(serve_cluster, tiny_models, tmp_
                     "job": {"serve_app": name},
                 },
             )
-            from pipeline.job import run_job
+            from pipeline.offline import run_job
 
             assert run_job(config, str(folder), str(tmp_path / "out")).ok == 2
             assert _stats(url)["offline_chunks"] >= 2
@@ -393,7 +395,7 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
       pass (the longest of each, + WAIT_SLACK_MS), never a whole shard (~5 chunks here);
     - over HTTP, their p99 stays within 2 x (idle p99 + the longest chunk) + ONLINE_SLACK_MS.
     """
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     _write_inputs(tmp_path / "in", 2)
     body = (tmp_path / "in" / "chelsea-0.jpg").read_bytes()
@@ -442,12 +444,57 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
 
 
 @slow
+def test_an_application_gone_mid_job_stops_it_in_one_line_and_resume_completes(
+    serve_cluster, pool, tiny_llava, tmp_path, capsys
+):
+    """A job sending its files to a second application (the same model) that is deleted mid-job: it stops
+    (exit 7) with its summary and one error line naming the application, no traceback; its committed units
+    are kept, and --resume through the pool (the same fingerprint) completes the table, every row once."""
+    import deltalake
+    from ray import serve
+
+    from llava_features.cli import EXIT_STOPPED
+    from llava_features.cli import main as cli_main
+
+    serve_cluster.deploy("gone", "/gone", _app_args(tiny_llava))
+    ids = _write_inputs(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    args = ["encode", "--model", str(tiny_llava), "--input", str(tmp_path / "in"), "--output", str(out)]
+    args += ["--output-dtype", "float32", "--shard-size", "1", "--commit-interval-s", "0.05"]
+    args += ["--num-cpus-per-actor", "0.5", "--stall-warn-s", "30", "--stall-fail-s", "120"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(code=cli_main([*args, "--serve-app", "gone"])))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if len(deltalake.DeltaTable(str(out)).file_uris()) >= 2:
+                break
+        time.sleep(0.1)
+    serve.delete("gone")  # the application stops answering mid-job
+    thread.join(timeout=300)
+    captured = capsys.readouterr()
+    assert result.get("code") == EXIT_STOPPED, captured.err[-3000:]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[unavailable] Serve application 'gone' stopped answering" in errors[0], (
+        errors
+    )
+    assert "--resume" in errors[0] and "Traceback" not in captured.err
+    assert "interrupted)" in captured.out and "images read:" in captured.out
+    kept = len(deltalake.DeltaTable(str(out)).file_uris())
+    assert 2 <= kept < len(ids)
+    assert cli_main([*args, "--serve-app", APP, "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    table = read_features(out, status=None, column=None)
+    assert sorted(table.image_ids) == sorted(ids) and table.state == "complete"  # every row exactly once
+
+
+@slow
 def test_killed_replica_mid_job_every_row_once(pool, tiny_llava, tmp_path):
     """Last (it kills the pool's replica): the job completes with every row exactly once (the lost
     shard is sent again and committed once), and online requests recover on the new replica."""
     import ray
 
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 2)
     done = threading.Event()

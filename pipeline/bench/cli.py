@@ -368,7 +368,7 @@ RUNNERS: dict[str, Runner] = {
 
 def _available(name: str, table: dict[str, tuple[str, str]]) -> str | None:
     """None when benchmark ``name`` can run here, else why not (a module it needs cannot be imported)."""
-    needs = {"pipeline": ("pipeline.job", None)}.get(name) or table.get(name)
+    needs = {"pipeline": ("pipeline.offline", None)}.get(name) or table.get(name)
     if needs is None:
         return None if name in ("encoder", "profile") else f"no module provides the {name!r} benchmark"
     module_name, func_name = needs

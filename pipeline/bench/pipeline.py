@@ -117,7 +117,7 @@ def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repea
 
 
 def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) -> dict[str, Any]:
-    from ..job import run_job
+    from ..offline import run_job
 
     cfg = replace(config, job=replace(config.job, limit=limit))
     started = time.perf_counter()
@@ -368,17 +368,10 @@ def bench_pipeline_inprocess(
     import torch
 
     from ..config import Config
-    from ..job import (
-        EncodeShardActor,
-        decode_unit,
-        make_plan,
-        new_table_run,
-        planned_units,
-        read_options,
-        shard_target,
-        unit_batch,
-    )
     from ..model import resolve_device, resolve_model
+    from ..offline import make_plan, new_table_run, planned_units
+    from ..offline.actors import EncodeShardActor, shard_target
+    from ..offline.decode import decode_unit, read_options, unit_batch
 
     base = config if config is not None else Config()
     dev = resolve_device(device or base.model.device)

@@ -131,13 +131,13 @@ def bench_plan(
 
 def _child(config_file: str, input_uri: str, output: str) -> None:
     from ..config import load_config
-    from ..job import dry_run, peak_rss_mb
+    from ..memory import peak_rss_mb
+    from ..offline import dry_run
 
     values = json.loads(Path(config_file).read_text())
     config = load_config(None, values)
     report = dry_run(config, input_uri, output)
     plan = report.plan
-    print(report.format(), file=sys.stderr)
     print(
         json.dumps(
             {

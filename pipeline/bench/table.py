@@ -99,8 +99,8 @@ def bench_table(
 
 
 def _commit(config: Any, manifests: str, output: str) -> dict[str, Any]:
-    from ..job import make_plan, new_table_run, planned_units
     from ..model import resolve_model
+    from ..offline import make_plan, new_table_run, planned_units
     from ..table import DataFile
 
     plan = make_plan(config, manifests)
@@ -146,7 +146,7 @@ def _snapshot(output: str) -> dict[str, Any]:
 
 
 def _resume(config: Any, manifests: str, output: str) -> dict[str, Any]:
-    from ..job import dry_run
+    from ..offline import dry_run
 
     started = time.perf_counter()
     report = dry_run(config, manifests, output, mode="resume")
@@ -159,7 +159,7 @@ def _resume(config: Any, manifests: str, output: str) -> dict[str, Any]:
 
 def _child(step: str, config_file: str, manifests: str, output: str) -> None:
     from ..config import load_config
-    from ..job import peak_rss_mb
+    from ..memory import peak_rss_mb
 
     config = load_config(None, json.loads(Path(config_file).read_text()))
     steps = {

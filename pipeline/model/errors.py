@@ -52,6 +52,15 @@ class ErrorCode(StrEnum):
     SCHEMA_MISMATCH = "schema_mismatch"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     ERROR_BUDGET_EXCEEDED = "error_budget_exceeded"
+    OUTPUT_WRITE_FAILED = "output_write_failed"
+    """The table's files or log could not be written (disk full, read-only, a store refusing writes)."""
+    # Running the offline job.
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
+    """The cluster cannot hold the job's minimum encoder actors and a decode task at once."""
+    STALLED = "stalled"
+    """No file was written and no unit committed for longer than the job's watchdog allows."""
+    INTERRUPTED = "interrupted"
+    """The job was stopped by SIGINT or SIGTERM."""
     # Anything not anticipated (a bug): still reported per item, never fatal to a job.
     INTERNAL = "internal"
 
@@ -143,6 +152,18 @@ class OutputError(LlavaFeaturesError):
     """The output location cannot be used as asked (not empty, other fingerprint)."""
 
     default_code = ErrorCode.OUTPUT_EXISTS
+
+
+class JobStoppedError(LlavaFeaturesError):
+    """The offline job stopped before its table was complete (stalled, a storage fault, the shared pool
+    gone, interrupted). What it committed is kept, and ``--resume`` continues; ``summary`` is what the
+    run did until then (a ``pipeline.offline.JobSummary``)."""
+
+    default_code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, summary: object = None) -> None:
+        super().__init__(message, code=code)
+        self.summary = summary
 
 
 class IncompleteTableWarning(UserWarning):
