@@ -303,9 +303,21 @@ def test_a_planted_stall_is_diagnosed_and_stopped_then_resumed(
     config = _config(tiny_llava, stall_warn_s=4, stall_fail_s=45)
     monkeypatch.setattr(driver, "decode_unit", sleepy_decode_unit)
     seen: list[Progress] = []
+    during: dict[str, float] = {}
+
+    def progress(p: Progress) -> None:
+        seen.append(p)
+        if p.units_committed == 4 and not during and p.idle_s > 2:  # stalled: what Prometheus shows now
+            job = read_features(out, status=None, column=None).identity.job
+            during.update(_scrape(metrics_port, job), job=job)  # type: ignore[arg-type]
+
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.offline"), pytest.raises(JobStoppedError) as info:
-        run_job(config, str(images), str(out), progress=seen.append)
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.offline"),
+        pytest.warns(UserWarning, match="state: in_progress"),
+        pytest.raises(JobStoppedError) as info,
+    ):
+        run_job(config, str(images), str(out), progress=progress)
     assert time.monotonic() - started < 240
     stopped = info.value
     assert stopped.code == ErrorCode.STALLED, stopped
@@ -322,20 +334,24 @@ def test_a_planted_stall_is_diagnosed_and_stopped_then_resumed(
     assert last.errors == {"not_an_image": 1} and (last.units_committed, last.units_planned) == (4, 5)
     assert last.files == 4 and last.bytes_written == summary.bytes_written > 0
     assert all(a.images <= b.images for a, b in itertools.pairwise(seen))
-    job = read_features(out, status=None, column=None).identity.job
     wanted = {
         "llava_features_job_images_total": 4.0,
         "llava_features_job_errors_total[not_an_image]": 1.0,
         "llava_features_job_units_total": 4.0,
         "llava_features_job_files_total": 4.0,
         "llava_features_job_bytes_written_total": float(summary.bytes_written),
-        "llava_features_job_images_planned": 5.0,
-        "llava_features_job_units_planned": 5.0,
     }
-    deadline = time.monotonic() + 60
-    while (got := _scrape(metrics_port, job)) != wanted and time.monotonic() < deadline:
+    job = during.pop("job")
+    planned = {"llava_features_job_images_planned": 5.0, "llava_features_job_units_planned": 5.0}
+    assert {k: v for k, v in during.items() if k in planned} == planned  # gauges of a running job
+
+    def counters() -> dict[str, float]:
+        return {k: v for k, v in _scrape(metrics_port, job).items() if k not in planned}
+
+    deadline = time.monotonic() + 60  # counters are exported every half second: the last ones may lag
+    while (got := counters()) != wanted:
+        assert time.monotonic() < deadline, got
         time.sleep(1)
-    assert got == wanted
 
     (tmp_path / "in" / "release").touch()
     monkeypatch.undo()

@@ -11,6 +11,7 @@ they never change meaning once released. Only ``deployments/`` maps codes to HTT
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -174,3 +175,15 @@ class ErrorBudgetExceededError(LlavaFeaturesError):
     """More inputs failed than ``max_error_fraction`` allows (the output is still written)."""
 
     default_code = ErrorCode.ERROR_BUDGET_EXCEEDED
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line for a message of ours: its type and text, without the line breaks, tree
+    arrows and colours some libraries put in theirs (delta-rs: ``Generic LocalFileSystem error /
+    ↳ Read-only file system (os error 30)``)."""
+    text = _ANSI.sub("", str(exc))
+    parts = [part.strip(" ↳\t") for part in text.splitlines()]
+    return f"{type(exc).__name__}: " + ": ".join(part for part in parts if part)

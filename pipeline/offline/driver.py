@@ -31,6 +31,7 @@ from ..model.errors import (
     ErrorCode,
     JobStoppedError,
     LlavaFeaturesError,
+    one_line,
 )
 from ..records import PoolInfo, ShardSummary, ShardTarget, rows_of_batch
 from ..storage import InputPlan, Unit
@@ -393,7 +394,9 @@ def _results(
 
     def read() -> None:
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            # No prefetch: Ray Data would hold each summary back until the next one arrives (the last
+            # file before a stall would be neither counted nor committed).
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 if not put(batch):
                     return  # the driver stopped: closing the iterator ends the execution
             put(_END)
@@ -489,7 +492,7 @@ def _stopped(
     for cause in causes:
         if isinstance(cause, OSError) or type(cause).__module__.startswith("deltalake"):
             return JobStoppedError(
-                f"Writing the table {run.location.uri} failed: {type(cause).__name__}: {cause}. {keep}",
+                f"Writing the table {run.location.uri} failed ({one_line(cause)}). {keep}",
                 code=ErrorCode.OUTPUT_WRITE_FAILED,
             )
     return None

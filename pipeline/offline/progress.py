@@ -44,8 +44,6 @@ class ProgressTracker:
         self.errors: Counter[str] = Counter()
         self._window: deque[tuple[float, int, float]] = deque()
         """(time, images, fraction done) samples of the last :data:`RATE_WINDOW_S` seconds."""
-        if metrics is not None:
-            metrics.planned(images=images_planned or 0, units=units_planned)
 
     def file(self, summary: ShardSummary) -> None:
         """A data file written (count each file once: a retried file reports again)."""
@@ -75,6 +73,8 @@ class ProgressTracker:
         """The run now (see :class:`~pipeline.offline.summary.Progress`)."""
         now = self.clock()
         elapsed = now - self.started
+        if self.metrics is not None:  # set on every snapshot: Ray drops a gauge that is not refreshed
+            self.metrics.planned(images=self.images_planned or 0, units=self.units_planned)
         progress = Progress(
             images=self.images,
             images_planned=self.images_planned,

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
-from ..model.errors import ErrorCode, OutputError
+from ..model.errors import ErrorCode, OutputError, one_line
 from ..storage import write_json
 from .files import DataFile, write_data_file
 from .layout import (
@@ -144,7 +144,7 @@ class WriteTarget:
             )
         except OSError as exc:  # disk full, read-only, a store refusing the write: typed, one line
             raise OutputError(
-                f"Cannot write the data file {name} of {self.location.uri}: {exc}",
+                f"Cannot write the data file {name} of {self.location.uri} ({one_line(exc)})",
                 code=ErrorCode.OUTPUT_WRITE_FAILED,
             ) from exc
 
