@@ -102,11 +102,31 @@ def test_chunks_summaries_and_the_replica_methods():
     assert chunk_ranges(np.array([1, 1]), None) == [(0, 2)]
     assert chunk_ranges(np.zeros(0, np.int64), 4) == []
     name = DataFileName(1, 3, 1, "ab" * 10, "0123abcd").name()
-    file = DataFile(name, 1234, 4, {"error_code": 3, "status": 0}, "id-0", "id-3", 1_700_000_000_000)
+    file = DataFile(
+        name,
+        1234,
+        4,
+        {"error_code": 3, "status": 0},
+        text_bounds={"image_id": ("id-0", "id-3")},
+        modified_ms=1_700_000_000_000,
+    )
     summary = ShardSummary(shard=3, piece=1, last=True, rows=4, ok=3, file=file, errors={"x": 1})
     assert ShardSummary.from_row(summary.to_row()) == summary and summary.file.ok == 3
     empty = ShardSummary(shard=0, piece=0, last=True, rows=0, ok=0)  # a piece without a file
     assert ShardSummary.from_row(empty.to_row()) == empty
+    # a file its worker could not write travels as a typed fault, for the driver to stop the job
+    from pipeline.model.errors import OutputError
+    from pipeline.records import DecodedShard
+
+    fault = OutputError("disk full", code=ErrorCode.OUTPUT_WRITE_FAILED)
+    failed = ShardSummary.failed(DecodedShard(shard=2, piece=1, last=False), fault)
+    assert ShardSummary.from_row(failed.to_row()) == failed
+    assert (failed.fault_code, failed.fault, failed.file, failed.shard) == (
+        "output_write_failed",
+        "disk full",
+        None,
+        2,
+    )
     for key in ("offline_chunk_size", "max_offline_shards"):  # range-checked, the error names the key
         with pytest.raises(ConfigError, match=key):
             load_config(None, {"serve": {key: 0}})

@@ -48,6 +48,9 @@ with an offline file answers later than that, and is working as meant; the job's
 so a longer wait costs nothing."""
 SHARD_ATTEMPTS = 4
 """Tries of a file whose replica died (or was not reachable) before the job stops."""
+APP_CHECK_S = 10.0
+"""While a file waits for its replica's answer, how often the send task checks that the application
+is still deployed."""
 _SHARD_RETRY_S = 2.0
 _DESCRIBE_TIMEOUT_S = 120.0
 
@@ -91,6 +94,41 @@ def check_pool(app: str, pool: PoolInfo, fingerprint: str) -> None:
         )
 
 
+def _gone(app: str) -> bool:
+    """Whether Serve no longer runs application ``app`` (deleted, or being deleted); False when it
+    cannot tell (the job's watchdog has the last word then)."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception as exc:
+        logger.debug("could not ask Serve for its applications: %s", exc)
+        return False
+    return app not in apps or str(apps[app].status) == "DELETING"
+
+
+def _gone_error(app: str, why: str) -> LlavaFeaturesError:
+    return LlavaFeaturesError(
+        f"Serve application {app!r} stopped answering: {why}", code=ErrorCode.UNAVAILABLE
+    )
+
+
+def _answer(handle: Any, target: ShardTarget, record: DecodedShard, app: str) -> ShardSummary:
+    """The replica's answer for one file; a summary that says ``unavailable`` when the application is
+    deleted while it waits (Serve would hold the request for a replica that never comes)."""
+    response = handle.encode_shard.remote(target, record)
+    while True:
+        try:
+            return response.result(timeout_s=APP_CHECK_S)  # type: ignore[no-any-return]
+        except TimeoutError:  # a file may take long: wait on while the application is there
+            if _gone(app):
+                response.cancel()
+                return ShardSummary.failed(
+                    record,
+                    _gone_error(app, f"it was deleted while file {record.shard}/{record.piece} waited"),
+                )
+
+
 def send_shard(handle: Any, target: ShardTarget, record: DecodedShard, *, app: str = "") -> ShardSummary:
     """One file through the replicas: encoded and written there, its summary back. A file whose replica
     died is sent again (it is rewritten under the same name before any commit references it), up to
@@ -101,21 +139,15 @@ def send_shard(handle: Any, target: ShardTarget, record: DecodedShard, *, app: s
 
     for attempt in range(1, SHARD_ATTEMPTS + 1):
         try:
-            return handle.encode_shard.remote(target, record).result()  # type: ignore[no-any-return]
+            return _answer(handle, target, record, app)
         except LlavaFeaturesError as exc:  # the replica could not write the file (disk full, read-only)
             if exc.code != ErrorCode.OUTPUT_WRITE_FAILED:
                 raise
             return ShardSummary.failed(record, exc)
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             if attempt == SHARD_ATTEMPTS:  # the application is gone: the driver stops the job
-                return ShardSummary.failed(
-                    record,
-                    LlavaFeaturesError(
-                        f"Serve application {app!r} stopped answering: file {record.shard}/{record.piece} found "
-                        f"no replica in {SHARD_ATTEMPTS} tries ({type(exc).__name__})",
-                        code=ErrorCode.UNAVAILABLE,
-                    ),
-                )
+                why = f"file {record.shard}/{record.piece} found no replica in {SHARD_ATTEMPTS} tries"
+                return ShardSummary.failed(record, _gone_error(app, f"{why} ({type(exc).__name__})"))
             logger.info(
                 "File %d/%d: its replica was lost (%s); sending it again (try %d of %d)",
                 record.shard,
@@ -129,11 +161,12 @@ def send_shard(handle: Any, target: ShardTarget, record: DecodedShard, *, app: s
 
 
 def send_shards(batch: dict[str, np.ndarray], *, app: str, target: ShardTarget) -> dict[str, np.ndarray]:
-    """Ray Data task: the decoded files of ``batch`` through Serve application ``app`` → their summaries."""
-    handle = _pool_handle(app)
-    return rows_to_batch(
-        [
-            send_shard(handle, target, DecodedShard.from_row(row), app=app).to_row()
-            for row in rows_of_batch(batch)
-        ]
-    )
+    """Ray Data task: the decoded files of ``batch`` through Serve application ``app`` → their summaries
+    (an application deleted meanwhile: summaries that say ``unavailable``)."""
+    records = [DecodedShard.from_row(row) for row in rows_of_batch(batch)]
+    try:
+        handle = _pool_handle(app)
+    except Exception as exc:  # Serve no longer knows the application: it was deleted
+        gone = _gone_error(app, f"it is no longer deployed ({type(exc).__name__})")
+        return rows_to_batch([ShardSummary.failed(record, gone).to_row() for record in records])
+    return rows_to_batch([send_shard(handle, target, record, app=app).to_row() for record in records])
