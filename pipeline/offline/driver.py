@@ -338,7 +338,10 @@ def _dataset(
             batch_size=1,
             batch_format="numpy",
             num_cpus=SEND_TASK_CPUS,
-            compute=TaskPoolStrategy(size=pool.max_offline_shards * pool.max_replicas),
+            # (never more tasks than units: Ray Data warns about a limit it cannot reach)
+            compute=TaskPoolStrategy(
+                size=max(1, min(pool.max_offline_shards * pool.max_replicas, len(work)))
+            ),
             runtime_env=worker_runtime_env(SEND_TASK_ENV),
         )
     else:
