@@ -43,7 +43,7 @@ from llava_features.cli import (
 )
 from llava_features.cli import main as cli_main
 from pipeline.config import load_config
-from pipeline.model.errors import ErrorCode, JobStoppedError, LlavaFeaturesError
+from pipeline.model.errors import ConfigError, ErrorCode, JobStoppedError, LlavaFeaturesError
 from pipeline.offline import Progress, run_job
 from pipeline.offline.progress import ProgressTracker
 from pipeline.offline.resources import Demand, NodeResources, actor_cpus, fit_actors, preflight
@@ -127,6 +127,12 @@ def test_the_watchdog_warns_then_stops(caplog):
         warnings[0].endswith("2 decode task(s) waiting")
         and info.value.diagnosis == "2 decode task(s) waiting"
     )
+    # its limits, and the progress and preflight settings, are checked config values naming their keys
+    with pytest.raises(ConfigError, match=r"job.stall_fail_s \(300\) must be above job.stall_warn_s \(300\)"):
+        load_config(None, {"job": {"stall_warn_s": 300, "stall_fail_s": 300}})
+    for key, bad in (("stall_warn_s", 0), ("progress_interval_s", -1), ("resource_wait_s", -5)):
+        with pytest.raises(ConfigError, match=f"job.{key}"):
+            load_config(None, {"job": {key: bad}})
 
 
 def _summary(unit: int, rows: int, ok: int, size: int, **errors: int) -> ShardSummary:
@@ -162,6 +168,50 @@ def test_the_progress_counts_rate_and_time_left():
     unknown = ProgressTracker(images_planned=None, units_planned=4, clock=lambda: now[0])
     unknown.committed(2)
     assert unknown.snapshot().fraction == 0.5
+
+
+def test_the_command_line_draws_a_bar_in_a_terminal_and_lines_elsewhere():
+    import io
+
+    from llava_features.render import ProgressPrinter, progress_line
+
+    def snapshot(images: int, done: bool = False) -> Progress:
+        return Progress(
+            images=images,
+            images_planned=40,
+            ok=images - 1,
+            errors={"truncated": 1},
+            files=images // 10,
+            bytes_written=images * 1000,
+            units_committed=images // 10,
+            units_planned=4,
+            elapsed_s=20.0,
+            images_per_s=2.0,
+            eta_s=(40 - images) / 2.0,
+            idle_s=0.0,
+            done=done,
+        )
+
+    assert progress_line(snapshot(10)) == (
+        "progress: 10/40 images (25.0%) · 2.0 images/s · ETA 15s · errors 1 (truncated 1) · units 1/4 committed"
+        " · 1 files, 10.0 kB"
+    )
+    log = io.StringIO()
+    printer = ProgressPrinter(log, interval_s=3600, terminal=False)
+    for images in (10, 20, 30):
+        printer(snapshot(images))
+    printer(snapshot(40, done=True))
+    lines = log.getvalue().splitlines()
+    assert (
+        len(lines) == 2 and lines[0].startswith("progress: 10/40") and " · done · " in lines[1]
+    )  # first, last
+    tty = io.StringIO()
+    bar = ProgressPrinter(tty, interval_s=3600, terminal=True)
+    for images in (10, 20):
+        bar(snapshot(images))
+    bar.close()
+    drawn = tty.getvalue()
+    assert drawn.count("\r[") == 2 and drawn.endswith("\n") and "[######" + "." * 18 + "] 10/40" in drawn
 
 
 # -- on a local Ray --------------------------------------------------------------------------------------
