@@ -34,16 +34,18 @@ SIGINT/SIGTERM) commits what is ready and raises :class:`~pipeline.model.errors.
 with its summary; ``--resume`` continues.
 
 Modules: :mod:`~.plan` (plan, output, dry run), :mod:`~.decode` (stage 1), :mod:`~.actors` (stage 2,
-the job's pool), :mod:`~.pool` (stage 2, the shared pool's client), :mod:`~.driver` (wiring and the
-driver's loop), :mod:`~.ray_runtime` (starting, reaching, stopping Ray; :mod:`~.reaper`,
+the job's pool), :mod:`~.pool` (stage 2, the shared pool's client), :mod:`~.driver` (run_job: the
+wiring), :mod:`~.ray_runtime` (starting, reaching, stopping Ray; :mod:`~.reaper`,
 :mod:`~.ray_warnings`), :mod:`~.resources` (reservations, preflight), :mod:`~.watchdog`,
-:mod:`~.progress`, :mod:`~.metrics`, :mod:`~.summary` (the typed values the job returns). Importing
+:mod:`~.progress`, :mod:`~.metrics`, :mod:`~.results` (the driver's loop), :mod:`~.faults` (how a
+run that stops is reported), :mod:`~.summary` (the typed values the job returns). Importing
 any of them imports no Ray, torch or deltalake.
 """
 
 from __future__ import annotations
 
-from .driver import budget_error, new_table_run, run_job
+from .driver import new_table_run, run_job
+from .faults import budget_error
 from .plan import dry_run, make_plan, planned_units
 from .summary import DryRun, JobSummary, Progress, WriteMode
 

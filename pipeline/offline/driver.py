@@ -4,66 +4,53 @@
 what would corrupt it), reaches Ray once (:mod:`~.ray_runtime`), checks that the cluster can hold
 the job (:mod:`~.resources`), claims the table, and streams the pending units through Ray Data:
 decode tasks (:mod:`~.decode`) → the job's encoder actors (:mod:`~.actors`) or a Serve application's
-replicas (:mod:`~.pool`). Its loop sees each written file's summary before the table's
-:class:`~pipeline.table.Committer` does: the progress (:mod:`~.progress`, :mod:`~.metrics`) and the
-watchdog (:mod:`~.watchdog`) are fed there, once a second.
+replicas (:mod:`~.pool`). Its loop (:mod:`~.results`) sees each written file's summary before the
+table's :class:`~pipeline.table.Committer` does: the progress (:mod:`~.progress`, :mod:`~.metrics`)
+and the watchdog (:mod:`~.watchdog`) are fed there, once a second.
 
 A run that stops before its table is complete — stalled, a storage fault, the shared pool gone,
 SIGINT or SIGTERM — commits what is ready, and raises a typed
-:class:`~pipeline.model.errors.JobStoppedError` with the run's summary: what it committed is kept,
-and ``--resume`` continues.
+:class:`~pipeline.model.errors.JobStoppedError` (:mod:`~.faults`) with the run's summary: what it
+committed is kept, and ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..memory import release_free_memory
-from ..model.errors import (
-    ErrorBudgetExceededError,
-    ErrorCode,
-    JobStoppedError,
-    LlavaFeaturesError,
-    one_line,
-)
-from ..records import PoolInfo, ShardSummary, ShardTarget, rows_of_batch
+from ..model.errors import ErrorCode, JobStoppedError, LlavaFeaturesError
+from ..records import PoolInfo, ShardTarget
 from ..storage import InputPlan, Unit
-from ..table import SUCCESS_FILE, IdSet, Outcome, TableRun, TableWriter
+from ..table import IdSet, Outcome, TableRun, TableWriter
 from .actors import EncodeShardActor, shard_target
 from .decode import decode_task_memory, decode_unit, read_options
+from .faults import stopped_error
 from .metrics import JobMetrics
 from .plan import held_units, make_plan, output_location, planned_units, run_plan
 from .pool import SEND_TASK_CPUS, SEND_TASK_ENV, check_pool, describe_pool, send_shards
 from .progress import ProgressTracker
-from .ray_runtime import RaySession, quiet_logger, ray_session, worker_runtime_env
+from .ray_runtime import RaySession, ray_session, worker_runtime_env
 from .ray_warnings import spend_actor_restart_warning
 from .resources import Demand, actor_cpus, preflight, read_nodes
+from .results import follow
 from .summary import JobSummary, Progress, WriteMode
-from .watchdog import StallError, Watchdog, diagnose
+from .watchdog import Watchdog, diagnose
 
 if TYPE_CHECKING:
     from ..model import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["budget_error", "new_table_run", "run_job"]
+__all__ = ["new_table_run", "run_job"]
 
-TICK_S = 1.0
-"""How often the driver's loop reports progress and checks the watchdog."""
-STOP_WAIT_S = 10.0
-"""How long a run that stops early waits for the dataset's execution to end."""
 DECODE_CPUS = 1.0
 """CPUs a decode task reserves."""
-PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
-"""Ray Data's logger of the notice "Progress bars disabled" (a WARNING): the job disables them on
-purpose, its own progress replaces them."""
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -250,11 +237,11 @@ def _pipeline(
         units_planned=len(work),
         metrics=JobMetrics(run.job),
     )
-    watchdog = Watchdog(
-        warn_s=job.stall_warn_s,
-        fail_s=job.stall_fail_s,
-        diagnose=lambda: diagnose(ray, actor=workers.actor, decode=workers.decode),
-    )
+
+    def diagnosis() -> str:
+        return diagnose(ray, actor=workers.actor, decode=workers.decode)
+
+    watchdog = Watchdog(warn_s=job.stall_warn_s, fail_s=job.stall_fail_s, diagnose=diagnosis)
     ds = _dataset(
         ray, config=config, resolved=resolved, work=work, workers=workers, target=target, pool=pool, held=held
     )
@@ -267,7 +254,7 @@ def _pipeline(
     stopped: JobStoppedError | None = None
     try:
         try:
-            for done in _results(ds, tracker=tracker, run=run, watchdog=watchdog, progress=progress):
+            for done in follow(ds, tracker=tracker, run=run, watchdog=watchdog, progress=progress):
                 if done.fault_code:  # a file its worker could not write: stop (what is ready is committed)
                     raise LlavaFeaturesError(done.fault, code=ErrorCode(done.fault_code))
                 if done.commit_to(committer):  # a retried file reports again: counted once
@@ -278,7 +265,7 @@ def _pipeline(
         finally:
             committer.close()  # what is ready is committed, whatever stopped the loop
     except BaseException as exc:
-        stopped = _stopped(exc, ray=ray, workers=workers, run=run, stall_s=job.stall_fail_s)
+        stopped = stopped_error(exc, run=run, stall_s=job.stall_fail_s, diagnose=diagnosis)
         if stopped is None:
             raise
     finally:
@@ -370,137 +357,6 @@ def _dataset(
     return ds
 
 
-_END = object()
-
-
-def _results(
-    ds: Any,
-    *,
-    tracker: ProgressTracker,
-    run: TableRun,
-    watchdog: Watchdog,
-    progress: ProgressCallback | None,
-) -> Iterator[ShardSummary]:
-    """The file summaries of ``ds`` as they arrive; between them, once a second, the progress and the
-    watchdog (the dataset is read on a thread, so that a stalled one still lets the loop tick)."""
-    results: queue.Queue[Any] = queue.Queue(maxsize=4)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=TICK_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            # No prefetch: Ray Data would hold each summary back until the next one arrives (the last
-            # file before a stall would be neither counted nor committed).
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                if not put(batch):
-                    return  # the driver stopped: closing the iterator ends the execution
-            put(_END)
-        except BaseException as exc:
-            put(exc)
-
-    reader = threading.Thread(target=read, name="job-results", daemon=True)
-    next_tick = time.monotonic() + TICK_S
-    with quiet_logger(PROGRESS_NOTICE_LOGGER):
-        reader.start()
-        try:
-            while True:
-                try:
-                    item = results.get(timeout=max(0.0, next_tick - time.monotonic()))
-                except queue.Empty:
-                    item = None
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                if item is not None:
-                    for row in rows_of_batch(item):
-                        yield ShardSummary.from_row(row)
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK_S
-                    tracker.committed(len(run.committed))
-                    if progress is not None:
-                        progress(tracker.snapshot())
-                    watchdog.check(tracker.idle_s())
-        finally:
-            stop.set()
-            if reader.is_alive():  # the run stops early: end the execution before Ray may be shut down
-                _stop_execution(ds)
-                reader.join(timeout=STOP_WAIT_S)
-
-
-def _stop_execution(ds: Any) -> None:
-    """Stop ``ds``'s running execution from another thread than the one reading it. Ray Data has no
-    public call for it: its executor (``Dataset._current_executor``) is shut down as Ray Data itself
-    does when a dataset is deleted; where that moved, the execution ends with Ray."""
-    executor = getattr(ds, "_current_executor", None)
-    if executor is None:
-        return
-    try:
-        executor.shutdown(force=True)
-    except Exception as exc:
-        logger.debug("could not stop the dataset's execution: %s", exc)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what caused it: ``__cause__``/``__context__`` chains and Ray's wrapped ``cause``."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for nxt in (current.__cause__, current.__context__, getattr(current, "cause", None)):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
-def _stopped(
-    exc: BaseException, *, ray: Any, workers: _Workers, run: TableRun, stall_s: float
-) -> JobStoppedError | None:
-    """The typed error of a run that stopped with ``exc`` (None: not a fault the job reports itself)."""
-    keep = (
-        f"What was committed is kept ({len(run.committed)} unit(s) of this run): run the same command with "
-        "--resume to continue."
-    )
-    if isinstance(exc, KeyboardInterrupt):
-        return JobStoppedError(f"Interrupted ({str(exc) or 'SIGINT'}). {keep}", code=ErrorCode.INTERRUPTED)
-    causes = list(_causes(exc))
-    for cause in causes:
-        if isinstance(cause, StallError) or type(cause).__name__ == "ExecutionTimeoutError":
-            diagnosis = (
-                cause.diagnosis
-                if isinstance(cause, StallError)
-                else diagnose(ray, actor=workers.actor, decode=workers.decode)
-            )
-            return JobStoppedError(
-                f"No data file was written and no unit committed for {stall_s:.0f} s (job.stall_fail_s): "
-                f"{diagnosis}. {keep}",
-                code=ErrorCode.STALLED,
-            )
-    for cause in causes:
-        if isinstance(cause, JobStoppedError):
-            return cause
-        if isinstance(cause, LlavaFeaturesError):
-            return JobStoppedError(f"{cause.message.rstrip('.')}. {keep}", code=cause.code)
-    for cause in causes:
-        if isinstance(cause, OSError) or type(cause).__module__.startswith("deltalake"):
-            return JobStoppedError(
-                f"Writing the table {run.location.uri} failed ({one_line(cause)}). {keep}",
-                code=ErrorCode.OUTPUT_WRITE_FAILED,
-            )
-    return None
-
-
 def _count(summary: JobSummary, outcome: Outcome, run: TableRun) -> None:
     summary.inputs, summary.ok, summary.errors = outcome.rows, outcome.ok, outcome.errors
     summary.files_total = outcome.files
@@ -511,26 +367,6 @@ def _count(summary: JobSummary, outcome: Outcome, run: TableRun) -> None:
     summary.up_to_date = outcome.up_to_date
     if outcome.recorded is not None:
         summary.recorded = dict(outcome.recorded.totals)
-
-
-def budget_error(summary: JobSummary, config: Config) -> ErrorBudgetExceededError | None:
-    """The typed error for a run above ``max_error_fraction`` (None when within budget)."""
-    if not summary.error_budget_exceeded:
-        return None
-    if summary.up_to_date and summary.recorded is not None and summary.state == "complete":
-        return ErrorBudgetExceededError(
-            f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-            f"{config.job.max_error_fraction:.2%}; nothing was written (every unit was committed already), and "
-            "the table, completed by the run that allowed "
-            f"{float(summary.recorded.get('max_error_fraction', 0)):.2%}, is left as it is"
-        )
-    return ErrorBudgetExceededError(
-        f"{summary.error_fraction:.2%} of the inputs failed, above max_error_fraction "
-        f"{config.job.max_error_fraction:.2%}; every row was committed and the table is marked failed (no "
-        f"{SUCCESS_FILE}). See the failures with `llava-features inspect {summary.output}`; to accept them, raise "
-        "the budget with --max-error-fraction F (job.max_error_fraction) and rerun with --resume, which marks "
-        "the table complete without encoding anything again"
-    )
 
 
 def new_table_run(config: Config, plan: InputPlan, output_uri: str, *, resolved: ResolvedModel) -> TableRun:
