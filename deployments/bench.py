@@ -513,7 +513,7 @@ def bench_shared_pool(
     3. online latency at concurrency 1 on the idle application (``requests`` requests);
     4. online latency at concurrency 1 while the job runs through the application again.
 
-    ``run_job`` is :func:`pipeline.job.run_job` (given by the command line, the layer above both front
+    ``run_job`` is :func:`pipeline.offline.run_job` (given by the command line, the layer above both front
     doors). Returns images/s of 1, 2 and 4, their ratios, and p50/p99 of 3 and 4 (ms)."""
     import dataclasses
     import tempfile

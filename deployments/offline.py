@@ -5,6 +5,10 @@ target), its write threads and its counters; :meth:`OfflineShards.encode` runs o
 device work in chunks on the device queue's low-priority lane (online first), writes its data
 file off the event loop and returns the file's summary (the job's driver commits it to the table). The shard types are the job's own, opaque
 here (``ShardTarget``, ``DecodedShard``, ``ShardSummary``).
+
+Serve logs an access line for every handle call a replica answers (``CALL encode_shard OK 812.3ms``):
+one per file of a job, hundreds per job, each saying nothing the job's own progress does not.
+:class:`QuietOfflineCalls` drops those of successful offline calls; failed ones stay.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import collections
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from pipeline.constants import SERVE_DESCRIBE_METHOD, SERVE_SHARD_METHOD
+
+from .listen import SERVE_LOGGER
 from .scheduling import DeviceQueue
 
 if TYPE_CHECKING:
@@ -31,6 +39,25 @@ OFFLINE_WRITE_THREADS = 2
 """Threads per replica writing offline files' Parquet (off the event loop and the device)."""
 KEPT_WRITERS = 4
 """Offline jobs' shard writers a replica keeps (one per job target; the oldest are dropped)."""
+
+
+class QuietOfflineCalls(logging.Filter):
+    """A filter of Serve's logger: without the access lines of successful offline calls (see the module
+    docstring). Other lines, and the access lines of HTTP requests and of failed calls, pass."""
+
+    LINE = re.compile(rf"^(?:\S+ )?CALL (?:{SERVE_SHARD_METHOD}|{SERVE_DESCRIBE_METHOD}) OK ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "serve_access_log", False):
+            return True
+        return not self.LINE.match(record.getMessage())
+
+    @classmethod
+    def install(cls) -> None:
+        """Add the filter to Serve's logger of this process (once)."""
+        serve_logger = logging.getLogger(SERVE_LOGGER)
+        if not any(isinstance(f, cls) for f in serve_logger.filters):
+            serve_logger.addFilter(cls())
 
 
 class OfflineShards:
@@ -46,6 +73,7 @@ class OfflineShards:
         """``shards``, ``images`` and ``chunks`` done."""
         self._writers: collections.OrderedDict[str, ShardWriter] = collections.OrderedDict()
         self._write_pool = ThreadPoolExecutor(OFFLINE_WRITE_THREADS, thread_name_prefix="write")
+        QuietOfflineCalls.install()
 
     def _writer(self, target: ShardTarget) -> ShardWriter:
         """The writer of a job's files (one per job target, the last few kept)."""

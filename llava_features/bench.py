@@ -212,7 +212,7 @@ def _run_serve(call: BenchCall) -> dict[str, Any]:
 
 def _run_shared_pool(call: BenchCall) -> dict[str, Any]:
     from deployments.bench import SharedPoolOptions, bench_shared_pool
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     a = call.args
     options = call.options(

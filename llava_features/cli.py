@@ -1,6 +1,7 @@
 """``llava-features``: the command line, the only layer above both front doors.
 
-Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``inspect`` (a feature table,
+Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.offline`; what it prints:
+:mod:`llava_features.render`), ``inspect`` (a feature table,
 :mod:`pipeline.table.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
 ``demo``, ``make-tiny-model`` and ``info``.
 
@@ -29,18 +30,39 @@ from pipeline.model.config import field_docs, literal_choices
 from pipeline.model.errors import LlavaFeaturesError
 
 from .arguments import int_tuple, layers, pair, str_tuple
+from .render import human_bytes
 
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
-"""Exit status of a typed error (bad config, missing checkpoint, non-empty output, ...)."""
+"""Exit status of a typed error before anything was written (bad config, missing checkpoint, an output
+that is refused or is a file, a Ray address where nothing answers, ...)."""
 EXIT_ERROR_BUDGET = 3
 """Exit status of a job whose failed inputs exceed ``max_error_fraction`` (everything was written)."""
+EXIT_CLUSTER_TOO_SMALL = 5
+"""Exit status of ``encode`` when the cluster cannot hold the minimum encoder actors and a decode task at
+once (the preflight; nothing was written)."""
+EXIT_STALLED = 6
+"""Exit status of ``encode`` stopped by its watchdog (nothing written and nothing committed for
+``job.stall_fail_s``): what was committed is kept, ``--resume`` continues."""
+EXIT_STOPPED = 7
+"""Exit status of ``encode`` stopped by a fault while writing (disk full, a read-only or failing store,
+the ``--serve-app`` application gone): what was committed is kept, ``--resume`` continues."""
+EXIT_INTERRUPTED = 130
+"""Exit status of a command stopped by SIGINT or SIGTERM (128 + SIGINT; ``encode`` commits what is ready
+first, and ``--resume`` continues)."""
 EXIT_BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 EXIT_INCOMPLETE = 1
 """Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed), or
 whose files were removed or rewritten behind its back (reads fail)."""
+EXIT_CODES: dict[str, int] = {
+    "insufficient_resources": EXIT_CLUSTER_TOO_SMALL,
+    "stalled": EXIT_STALLED,
+    "interrupted": EXIT_INTERRUPTED,
+}
+"""Exit status of a typed error by its code (others: :data:`EXIT_ERROR`, or :data:`EXIT_STOPPED` for a job
+stopped while writing)."""
 
 _DEST_SEPARATOR = "."
 
@@ -118,6 +140,11 @@ JOB_OPTIONS = (
     "commit_max_units",
     "address",
     "serve_app",
+    "num_cpus_per_actor",
+    "progress_interval_s",
+    "stall_warn_s",
+    "stall_fail_s",
+    "resource_wait_s",
 )
 INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
 SERVE_OPTIONS = (
@@ -172,14 +199,6 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int) -> str:
-    """Bytes in decimal units: ``4.7 MB``."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def resolved_config(cfg: Config, resolved: Any) -> tuple[dict[str, Any], list[str]]:
     """``config_to_dict(cfg)`` with the model settings the config left null filled in from the
     checkpoint (``resolved``, a ResolvedModel) and ``encoder.output_dtype`` from the model dtype;
@@ -231,11 +250,11 @@ def info_lines(
         if anyres == "tiles" and tiles:
             return (
                 f"(1 + tiles) × {tokens} × {dim} {dtype} per image: the base image and {min(tiles) - 1} to "
-                f"{max(tiles) - 1} tiles by its grid ({_size(one)} each, up to {_size(one * max(tiles))})"
+                f"{max(tiles) - 1} tiles by its grid ({human_bytes(one)} each, up to {human_bytes(one * max(tiles))})"
             )
         if anyres == "packed":
             return f"n × {dim} {dtype} per image (n tokens: the tiles packed by {resolved.patch_merge_type})"
-        return f"{tokens} × {dim} {dtype} per image ({_size(one)})"
+        return f"{tokens} × {dim} {dtype} per image ({human_bytes(one)})"
 
     lines = []
     kind = cfg.encoder.features
@@ -318,7 +337,7 @@ def _print_inspect(report: Any) -> None:
     for i, col in enumerate(report.columns):
         head = "columns:      " if i == 0 else "              "
         shape = " × ".join("n" if d is None else str(d) for d in col.shape)
-        size = "n varies by row" if col.bytes_per_row is None else _size(col.bytes_per_row)
+        size = "n varies by row" if col.bytes_per_row is None else human_bytes(col.bytes_per_row)
         print(f"{head}{col.name}: {shape} {col.dtype} per row ({size}, {col.encoding})")
     planned = f" of {report.units_planned} planned" if report.units_planned is not None else ""
     print(f"units:        {report.units_committed}{planned} in the table (last plan)")
@@ -340,7 +359,7 @@ def _print_inspect(report: Any) -> None:
     if report.orphan_files:
         extra.append(f"{len(report.orphan_files)} orphaned by stopped runs")
     print(
-        f"files:        {report.data_files} data files, {_size(report.data_bytes)}"
+        f"files:        {report.data_files} data files, {human_bytes(report.data_bytes)}"
         + (f" (not in the table: {', '.join(extra)})" if extra else "")
     )
     print(f"fingerprint:  {report.fingerprint}")
@@ -376,15 +395,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from pipeline.job import budget_error, dry_run, run_job
+    from pipeline.model.errors import JobStoppedError
+    from pipeline.offline import budget_error, dry_run, run_job
+
+    from .render import ProgressPrinter, dry_run_text, summary_text
 
     config = load_cli_config(args)
     mode = "resume" if args.resume else "append" if args.append else "create"
     if args.dry_run:
-        print(dry_run(config, args.input, args.output, mode=mode).format())
+        print(dry_run_text(dry_run(config, args.input, args.output, mode=mode)))
         return 0
-    summary = run_job(config, args.input, args.output, mode=mode)
-    print(summary.format())
+    progress = ProgressPrinter(sys.stderr, interval_s=config.job.progress_interval_s)
+    try:
+        summary = run_job(config, args.input, args.output, mode=mode, progress=progress)
+    except JobStoppedError as exc:  # what the run did, then why it stopped (committed units are kept)
+        progress.close()
+        if exc.summary is not None:
+            print(summary_text(exc.summary))
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CODES.get(str(exc.code), EXIT_STOPPED)
+    finally:
+        progress.close()
+    print(summary_text(summary))
     error = budget_error(summary, config)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
@@ -401,9 +433,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
     from pipeline.table import read_features
 
+    from .render import summary_text
+
     summary = run_demo(Path(args.output))
     print("\n== summary ==")
-    print(summary.format())
+    print(summary_text(summary))
     table = read_features(args.output, status=None).table
     peek = table.select(["image_id", "status", "error_code", "width", "height"])
     print("\n== table ==")
@@ -634,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_CODES.get(str(exc.code), EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): no traceback
         import os
 

@@ -176,12 +176,25 @@ class JobConfig:
     """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
     serve_app: str | None = None
     """Encode and write through this running Serve application's encoder replicas (one GPU pool with the endpoint) instead of the job's own actors."""
+    progress_interval_s: float = setting(10.0, gt=0)
+    """Seconds between two progress lines of a running job (a terminal shows a bar instead, redrawn every second)."""
+    stall_warn_s: float = setting(300.0, gt=0)
+    """A job that writes no file and commits no unit for this long logs why (Ray's pending demands, dead nodes), again every as long."""
+    stall_fail_s: float = setting(1800.0, gt=0)
+    """A job that writes no file and commits no unit for this long stops with that diagnosis (--resume continues); above stall_warn_s."""
+    resource_wait_s: float = setting(0.0, ge=0)
+    """When the cluster cannot hold the minimum actors and a decode task at once: wait this long for room (an autoscaling cluster), else fail at once."""
 
     def __post_init__(self) -> None:
         check_section(self)
         lo, hi = self.actors
         if lo > hi:
             raise ConfigError(f"job.actors: MIN,MAX needs MIN <= MAX, got {lo},{hi}")
+        if self.stall_fail_s <= self.stall_warn_s:
+            raise ConfigError(
+                f"job.stall_fail_s ({self.stall_fail_s:g}) must be above job.stall_warn_s ({self.stall_warn_s:g}): "
+                "the job says why it stalls before it stops"
+            )
 
 
 @dataclass(frozen=True)

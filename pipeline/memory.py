@@ -1,5 +1,5 @@
 """The process's memory, for both front doors: hand the allocator's free memory back to the system,
-and read the resident set size. Pure Python (ctypes, ``/proc``); no import of ours."""
+and read the resident set size and its peak. Pure Python (ctypes, ``/proc``); no import of ours."""
 
 from __future__ import annotations
 
@@ -45,3 +45,21 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB: ``VmHWM`` (Linux; reset by ``exec``, unlike
+    ``ru_maxrss``, which a child started by ``fork`` + ``exec`` inherits from its parent), else
+    ``ru_maxrss``; None where neither exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

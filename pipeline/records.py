@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from .model.errors import LlavaFeaturesError
 from .storage import CARRIED_PREFIX
-from .table import DataFile, InputRows, WriteTarget
+from .table import Committer, DataFile, InputRows, WriteTarget
 
 __all__ = [
     "DecodedShard",
@@ -190,6 +191,24 @@ class ShardSummary:
     """Error rows by code."""
     file: DataFile | None = None
     """The data file written (its add action's values)."""
+    fault_code: str = ""
+    """Set when the file could not be written (a stable error code: ``output_write_failed``, the shared
+    pool's ``unavailable``): the job stops, saying ``fault``, instead of a worker raising."""
+    fault: str = ""
+    """What went wrong, one line."""
+
+    @classmethod
+    def failed(cls, record: DecodedShard, error: LlavaFeaturesError) -> ShardSummary:
+        """The summary of ``record``'s file that could not be written (``error``: a typed fault)."""
+        return cls(
+            shard=record.shard,
+            piece=record.piece,
+            last=record.last,
+            rows=len(record),
+            ok=0,
+            fault_code=str(error.code),
+            fault=error.message,
+        )
 
     def to_row(self) -> dict[str, Any]:
         codes = sorted(self.errors)
@@ -201,9 +220,24 @@ class ShardSummary:
             "ok": self.ok,
             "codes": codes,
             "counts": [self.errors[c] for c in codes],
+            "fault_code": self.fault_code,
+            "fault": self.fault,
         }
         row.update(self.file.to_row() if self.file is not None else DataFile.empty_row())
         return row
+
+    def commit_to(self, committer: Committer) -> bool:
+        """Hand this file to the table's committer of the run; True when it is new (a retried file
+        reports again: it was rewritten under the same name, not duplicated)."""
+        return committer.add(
+            unit=self.shard,
+            piece=self.piece,
+            last=self.last,
+            file=self.file,
+            rows=self.rows,
+            ok=self.ok,
+            errors=self.errors,
+        )
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ShardSummary:
@@ -215,6 +249,8 @@ class ShardSummary:
             ok=int(row["ok"]),
             errors={str(c): int(n) for c, n in zip(row["codes"], row["counts"], strict=True)},
             file=DataFile.from_row(row),
+            fault_code=str(row.get("fault_code") or ""),
+            fault=str(row.get("fault") or ""),
         )
 
 

@@ -1,6 +1,6 @@
 """A decoded shard → a data file of the feature table: the encode + write stage of the offline job.
 
-One owner for both pools that run it: the job's own actor pool (:class:`pipeline.job.EncodeShardActor`)
+One owner for both pools that run it: the job's own actor pool (:class:`pipeline.offline.actors.EncodeShardActor`)
 and the encoder replicas of a Serve application (``llava-features encode --serve-app``, the pool
 shared with the endpoint). :class:`ShardWriter` encodes a :class:`~pipeline.records.DecodedShard`'s
 ok inputs with a :class:`~pipeline.encoder.FeatureEncoder` — in one call, or in chunks of a few images

@@ -12,7 +12,7 @@ Layers, bottom to top (a module may import its own layer and the ones below):
    ``pipeline.measure`` (what the benchmarks of both front doors measure with);
 3. ``pipeline.encoder``;
 3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
-4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
+4. ``pipeline.offline`` (the job), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
    ``pipeline`` package facade, with its lazy ``read_features``, sits here too);
 5. ``llava_features`` (the command line).
 """
@@ -51,10 +51,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.encoder",),
     ("pipeline.shards",),
     # The package facade (``pipeline.__version__``, a lazy ``read_features``) sits with the front doors.
-    ("pipeline", "pipeline.job", "pipeline.ray_warnings", "pipeline.demo", "pipeline.bench", "deployments"),
+    ("pipeline", "pipeline.offline", "pipeline.demo", "pipeline.bench", "deployments"),
     ("llava_features",),
 )
-FRONT_DOORS = (("pipeline.job", "pipeline.demo", "pipeline.bench"), ("deployments",))
+FRONT_DOORS = (("pipeline.offline", "pipeline.demo", "pipeline.bench"), ("deployments",))
 """The offline and the online layer: neither imports the other (the command line imports both)."""
 
 # An import path written as a string: "pipeline.x.y", "deployments.app:build_app", ...

@@ -165,7 +165,7 @@ def test_offline_job_scales_up(scaling_app, tiny_llava, tmp_path):
     the target). On this 2-core machine a job through the tiny model alone is bound by its own
     decoding: it keeps 0.15 to 0.56 files on the replica on average, and rightly asks for no second
     replica."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     assert _wait_for(APP, 1, 90) is not None
     folder = tmp_path / "images"

@@ -28,8 +28,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import FORWARDED_ENV
 from pipeline.model.errors import ConfigError, ErrorCode, InputReadError, OutputError
+from pipeline.offline.ray_runtime import FORWARDED_ENV
 from pipeline.storage import (
     InputItem,
     ensure_output_dir,
@@ -644,7 +644,7 @@ def _put_inputs(gcs_env: GcsServer, bucket: str, tmp_path: Path) -> dict[str, di
 
 @pytest.mark.slow
 def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     bucket = gcs_env.create_bucket()
     expected = _put_inputs(gcs_env, bucket, tmp_path)
@@ -672,7 +672,7 @@ def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, ti
 
 @pytest.mark.slow
 def test_job_writes_its_table_to_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
     from pipeline.table import inspect_table
 
     bucket = gcs_env.create_bucket()

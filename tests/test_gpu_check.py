@@ -64,7 +64,7 @@ def test_torch_level_product_imports_and_benchmarks_without_ray_fastapi_multipar
             else:
                 raise SystemExit(f"{{name}} could be imported: the blocker does not work")
         import pipeline.encoder, pipeline.images, pipeline.images.gpu_decode, pipeline.table, pipeline.shards
-        import pipeline.bench.encoder, pipeline.bench.pipeline, pipeline.bench.profile, pipeline.job
+        import pipeline.bench.encoder, pipeline.bench.pipeline, pipeline.bench.profile, pipeline.offline
         from llava_features.cli import main
         rc = main(["bench", "encoder", "--tiny", "--device", "cpu", "--batch-sizes", "2", "--warmup", "1",
                    "--repeats", "1", "--ceiling-size", "64", "--anyres-images", "0", "--error-images", "1",

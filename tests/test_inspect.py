@@ -193,6 +193,11 @@ def _gone_pid() -> int:
 def test_a_successful_encode_prints_progress_and_summary_and_nothing_like_an_error(complete):
     out, proc = complete
     assert _noise(proc.stdout + proc.stderr) == []
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"\bWARNING\b", line)]
+    assert warnings == []  # neither ours nor Ray's notices (token auth, progress bars, queue lengths)
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 6/6 images (100.0%) · ")
+    assert " · done · errors 1 (truncated 1) · units 3/3 committed · 3 files, " in progress[-1]
     assert "images read:   6 this run (6 in the plan)" in proc.stdout
     assert "ok:            5" in proc.stdout and "errors:        1 (truncated: 1)" in proc.stdout
     assert "units:         3 written, 0 skipped, 3 in total" in proc.stdout
@@ -431,7 +436,7 @@ def test_inspect_a_running_jobs_files_as_in_flight(
     """A job in this process, its committer held before its (only) commit: every file it wrote is in
     flight, not an orphan; the table is in progress and refused to a second job; once it commits, complete."""
     from pipeline.config import load_config
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
     from pipeline.table import run as table_run
 
     out = tmp_path / "running"

@@ -22,8 +22,8 @@ import pytest
 from llava_features.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
-from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
+from pipeline.offline import run_job
 from pipeline.table import SUCCESS_FILE, inspect_table, read_features
 from pipeline.table.layout import DataFileName
 from tests.corpus import write_bad_corpus, write_real_photos
@@ -518,20 +518,20 @@ def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_
 def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, tmp_path, monkeypatch):
     """A writer killed mid-file leaves its temporary file; the file is rewritten by the retry, and the
     finished job leaves no temporary file behind (deterministic version of the actor-kill case)."""
-    import pipeline.job as job_module
+    import pipeline.offline.driver as driver
 
     folder = tmp_path / "images"
     folder.mkdir()
     write_real_photos(folder, n=2)
     out = tmp_path / "out"
-    run_pipeline = job_module._run_pipeline
+    run_pipeline = driver._pipeline
 
-    def run_and_lose_a_writer(config, resolved, pending, target, *rest, **kw):
-        run_pipeline(config, resolved, pending, target, *rest, **kw)
-        name = target.table.file_name(unit=0, piece=0, key=pending[0][1][:20])
+    def run_and_lose_a_writer(session, **kw):
+        run_pipeline(session, **kw)
+        name = kw["target"].table.file_name(unit=0, piece=0, key=kw["work"][0][1][:20])
         (out / f".{name}.0123abcd.tmp").write_bytes(b"half a file")
 
-    monkeypatch.setattr(job_module, "_run_pipeline", run_and_lose_a_writer)
+    monkeypatch.setattr(driver, "_pipeline", run_and_lose_a_writer)
     summary = run_job(_config(tiny_llava, max_error_fraction=0.0), str(folder), str(out))
     assert summary.ok == 2 and (out / SUCCESS_FILE).exists()
     assert not list(out.glob(".*.tmp"))
@@ -801,7 +801,7 @@ def test_resume_rewrites_exactly_the_uncommitted_units(ray_local, tiny_llava, tm
     before = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
     stray = sorted(p.name for p in out.glob("part-*") if p.name not in before)
     assert {DataFileName.parse(n).unit for n in before} == {0, 2} and len(stray) == 3  # unit 1's files
-    from pipeline.job import dry_run
+    from pipeline.offline import dry_run
 
     assert (
         "2 of 3 unit(s) of this plan in it: --resume continues it"

@@ -988,7 +988,7 @@ def test_killed_encoder_replica_is_replaced(main):
 @slow
 def test_features_equal_offline_job(main, tiny_llava, tmp_path):
     """The endpoint and the offline job serve the same numbers for the same image (float16)."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
     from pipeline.table import read_features
 
     folder = tmp_path / "images"

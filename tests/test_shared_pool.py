@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -102,12 +103,30 @@ def test_chunks_summaries_and_the_replica_methods():
     assert chunk_ranges(np.zeros(0, np.int64), 4) == []
     name = DataFileName(1, 3, 1, "ab" * 10, "0123abcd").name()
     file = DataFile(
-        name, 1234, 4, {"error_code": 3, "status": 0}, {"image_id": ("id-0", "id-3")}, {}, 1_700_000_000_000
+        name,
+        1234,
+        4,
+        {"error_code": 3, "status": 0},
+        text_bounds={"image_id": ("id-0", "id-3")},
+        modified_ms=1_700_000_000_000,
     )
     summary = ShardSummary(shard=3, piece=1, last=True, rows=4, ok=3, file=file, errors={"x": 1})
     assert ShardSummary.from_row(summary.to_row()) == summary and summary.file.ok == 3
     empty = ShardSummary(shard=0, piece=0, last=True, rows=0, ok=0)  # a piece without a file
     assert ShardSummary.from_row(empty.to_row()) == empty
+    # a file its worker could not write travels as a typed fault, for the driver to stop the job
+    from pipeline.model.errors import OutputError
+    from pipeline.records import DecodedShard
+
+    fault = OutputError("disk full", code=ErrorCode.OUTPUT_WRITE_FAILED)
+    failed = ShardSummary.failed(DecodedShard(shard=2, piece=1, last=False), fault)
+    assert ShardSummary.from_row(failed.to_row()) == failed
+    assert (failed.fault_code, failed.fault, failed.file, failed.shard) == (
+        "output_write_failed",
+        "disk full",
+        None,
+        2,
+    )
     for key in ("offline_chunk_size", "max_offline_shards"):  # range-checked, the error names the key
         with pytest.raises(ConfigError, match=key):
             load_config(None, {"serve": {key: 0}})
@@ -156,7 +175,7 @@ def test_offline_work_waits_for_online_work():
 def test_job_through_the_pool_equals_the_standalone_job(pool, tiny_llava, tmp_path):
     """Same inputs → the same rows and float32 features as the job's own actors, committed with the
     same protocol (every unit in the table's log, complete, _SUCCESS), by the replica (its counters say so)."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 1)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")  # an error row, through both
@@ -202,7 +221,8 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
     --dry-run plans without Ray and names the pool; an application that does not exist is a typed error."""
     from llava_features.cli import main as cli_main
     from pipeline.encoder import describe_encoder
-    from pipeline.job import describe_pool, dry_run
+    from pipeline.offline import dry_run
+    from pipeline.offline.pool import describe_pool
 
     _write_inputs(tmp_path / "in", 1)
     before = _stats(pool)["offline_shards"]
@@ -344,7 +364,7 @@ def test_llava_next_online_and_through_the_pool(serve_cluster, tiny_models, tmp_
                     "job": {"serve_app": name},
                 },
             )
-            from pipeline.job import run_job
+            from pipeline.offline import run_job
 
             assert run_job(config, str(folder), str(tmp_path / "out")).ok == 2
             assert _stats(url)["offline_chunks"] >= 2
@@ -395,7 +415,7 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
       pass (the longest of each, + WAIT_SLACK_MS), never a whole shard (~5 chunks here);
     - over HTTP, their p99 stays within 2 x (idle p99 + the longest chunk) + ONLINE_SLACK_MS.
     """
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     _write_inputs(tmp_path / "in", 2)
     body = (tmp_path / "in" / "chelsea-0.jpg").read_bytes()
@@ -444,12 +464,57 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
 
 
 @slow
+def test_an_application_gone_mid_job_stops_it_in_one_line_and_resume_completes(
+    serve_cluster, pool, tiny_llava, tmp_path, capsys
+):
+    """A job sending its files to a second application (the same model) that is deleted mid-job: it stops
+    (exit 7) with its summary and one error line naming the application, no traceback; its committed units
+    are kept, and --resume through the pool (the same fingerprint) completes the table, every row once."""
+    import deltalake
+    from ray import serve
+
+    from llava_features.cli import EXIT_STOPPED
+    from llava_features.cli import main as cli_main
+
+    serve_cluster.deploy("gone", "/gone", _app_args(tiny_llava))
+    ids = _write_inputs(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    args = ["encode", "--model", str(tiny_llava), "--input", str(tmp_path / "in"), "--output", str(out)]
+    args += ["--output-dtype", "float32", "--shard-size", "1", "--commit-interval-s", "0.05"]
+    args += ["--num-cpus-per-actor", "0.5", "--stall-warn-s", "30", "--stall-fail-s", "120"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(code=cli_main([*args, "--serve-app", "gone"])))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if len(deltalake.DeltaTable(str(out)).file_uris()) >= 2:
+                break
+        time.sleep(0.1)
+    serve.delete("gone")  # the application stops answering mid-job
+    thread.join(timeout=300)
+    captured = capsys.readouterr()
+    assert result.get("code") == EXIT_STOPPED, captured.err[-3000:]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[unavailable] Serve application 'gone' stopped answering" in errors[0], (
+        errors
+    )
+    assert "--resume" in errors[0] and "Traceback" not in captured.err
+    assert "interrupted)" in captured.out and "images read:" in captured.out
+    kept = len(deltalake.DeltaTable(str(out)).file_uris())
+    assert 2 <= kept < len(ids)
+    assert cli_main([*args, "--serve-app", APP, "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    table = read_features(out, status=None, column=None)
+    assert sorted(table.image_ids) == sorted(ids) and table.state == "complete"  # every row exactly once
+
+
+@slow
 def test_killed_replica_mid_job_every_row_once(pool, tiny_llava, tmp_path):
     """Last (it kills the pool's replica): the job completes with every row exactly once (the lost
     shard is sent again and committed once), and online requests recover on the new replica."""
     import ray
 
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 2)
     done = threading.Event()

@@ -6,7 +6,7 @@ resized to e.g. 640×480; smooth noise without scikit-image), on one device:
 - ``encoder_only``: a :class:`FeatureEncoder` loaded from the same checkpoint encodes already
   preprocessed pixels shard by shard with :meth:`~FeatureEncoder.encode_pixels` (host uint8 →
   host features in the stored dtype), exactly the call an offline-job actor makes per shard;
-- the job (:func:`pipeline.job.run_job`: listing, decode + preprocess tasks, encoder actors,
+- the job (:func:`pipeline.offline.run_job`: listing, decode + preprocess tasks, encoder actors,
   Parquet shards) on a local Ray started beforehand (its start-up is not counted): first on one
   shard (discarded: it pays Ray Data's first-run costs), then on all images.
   ``job_images_per_s`` is the run's own figure (actor start-up and model loading included);
@@ -158,7 +158,7 @@ def _encoder_only(config: Any, files: list[Path], *, shard_size: int, repeats: i
 
 
 def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) -> dict[str, Any]:
-    from ..job import run_job
+    from ..offline import run_job
 
     cfg = replace(config, job=replace(config.job, limit=limit))
     started = time.perf_counter()
@@ -371,8 +371,8 @@ def format_pipeline_report(result: dict[str, Any]) -> str:
 
 
 def bench_pipeline_inprocess(config: Config | None, options: PipelineOptions) -> dict[str, Any]:
-    """The job's per-file work in this process, no Ray: :func:`~pipeline.job.decode_unit` on
-    ``decode_workers`` threads feeding one :class:`~pipeline.job.EncodeShardActor` called from two
+    """The job's per-file work in this process, no Ray: :func:`~pipeline.offline.decode.decode_unit` on
+    ``decode_workers`` threads feeding one :class:`~pipeline.offline.actors.EncodeShardActor` called from two
     threads (as Ray Data calls it: ``max_concurrent_calls_per_actor=2``), vs encoder-only.
 
     Measured on the same generated JPEGs: ``encoder_only`` (as in :func:`bench_pipeline`),
@@ -387,17 +387,10 @@ def bench_pipeline_inprocess(config: Config | None, options: PipelineOptions) ->
     import pyarrow.parquet as pq
     import torch
 
-    from ..job import (
-        EncodeShardActor,
-        decode_unit,
-        make_plan,
-        new_table_run,
-        planned_units,
-        read_options,
-        shard_target,
-        unit_batch,
-    )
     from ..model import resolve_model
+    from ..offline import make_plan, new_table_run, planned_units
+    from ..offline.actors import EncodeShardActor, shard_target
+    from ..offline.decode import decode_unit, read_options, unit_batch
 
     root = Path(options.workdir) if options.workdir else Path(tempfile.mkdtemp(prefix="bench-inprocess-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ files (one row group each; only the ``uri`` column, which is all a manifest need
 empty ``.tar`` files named like WebDataset shards (the planner lists tars, it never opens one:
 their size does not change the plan). Each case runs in a fresh process
 (``python -m pipeline.bench.plan --child``) doing what ``llava-features encode --dry-run`` does
-(:func:`pipeline.job.dry_run`), and reports
+(:func:`pipeline.offline.dry_run`), and reports
 
 - ``plan_s`` and ``plan_peak_rss_mb``: the planning itself (listing, footers, the row check of
   manifests, the unit list and its fingerprint), with the process's peak RSS when it ends —
@@ -14,7 +14,7 @@ their size does not change the plan). Each case runs in a fresh process
 - ``command_s`` and ``command_peak_rss_mb``: the whole dry run (interpreter start, the model's
   resolution with torch and transformers, the output check).
 
-Peak RSS is the process's ``VmHWM`` (:func:`pipeline.job.peak_rss_mb`): ``ru_maxrss`` of a child
+Peak RSS is the process's ``VmHWM`` (:func:`pipeline.memory.peak_rss_mb`): ``ru_maxrss`` of a child
 started with ``fork`` + ``exec`` counts the parent's memory too.
 
 Run it with ``llava-features bench plan --tiny`` (``--opt rows=1000000`` etc. for other sizes,
@@ -150,13 +150,13 @@ def bench_plan(config: Config, options: PlanOptions) -> dict[str, Any]:
 
 def _child(config_file: str, input_uri: str, output: str) -> None:
     from ..config import load_config
-    from ..job import dry_run, peak_rss_mb
+    from ..memory import peak_rss_mb
+    from ..offline import dry_run
 
     values = json.loads(Path(config_file).read_text())
     config = load_config(None, values)
     report = dry_run(config, input_uri, output)
     plan = report.plan
-    print(report.format(), file=sys.stderr)
     print(
         json.dumps(
             {

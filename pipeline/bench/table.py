@@ -16,7 +16,7 @@ in a fresh process (``python -m pipeline.bench.table --child ...``):
   open the table, find the pending units): ``resume_s`` and ``resume_peak_rss_mb`` — the targets are
   about this one (≤ 30 s and ≤ 1 GB of driver memory for 10⁵ units).
 
-Peak RSS is the process's ``VmHWM`` (:func:`pipeline.job.peak_rss_mb`). Run it with
+Peak RSS is the process's ``VmHWM`` (:func:`pipeline.memory.peak_rss_mb`). Run it with
 ``llava-features bench table --tiny`` (``--opt sizes=[10000]`` for other sizes).
 """
 
@@ -118,8 +118,8 @@ def bench_table(config: Config, options: TableOptions) -> dict[str, Any]:
 
 
 def _commit(config: Any, manifests: str, output: str) -> dict[str, Any]:
-    from ..job import make_plan, new_table_run, planned_units
     from ..model import resolve_model
+    from ..offline import make_plan, new_table_run, planned_units
     from ..table import DataFile
 
     plan = make_plan(config, manifests)
@@ -165,7 +165,7 @@ def _snapshot(output: str) -> dict[str, Any]:
 
 
 def _resume(config: Any, manifests: str, output: str) -> dict[str, Any]:
-    from ..job import dry_run
+    from ..offline import dry_run
 
     started = time.perf_counter()
     report = dry_run(config, manifests, output, mode="resume")
@@ -178,7 +178,7 @@ def _resume(config: Any, manifests: str, output: str) -> dict[str, Any]:
 
 def _child(step: str, config_file: str, manifests: str, output: str) -> None:
     from ..config import load_config
-    from ..job import peak_rss_mb
+    from ..memory import peak_rss_mb
 
     config = load_config(None, json.loads(Path(config_file).read_text()))
     steps = {

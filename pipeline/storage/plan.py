@@ -220,10 +220,11 @@ def fingerprint_units(units: Sequence[Unit], header: dict[str, Any]) -> str:
     groups, and the ids, uris and stamps of inline inputs. Equal fingerprints mean the same units
     over the same (unchanged) files, so a resumed job can check it continues the plan it started."""
     digest = hashlib.sha256()
+    # surrogateescape: a file name that is not UTF-8 is its own bytes (see pipeline.storage.names)
     digest.update(json.dumps({"version": PLAN_VERSION, **header}, sort_keys=True).encode())
     digest.update(b"\n")
     for u in units:
-        digest.update(json.dumps(_unit_line(u), ensure_ascii=False).encode())
+        digest.update(json.dumps(_unit_line(u), ensure_ascii=False).encode("utf-8", "surrogateescape"))
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..storage.names import name_text
+
 __all__ = ["IdSet"]
 
 _DIGEST = np.dtype("S16")
@@ -20,7 +22,8 @@ _DIGEST = np.dtype("S16")
 
 def _digests(ids: Iterable[str]) -> np.ndarray:
     return np.array(
-        [hashlib.blake2b(i.encode("utf-8", "surrogateescape"), digest_size=16).digest() for i in ids],
+        # The stored form of an id (pipeline.storage.names): a listed name that is not UTF-8 matches its row.
+        [hashlib.blake2b(name_text(i).encode("utf-8"), digest_size=16).digest() for i in ids],
         dtype=_DIGEST,
     )
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..model.errors import InputReadError, OutputError
+from ..model.errors import ErrorCode, InputReadError, OutputError, one_line
 from .files import DataFile
 from .layout import COMMIT_KEY, DATA_FILE_PATTERN, KEY_SLICE, DataFileName, unit_app_id
 from .location import TableLocation
@@ -298,10 +298,13 @@ def create_table(
                 custom_metadata={COMMIT_KEY: record.to_json()}, max_commit_retries=0
             ),
         )
-    except deltalake.exceptions.DeltaError as exc:
+    except (deltalake.exceptions.DeltaError, OSError) as exc:  # OSError: read-only, full, unreachable
         if table_exists(location):
             raise OutputError(f"Output {location.uri} was claimed by another job first ({exc})") from exc
-        raise OutputError(f"Could not create the table at {location.uri}: {exc}") from exc
+        raise OutputError(
+            f"Could not create the table at {location.uri} ({one_line(exc)}); nothing was written",
+            code=ErrorCode.OUTPUT_WRITE_FAILED,
+        ) from exc
 
 
 def commit_files(

@@ -18,6 +18,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from ..storage.names import name_text
+
 __all__ = ["STATUSES", "STATUS_ERROR", "STATUS_OK", "InputRows", "Status"]
 
 Status = Literal["ok", "error"]
@@ -85,7 +87,7 @@ class InputRows:
         """Turn input ``index`` into a failure (it was read, but the encoder could not decode it)."""
         self.ok[index] = False
         self.width[index] = self.height[index] = 0
-        self.error_code[index], self.error_message[index] = str(code), message
+        self.error_code[index], self.error_message[index] = str(code), name_text(message)
 
     def set_size(self, index: int, width: int, height: int) -> None:
         """Record input ``index``'s image size (known once it is decoded)."""
@@ -107,13 +109,14 @@ class InputRows:
         for values in self.carried.values():  # a column this input has no value for
             if len(values) == n:
                 values.append(None)
-        self.image_id.append(image_id)
-        self.uri.append(uri)
+        # Text columns are UTF-8: a name that is not (a POSIX file name, a tar member) is kept escaped.
+        self.image_id.append(name_text(image_id))
+        self.uri.append(name_text(uri))
         self.ok.append(bool(ok))
         self.width.append(int(size[0]))
         self.height.append(int(size[1]))
         self.error_code.append(error[0])
-        self.error_message.append(error[1])
+        self.error_message.append(name_text(error[1]) if error[1] is not None else None)
 
     def error_counts(self) -> dict[str, int]:
         """Failed inputs by error code."""

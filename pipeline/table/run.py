@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
-from ..model.errors import ErrorCode, OutputError
+from ..model.errors import ErrorCode, OutputError, one_line
 from ..storage import write_json
 from .files import DataFile, write_data_file
 from .layout import (
@@ -133,13 +133,20 @@ class WriteTarget:
         """Write one data file of unit ``unit`` (a table of :attr:`spec`'s schema) under its final name."""
         if not table.schema.equals(self.spec.arrow_schema(), check_metadata=True):
             raise ValueError("a data file's schema must be the table's")
-        return write_data_file(
-            table,
-            filesystem=self.location.filesystem,
-            folder=self.location.path,
-            name=self.file_name(unit=unit, piece=piece, key=key),
-            compression=self.compression,
-        )
+        name = self.file_name(unit=unit, piece=piece, key=key)
+        try:
+            return write_data_file(
+                table,
+                filesystem=self.location.filesystem,
+                folder=self.location.path,
+                name=name,
+                compression=self.compression,
+            )
+        except OSError as exc:  # disk full, read-only, a store refusing the write: typed, one line
+            raise OutputError(
+                f"Cannot write the data file {name} of {self.location.uri} ({one_line(exc)})",
+                code=ErrorCode.OUTPUT_WRITE_FAILED,
+            ) from exc
 
 
 @dataclass
@@ -740,8 +747,10 @@ class Committer:
                     self._oldest = None
             try:
                 self._commit(batch)
-            except BaseException as exc:
-                logger.error("committing %d unit(s) to %s failed: %s", len(batch), self.run.location.uri, exc)
+            except (
+                BaseException
+            ) as exc:  # raised to the driver at its next add() or close(), which reports it
+                logger.debug("committing %d unit(s) to %s failed: %s", len(batch), self.run.location.uri, exc)
                 self._error = exc
                 return
 

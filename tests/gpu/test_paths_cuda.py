@@ -152,17 +152,10 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     if nvjpeg:
         _nvjpeg_or_skip()
     from pipeline.encoder import describe_encoder
-    from pipeline.job import (
-        EncodeShardActor,
-        decode_unit,
-        make_plan,
-        new_table_run,
-        planned_units,
-        read_options,
-        shard_target,
-        unit_batch,
-    )
     from pipeline.model import resolve_model
+    from pipeline.offline import make_plan, new_table_run, planned_units
+    from pipeline.offline.actors import EncodeShardActor, shard_target
+    from pipeline.offline.decode import decode_unit, read_options, unit_batch
     from pipeline.records import ShardSummary, rows_of_batch
     from pipeline.table import read_features
 
@@ -193,15 +186,7 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
         rows = 0
         for piece in pieces:
             (done,) = [ShardSummary.from_row(r) for r in rows_of_batch(actor(piece))]
-            committer.add(
-                unit=done.shard,
-                piece=done.piece,
-                last=done.last,
-                file=done.file,
-                rows=done.rows,
-                ok=done.ok,
-                errors=done.errors,
-            )
+            done.commit_to(committer)
             rows += done.rows
         assert rows == unit.rows
     committer.close()

@@ -36,7 +36,7 @@ def _settings(checkpoint: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def job_output(serve_cluster, tiny_models, tmp_path_factory) -> dict[str, Any]:
     """The job on the tiny checkpoint, one GPU per encoder actor, over photos and bad inputs."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     folder = tmp_path_factory.mktemp("ray-gpu-corpus")
     expected: dict[str, str | None] = {p.name: None for p in write_real_photos(folder, n=6)}
