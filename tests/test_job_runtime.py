@@ -85,14 +85,38 @@ def test_the_decode_reserve_and_the_preflight_packing():
     assert fit_actors(held, Demand(cpus=0.5), decode) == 4  # the decode reserve's share fits
     assert fit_actors([_node("a", 2, 0.5)], one_cpu, decode) == -1  # no room for a decode task
     with pytest.raises(LlavaFeaturesError) as info:
-        preflight(lambda: held, actor=one_cpu, actors=(2, 2), decode=decode, shard_size=256, wait_s=0)
+        preflight(
+            lambda: held, actor=one_cpu, actors=(2, 2), decode=decode, shard_size=256, wait_s=0, settle_s=0
+        )
     message = info.value.message
     assert info.value.code == ErrorCode.INSUFFICIENT_RESOURCES
     assert "2 encoder actor(s) (1 CPU each) and one decode task (1 CPU, 2.0 GB memory)" in message
     assert "room for 1 of them beside a decode task" in message and "--actors 1,2" in message
     assert "--num-cpus-per-actor 0.5" in message and "0.75 CPU" in message  # what others hold
     assert "2 node(s) of 2 CPU, 0 GPU, 16 GB" in message and "Nothing was written" in message
-    preflight(lambda: held, actor=Demand(cpus=0.5), actors=(2, 2), decode=decode, shard_size=256, wait_s=0)
+    preflight(
+        lambda: held,
+        actor=Demand(cpus=0.5),
+        actors=(2, 2),
+        decode=decode,
+        shard_size=256,
+        wait_s=0,
+        settle_s=0,
+    )
+
+    # without a wait, the check still looks again for a few seconds (what a job that just ended held)
+    looks = iter([held, [_node("a", 2, 2), _node("b", 2, 2)]])
+    ticks = iter(range(100))
+    preflight(
+        lambda: next(looks),
+        actor=one_cpu,
+        actors=(2, 2),
+        decode=decode,
+        shard_size=256,
+        wait_s=0,
+        clock=lambda: float(next(ticks)),
+        sleep=lambda s: None,
+    )
 
     # waiting for an autoscaling cluster: room comes on the third look
     looks = iter([held, held, [*held, _node("new", 2, 2)]])
@@ -109,7 +133,15 @@ def test_the_decode_reserve_and_the_preflight_packing():
     )
     memory_short = [NodeResources("m", {"CPU": 4, "memory": GB}, {"CPU": 4, "memory": GB})]
     with pytest.raises(LlavaFeaturesError, match="a smaller --shard-size"):
-        preflight(lambda: memory_short, actor=None, actors=(1, 1), decode=decode, shard_size=256, wait_s=0)
+        preflight(
+            lambda: memory_short,
+            actor=None,
+            actors=(1, 1),
+            decode=decode,
+            shard_size=256,
+            wait_s=0,
+            settle_s=0,
+        )
 
 
 def test_the_watchdog_warns_then_stops(caplog):

@@ -42,6 +42,10 @@ __all__ = [
 
 MIN_ACTOR_CPUS = 0.1
 """The decode reserve never lowers an actor's CPU share below this."""
+SETTLE_S = 5.0
+"""How long the preflight looks again before it fails, whatever ``job.resource_wait_s``: what work that
+just ended held (the actors of a job that finished a moment ago in the same cluster) takes a few
+seconds to return to the free pool."""
 WAIT_REPORT_S = 30.0
 """How often a job waiting for room says why."""
 _WAIT_POLL_S = 2.0
@@ -245,13 +249,15 @@ def preflight(
     decode: Demand,
     shard_size: int,
     wait_s: float,
+    settle_s: float = SETTLE_S,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Check that ``actors[0]`` actors (``actor``; None: none, the shared pool's case) and one ``decode``
-    task fit the cluster's free resources now (``read()``); wait up to ``wait_s`` for room; then raise a
-    typed ``insufficient_resources`` error that names the shortfall and the flags that fix it."""
-    deadline = clock() + wait_s
+    task fit the cluster's free resources now (``read()``); wait up to ``wait_s`` (at least ``settle_s``)
+    for room; then raise a typed ``insufficient_resources`` error that names the shortfall and the flags
+    that fix it."""
+    deadline = clock() + max(wait_s, settle_s)
     reported = -math.inf
     while True:
         message = _shortfall(read(), actor=actor, actors=actors, decode=decode, shard_size=shard_size)
@@ -263,7 +269,7 @@ def preflight(
             raise LlavaFeaturesError(
                 f"{message}{waited} Nothing was written.", code=ErrorCode.INSUFFICIENT_RESOURCES
             )
-        if now - reported >= WAIT_REPORT_S:
+        if wait_s > 0 and now - reported >= WAIT_REPORT_S:
             logger.warning("Waiting up to %.0f s for room: %s", deadline - now, message)
             reported = now
         sleep(min(_WAIT_POLL_S, max(0.0, deadline - now)))
