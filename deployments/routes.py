@@ -1,4 +1,4 @@
-"""The HTTP API's routes (the API is in README.md): each a handler of one replica's
+"""The HTTP API's routes (the API is in docs/serving.md): each a handler of one replica's
 :class:`~deployments.replica.FeaturesEncoderImpl`, put behind the thin router
 (:func:`build_router`). The handlers parse the request and shape the response; auth, admission,
 timeouts and errors are the router's."""

@@ -276,7 +276,7 @@ def info_lines(
         f"checkpoint:    {resolved.checkpoint or resolved.vision_tower} ({resolved.format} layout)",
         f"preprocessing: {pad}resize the shortest side to {pre['size']} ({resample}){crop} "
         f"(image_aspect_ratio {pre['aspect_ratio']})",
-        f"resize route:  {resampler} (the same pixels on every route; see README.md)",
+        f"resize route:  {resampler} (the same pixels on every route; see docs/fidelity.md)",
         f"compute:       {fields['compute_dtype']} on {resolve_device(cfg.model.device)} (model.dtype "
         f"{cfg.model.dtype}), stored as {dtype}",
     ]

@@ -27,7 +27,15 @@ _HEADER = """# Configuration reference
 Every setting has a default; a YAML file (`--config`, see `configs/`) overrides some, and
 command-line flags override the file. Each section below is one key of the YAML file; a key of
 a section is written `section.key` in messages and in these tables. An unknown key, a value of the
-wrong type or out of its range is an error that names the key, before anything runs.
+wrong type or out of its range is an error that names the key, before anything runs
+(`serve.port: expected an integer, got 'eighty'`). Each command's `--help` shows its flags with the
+key each one sets and its default (`llava-features encode --help`).
+
+Paths in a YAML file's `model` section (`checkpoint`, `vision_tower`, `projector_weights`) are
+relative to that file's folder, whatever the working directory: a value is a path when it is
+absolute, starts with `~` or `.` (`./m`, `../m`), or names something that exists beside the file;
+anything else (`org/name`) is a model id for the local Hugging Face cache. Command-line values
+(`--model PATH`) are relative to the working directory.
 """
 
 

@@ -2,7 +2,8 @@
 strings) only go downward, the model package is pure torch + transformers, the command line is
 the only layer above both front doors, and importing any module has no side effects.
 
-Layers, bottom to top (a module may import its own layer and the ones below):
+Layers, bottom to top, numbered as in :data:`LAYERS` and docs/architecture.md (a module may import its
+own layer and the ones below):
 
 0. ``pipeline.model.errors``, ``pipeline.model.config``, ``pipeline.model.constants``,
    ``pipeline.config``, ``pipeline.constants``, ``pipeline.memory``: pure Python (errors, config,
@@ -11,10 +12,10 @@ Layers, bottom to top (a module may import its own layer and the ones below):
 2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``,
    ``pipeline.measure`` (what the benchmarks of both front doors measure with);
 3. ``pipeline.encoder``;
-3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
-4. ``pipeline.offline`` (the job), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
+4. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
+5. ``pipeline.offline`` (the job), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
    ``pipeline`` package facade, with its lazy ``read_features``, sits here too);
-5. ``llava_features`` (the command line).
+6. ``llava_features`` (the command line).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""``llava-features serve`` as a user runs it (deployments/launch.py): the README's one-pool commands,
-run as written in two shells, and a prompt, clean stop on SIGTERM while requests are in progress."""
+"""``llava-features serve`` as a user runs it (deployments/launch.py): the one-pool commands of
+docs/serving.md, run as written in two shells, and a prompt, clean stop on SIGTERM while requests are
+in progress."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +46,9 @@ def test_job_command_names_the_pool_and_the_auth_variables():
     )
 
 
-def readme_one_pool_commands() -> tuple[str, str]:
-    """The README's two commands of "One GPU pool" (the shell-1 serve and the shell-2 job)."""
-    text = (REPO / "README.md").read_text()
+def documented_one_pool_commands() -> tuple[str, str]:
+    """The two commands of docs/serving.md's "One GPU pool" (the shell-1 serve and the shell-2 job)."""
+    text = (REPO / "docs" / "serving.md").read_text()
     block = text.split("<!-- one-pool-example -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [
         line
@@ -91,14 +93,17 @@ def _alive(pids: set[int]) -> set[int]:
 
 @slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_readme_one_pool_commands_and_a_prompt_stop(tiny_llava, tmp_path):
-    """Shell 1 runs the README's ``llava-features serve``; shell 2 runs the job command it printed with
-    the README's arguments: the job goes through the endpoint's replica. Then SIGTERM while 8 clients
-    send requests: every request sent before the signal is answered 200, the process exits 0 within
-    STOP_BOUND_S, and the local Ray it started is gone."""
-    serve_line, job_line = readme_one_pool_commands()
-    assert serve_line == "llava-features serve --model /tmp/tiny --port 8000", serve_line
+def test_documented_one_pool_commands_and_a_prompt_stop(tiny_llava, tmp_path):
+    """Shell 1 runs the documented ``llava-features serve``; shell 2 runs the job command it printed
+    with the documented arguments: the job goes through the endpoint's replica. Both run in a folder
+    holding what the page says they find there (the README's checkpoint ``tiny`` and ``images/``), with
+    only the port changed (a free one). Then SIGTERM while 8 clients send requests: every request
+    sent before the signal is answered 200, the process exits 0 within STOP_BOUND_S, and the local
+    Ray it started is gone."""
+    serve_line, job_line = documented_one_pool_commands()
+    assert serve_line == "llava-features serve --model tiny --port 8000", serve_line
     port = free_port()
+    shutil.copytree(tiny_llava, tmp_path / "tiny")
     (tmp_path / "images").mkdir()
     from tests.test_serve import IMAGES
 
@@ -108,7 +113,7 @@ def test_readme_one_pool_commands_and_a_prompt_stop(tiny_llava, tmp_path):
     token.write_text(secrets.token_hex(32))  # this cluster's own token: never the user's ~/.ray one
     env = {k: v for k, v in os.environ.items() if k not in (*AUTH_ENV_VARS, "RAY_ADDRESS")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_TOKEN_PATH=str(token))
-    serve_cmd = serve_line.replace("/tmp/tiny", str(tiny_llava)).replace("--port 8000", f"--port {port}")
+    serve_cmd = serve_line.replace("--port 8000", f"--port {port}")
     proc = subprocess.Popen(  # exec: the signal goes to llava-features itself, not to the shell
         f"exec {serve_cmd}",
         shell=True,
@@ -136,14 +141,14 @@ def test_readme_one_pool_commands_and_a_prompt_stop(tiny_llava, tmp_path):
         assert printed is not None, "".join(lines)[-3000:]
         printed_cmd = printed.group(1)
         address = re.search(r"--address (\S+)", printed_cmd).group(1)
-        # The README's shell-2 command is the printed one, plus the same --model, --input and --output.
-        readme_job = job_line.replace("HOST:PORT", address)
+        # The documented shell-2 command is the printed one, plus the same --model, --input and --output.
+        documented_job = job_line.replace("HOST:PORT", address)
         head = f"RAY_AUTH_MODE=token llava-features encode --address {address} --serve-app llava-features"
-        assert readme_job.startswith(head + " --model /tmp/tiny --input ./images --output ./features2"), (
+        assert documented_job.startswith(head + " --model tiny --input ./images --output ./features2"), (
             job_line
         )
         assert printed_cmd == head.replace("token ", f"token RAY_AUTH_TOKEN_PATH={token} "), printed_cmd
-        job_cmd = printed_cmd + readme_job[len(head) :].replace("/tmp/tiny", str(tiny_llava))
+        job_cmd = printed_cmd + documented_job[len(head) :]
         fresh = {
             k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"
         }  # a fresh shell: only what it printed

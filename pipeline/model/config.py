@@ -10,7 +10,7 @@ Every section of the product's configuration is a frozen dataclass whose fields 
   tuples, an ``int`` is accepted for a ``float``, a ``bool`` is never an ``int``;
 - an optional range in the field's metadata (:func:`setting`);
 - a one-line docstring right below it (read by :func:`field_docs`: the CLI's help and the
-  README's tables come from there).
+  configuration reference, docs/configuration.md, come from there).
 
 Errors are :class:`~pipeline.model.errors.ConfigError` s that name the YAML key
 (``serve.port: expected an integer, got 'eighty'``).
