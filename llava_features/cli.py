@@ -27,7 +27,7 @@ from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
 from pipeline.model.config import field_docs, literal_choices
-from pipeline.model.errors import LlavaFeaturesError
+from pipeline.model.errors import ErrorCode, LlavaFeaturesError
 
 from .arguments import int_tuple, layers, pair, str_tuple
 from .render import human_bytes
@@ -56,10 +56,10 @@ EXIT_BROKEN_PIPE = 141
 EXIT_INCOMPLETE = 1
 """Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed), or
 whose files were removed or rewritten behind its back (reads fail)."""
-EXIT_CODES: dict[str, int] = {
-    "insufficient_resources": EXIT_CLUSTER_TOO_SMALL,
-    "stalled": EXIT_STALLED,
-    "interrupted": EXIT_INTERRUPTED,
+EXIT_CODES: dict[ErrorCode, int] = {
+    ErrorCode.INSUFFICIENT_RESOURCES: EXIT_CLUSTER_TOO_SMALL,
+    ErrorCode.STALLED: EXIT_STALLED,
+    ErrorCode.INTERRUPTED: EXIT_INTERRUPTED,
 }
 """Exit status of a typed error by its code (others: :data:`EXIT_ERROR`, or :data:`EXIT_STOPPED` for a job
 stopped while writing)."""
@@ -413,7 +413,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         if exc.summary is not None:
             print(summary_text(exc.summary))
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CODES.get(str(exc.code), EXIT_STOPPED)
+        return EXIT_CODES.get(exc.code, EXIT_STOPPED)
     finally:
         progress.close()
     print(summary_text(summary))
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CODES.get(str(exc.code), EXIT_ERROR)
+        return EXIT_CODES.get(exc.code, EXIT_ERROR)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
