@@ -144,6 +144,24 @@ def forming_batch_size(items: list[tuple[Any, Inflow]]) -> int:
     return len(items) if inflow.decoding else max(len(items), inflow.max_batch_size)
 
 
+def pass_groups(items: list[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """``items`` cut, in order, into groups of at most ``limit`` in ``size`` units (images; anyres:
+    tiles), each one pass of the device; an item larger than ``limit`` is a group alone."""
+    groups: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if current and used + n > limit:
+            groups.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
 class DeviceQueue:
     """The replica's device: forward passes run on one thread, one at a time, first come first served.
 
