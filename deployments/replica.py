@@ -13,7 +13,9 @@ A request's path on a replica (the HTTP side is :mod:`deployments.router`):
    ``serve.batch_wait_timeout_s`` only while other images are still being decoded; the groups go
    to the device queue (:class:`~deployments.scheduling.DeviceQueue`), whose one device thread runs
    the forward passes (``encode_core`` + ``encode_post``) one at a time and merges the groups that
-   wait while a pass runs into the next one (why both: docs/benchmarks.md).
+   wait while a pass runs into the next one (why both: docs/benchmarks.md). The images of one
+   ``/v1/features:batch`` or ``/v1/embeddings`` request skip ``@serve.batch``: once decoded they go
+   to the device queue as one group (:meth:`FeaturesEncoderImpl.encode_many`).
 
 :meth:`FeaturesEncoderImpl.encode_pixels` (uint8 pixel batches through a deployment handle) is the
 non-HTTP entry point into the same queue; :meth:`~FeaturesEncoderImpl.describe_pool` and

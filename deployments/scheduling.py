@@ -6,7 +6,9 @@
   ``@serve.batch`` closes a batch as soon as no other image can join it;
 - :class:`DeviceQueue`: the device's forward passes, one at a time on one thread; the groups
   ``@serve.batch`` cut that wait while a pass runs are merged into the next one, and offline work
-  runs only when no online image waits.
+  runs only when no online image waits;
+- :func:`pass_groups`: the images of one multi-image request cut into the device's passes (they
+  skip ``@serve.batch``: they are a batch already).
 
 Two batchers, measured (docs/benchmarks.md): the device queue alone, forming the batches with the
 same window, made smaller batches (3.4 against 4.4 images per pass at concurrency 32 on the tiny
