@@ -361,7 +361,7 @@ def _bench_batch_route(
 ) -> dict[str, float]:
     """``/v1/features:batch`` with ``images_per_request`` images per request, ``requests`` requests at
     ``concurrency``: images/s, and the CPU per image of the server (the local Ray session, when
-    measured) and of this load generator, apart."""
+    measured; also by role: proxy, replica, other) and of this load generator, apart."""
     body, content_type = multipart_body([image] * images_per_request)
     post, clients, failures = _poster(
         base_url, "/v1/features:batch", body, _auth({"content-type": content_type}, api_key), timeout_s
@@ -385,8 +385,11 @@ def _bench_batch_route(
         "batch_route_errors": float(len(failures)),
     }
     if before is not None and after is not None:
-        out["batch_route_server_cpu_ms_per_image"] = sum(after.values()) - sum(before.values())
-        out["batch_route_server_cpu_ms_per_image"] *= 1000 / images
+        for role, seconds in after.items():
+            out[f"batch_route_server_cpu_ms_per_image_{role}"] = (seconds - before[role]) * 1000 / images
+        out["batch_route_server_cpu_ms_per_image"] = sum(
+            out[f"batch_route_server_cpu_ms_per_image_{role}"] for role in after
+        )
     return out
 
 

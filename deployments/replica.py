@@ -13,7 +13,9 @@ A request's path on a replica (the HTTP side is :mod:`deployments.router`):
    ``serve.batch_wait_timeout_s`` only while other images are still being decoded; the groups go
    to the device queue (:class:`~deployments.scheduling.DeviceQueue`), whose one device thread runs
    the forward passes (``encode_core`` + ``encode_post``) one at a time and merges the groups that
-   wait while a pass runs into the next one (why both: docs/benchmarks.md).
+   wait while a pass runs into the next one (why both: docs/benchmarks.md). The images of one
+   ``/v1/features:batch`` or ``/v1/embeddings`` request skip ``@serve.batch``: once decoded they go
+   to the device queue as one group (:meth:`FeaturesEncoderImpl.encode_many`).
 
 :meth:`FeaturesEncoderImpl.encode_pixels` (uint8 pixel batches through a deployment handle) is the
 non-HTTP entry point into the same queue; :meth:`~FeaturesEncoderImpl.describe_pool` and
@@ -47,7 +49,7 @@ from .build import API_KEY_ENV, decode_budget
 from .metrics import ReplicaMetrics
 from .offline import OfflineShards
 from .result import EncodeResult
-from .scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size
+from .scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size, pass_groups
 
 if TYPE_CHECKING:
     from pipeline.encoder import EncodedBatch
@@ -176,9 +178,9 @@ class FeaturesEncoderImpl:
             self.budget.limit,
         )
 
-    def _count(self, result: str) -> None:
-        self._results[result] += 1
-        self.metrics.image(result)
+    def _count(self, result: str, n: int = 1) -> None:
+        self._results[result] += n
+        self.metrics.image(result, n)
 
     # -- decode (thread pool, pixel budget) -------------------------------------------------------
 
@@ -191,8 +193,27 @@ class FeaturesEncoderImpl:
             cost = 0  # refused by the guard from its header, before any pixel is decoded
         await self.budget.acquire(cost)
         future: Future[PreparedImage] = self._decode_pool.submit(self.encoder.encode_pre, data, image_id)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._decoded, cost))
-        return await asyncio.wrap_future(future)
+        waiter: asyncio.Future[PreparedImage] = loop.create_future()
+        # One wake-up of the event loop per decode (the budget and the result together), where
+        # asyncio.wrap_future and a callback of our own would take two.
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._decode_done, cost, done, waiter)
+        )
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        return await waiter
+
+    def _decode_done(
+        self, cost: int, done: Future[PreparedImage], waiter: asyncio.Future[PreparedImage]
+    ) -> None:
+        self._decoded(cost)
+        if waiter.done():  # the caller went away
+            return
+        if done.cancelled():
+            waiter.cancel()
+        elif (exc := done.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
 
     def _decoded(self, cost: int) -> None:
         """A decode ended: its pixels go back to the budget; after a burst, memory goes back too."""
@@ -268,16 +289,12 @@ class FeaturesEncoderImpl:
 
     # -- images → results -----------------------------------------------------------------------
 
-    async def encode(
-        self, data: bytes, image_id: str | None = None, want: str = "features", *, count: bool = True
-    ) -> EncodeResult:
-        """One image → its features (``want="features"``) or pooled vector (``want="pooled"``).
-
-        Undecodable inputs come back as ``ok=False`` results with the decode guard's code.
-        ``count=False`` (health checks) leaves the per-result counters alone.
-        """
+    async def _decode(
+        self, data: bytes, image_id: str | None, *, count: bool = True
+    ) -> PreparedImage | EncodeResult:
+        """One image decoded (:meth:`_prepare`, its time in the decode histogram), or the ``ok=False``
+        result of an input the decode guard refused (counted unless ``count`` is false)."""
         started = time.perf_counter()
-        self.inflow.decoding += 1  # a forming batch may wait for this image while it decodes
         try:
             prepared = await self._prepare(data, image_id)
         except DecodeError as exc:
@@ -286,14 +303,17 @@ class FeaturesEncoderImpl:
             return EncodeResult(
                 False, image_id, self.fingerprint, error_code=str(exc.code), error_message=exc.message
             )
-        finally:
-            self.inflow.decoding -= 1
         self.metrics.decoded((time.perf_counter() - started) * 1000)
-        self.encode_batch.set_batch_wait_timeout_s(self._batch_window())
-        image = prepared.pixels if self.anyres is None else (prepared.tiles, prepared.grid)
-        features, pooled = await self.encode_batch((image, self.inflow))
-        if count:
-            self._count("ok")
+        return prepared
+
+    def _device_input(self, prepared: PreparedImage) -> Any:
+        """What the device queue takes for one image: its pixels (anyres: (tiles, grid))."""
+        return prepared.pixels if self.anyres is None else (prepared.tiles, prepared.grid)
+
+    def _result(
+        self, prepared: PreparedImage, image_id: str | None, want: str, outputs: tuple[np.ndarray, ...]
+    ) -> EncodeResult:
+        features, pooled = outputs
         return EncodeResult(
             True,
             image_id,
@@ -304,6 +324,27 @@ class FeaturesEncoderImpl:
             width=prepared.width,
             height=prepared.height,
         )
+
+    async def encode(
+        self, data: bytes, image_id: str | None = None, want: str = "features", *, count: bool = True
+    ) -> EncodeResult:
+        """One image → its features (``want="features"``) or pooled vector (``want="pooled"``).
+
+        Undecodable inputs come back as ``ok=False`` results with the decode guard's code.
+        ``count=False`` (health checks) leaves the per-result counters alone.
+        """
+        self.inflow.decoding += 1  # a forming batch may wait for this image while it decodes
+        try:
+            prepared = await self._decode(data, image_id, count=count)
+        finally:
+            self.inflow.decoding -= 1
+        if isinstance(prepared, EncodeResult):
+            return prepared
+        self.encode_batch.set_batch_wait_timeout_s(self._batch_window())
+        outputs = await self.encode_batch((self._device_input(prepared), self.inflow))
+        if count:
+            self._count("ok")
+        return self._result(prepared, image_id, want, outputs)
 
     @serve.batch(
         max_batch_size=32,
@@ -326,8 +367,24 @@ class FeaturesEncoderImpl:
     async def encode_many(
         self, items: list[tuple[bytes, str | None]], want: str = "features"
     ) -> list[EncodeResult]:
-        """Several images; they join the same batches. Per-item failures don't fail the others."""
-        return list(await asyncio.gather(*(self.encode(data, image_id, want) for data, image_id in items)))
+        """Several images of one request; per-item failures don't fail the others.
+
+        They are decoded side by side, then go to the device queue as one group (in groups of at
+        most ``serve.max_batch_size`` images; anyres: tiles), not one ``@serve.batch`` item each: they
+        are already a batch, and per image the batching costs the event loop more than it saves
+        (docs/benchmarks.md). The device queue still merges them with whatever waits beside them.
+        """
+        decoded = await asyncio.gather(*(self._decode(data, image_id) for data, image_id in items))
+        ready = [(i, p) for i, p in enumerate(decoded) if not isinstance(p, EncodeResult)]
+        inputs = [self._device_input(p) for _, p in ready]
+        groups = pass_groups(inputs, self.device.size, self.limits.max_batch_size)
+        outputs = [row for rows in await asyncio.gather(*map(self.device.encode, groups)) for row in rows]
+        results = [r if isinstance(r, EncodeResult) else None for r in decoded]
+        for (i, prepared), row in zip(ready, outputs, strict=True):
+            results[i] = self._result(prepared, items[i][1], want, row)
+        if ready:
+            self._count("ok", len(ready))
+        return [r for r in results if r is not None]
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -37,7 +37,14 @@ from deployments.build import (
     with_api_key_from_env,
 )
 from deployments.replica import declared_pixels
-from deployments.scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size
+from deployments.scheduling import (
+    Admission,
+    DeviceQueue,
+    Inflow,
+    PixelBudget,
+    forming_batch_size,
+    pass_groups,
+)
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
 from pipeline.memory import release_free_memory
@@ -315,6 +322,10 @@ def test_pixel_budget_admission_and_device_queue():
     inflow.decoding = 0
     assert forming_batch_size(items) == 8
     assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
+    # A request's images go to the device in passes of at most max_batch_size (anyres: tiles), in order.
+    assert pass_groups(list(range(7)), lambda _: 1, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert pass_groups([2, 3, 1, 9, 1], lambda tiles: tiles, 5) == [[2, 3], [1], [9], [1]]
+    assert pass_groups([], lambda _: 1, 4) == []
     png = io.BytesIO()
     Image.new("RGB", (300, 200)).save(png, "PNG")
     assert declared_pixels(png.getvalue()) == 60_000
