@@ -414,7 +414,7 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
                 ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
             if ready:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         assert ready, (
             proc.stdout.read().decode(errors="replace")[-3000:] if proc.poll() is not None else "not ready"
         )
@@ -466,7 +466,7 @@ def test_serve_run_config_prints_where_it_listens(tmp_path):
             while time.monotonic() < deadline and proc.poll() is None and not ready:
                 with contextlib.suppress(httpx.TransportError):
                     ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-                time.sleep(0.5 if ready else 1)
+                time.sleep(0.5 if ready else 0.25)
             assert ready, "".join(lines)[-3000:]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(announced in line for line in lines):
