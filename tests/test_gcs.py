@@ -17,6 +17,7 @@ import io
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -611,8 +612,13 @@ def test_table_on_gs_claim_commit_read(gcs_env: GcsServer) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-RAY = {"num_cpus": 3, "include_dashboard": False, "logging_level": "WARNING"}
-"""The local Ray of a job test (free ports: the tests pass beside another Ray)."""
+@pytest.fixture(scope="module")
+def ray_local(gcs_server: GcsServer) -> Iterator[None]:
+    """One local Ray (free ports: the tests pass beside another Ray) for the module's jobs. Started
+    before a test's ``gcs_env``: its workers reach the emulator because the job forwards
+    ``STORAGE_EMULATOR_HOST`` to them (``FORWARDED_ENV``), not because they inherited it."""
+    with local_ray(num_cpus=3, include_dashboard=False, logging_level="WARNING"):
+        yield
 
 
 def _job_config(model: Any, **input_section: Any) -> Any:
@@ -643,14 +649,15 @@ def _put_inputs(gcs_env: GcsServer, bucket: str, tmp_path: Path) -> dict[str, di
 
 
 @pytest.mark.slow
-def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+def test_job_reads_webdataset_and_parquet_images_from_gcs(
+    ray_local: None, gcs_env: GcsServer, tiny_llava, tmp_path
+) -> None:
     from pipeline.offline import run_job
 
     bucket = gcs_env.create_bucket()
     expected = _put_inputs(gcs_env, bucket, tmp_path)
-    with local_ray(**RAY):
-        wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", str(tmp_path / "wds"))
-        hf = run_job(_job_config(tiny_llava, image_column="image"), f"gs://{bucket}/hf", str(tmp_path / "hf"))
+    wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", str(tmp_path / "wds"))
+    hf = run_job(_job_config(tiny_llava, image_column="image"), f"gs://{bucket}/hf", str(tmp_path / "hf"))
     # tars of 3 samples in files of 2: two files a unit
     assert (wds.input_kind, wds.ok, wds.units_total, wds.files_total, wds.state) == (
         "webdataset",
@@ -671,14 +678,13 @@ def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, ti
 
 
 @pytest.mark.slow
-def test_job_writes_its_table_to_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+def test_job_writes_its_table_to_gcs(ray_local: None, gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
     from pipeline.offline import run_job
     from pipeline.table import inspect_table
 
     bucket = gcs_env.create_bucket()
     expected = _put_inputs(gcs_env, bucket, tmp_path)
-    with local_ray(**RAY):
-        wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
+    wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
     assert (wds.ok, wds.units_total, wds.files_total, wds.state) == (6, 2, 4, "complete")
     got = read_features(f"gs://{bucket}/out/wds").table
     assert got.column("image_id").to_pylist() == sorted(expected)

@@ -5,7 +5,8 @@ names the option raising it, a demo that ends by pointing at inspect, ``read_fea
 ``ray.data.read_delta`` and DuckDB.
 
 The tables come from the real command line in subprocesses (the job's driver, as a user runs it),
-connected to one local Ray of this module (free ports: the tests pass beside another Ray). The
+connected to one local Ray of this module (free ports: the tests pass beside another Ray); the resumes
+run the same command line in this process, on that Ray. The
 interrupted ones are real tables whose newest commits are taken away: what the log holds when the
 driver died after committing two of its three units (the third unit's file written, never
 committed; a writer's temporary file and the dead run's lease left). Others have a file removed or
@@ -208,7 +209,9 @@ def test_a_successful_encode_prints_progress_and_summary_and_nothing_like_an_err
     ]  # Ray Data's progress
 
 
-def test_over_the_error_budget_says_which_option_raises_it(failed, ray_address, tiny_llava, images, tmp_path):
+def test_over_the_error_budget_says_which_option_raises_it(
+    failed, ray_address, tiny_llava, images, tmp_path, capsys
+):
     out, proc = failed
     assert "[error_budget_exceeded]" in proc.stderr and "16.67% of the inputs failed" in proc.stderr
     assert "--max-error-fraction" in proc.stderr and f"llava-features inspect {out}" in proc.stderr
@@ -219,11 +222,12 @@ def test_over_the_error_budget_says_which_option_raises_it(failed, ray_address, 
     copy = tmp_path / "accepted"
     shutil.copytree(out, copy)
     before = _data_files(copy)
-    again = _encode(ray_address, tiny_llava, images, copy, "--max-error-fraction", "0.5", "--resume")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "images read:   0 this run (6 in the plan)" in again.stdout
-    assert "units:         0 written, 3 already committed, 3 in total" in again.stdout
-    assert re.search(r"\(Delta table version \d+, complete\)", again.stdout), again.stdout
+    rc = cli_main(_encode_args(tiny_llava, images, copy, "--max-error-fraction", "0.5", "--resume"))
+    again = capsys.readouterr()
+    assert rc == 0, again.err[-3000:]
+    assert "images read:   0 this run (6 in the plan)" in again.out
+    assert "units:         0 written, 3 already committed, 3 in total" in again.out
+    assert re.search(r"\(Delta table version \d+, complete\)", again.out), again.out
     assert (copy / SUCCESS_FILE).exists() and _data_files(copy) == before  # nothing encoded again
     report = inspect_table(copy)
     assert (report.state, report.rows, report.max_error_fraction) == ("complete", 6, 0.5)
@@ -383,9 +387,10 @@ def test_inspect_an_interrupted_table_and_resume_it(
     assert sorted(p.name for p in broken.iterdir() if p.is_file()) == sorted([*_data_files(out), temp])
     # --resume encodes the missing unit only, removes the dead run's files: every row exactly once.
     kept = [f for f in _data_files(broken) if f != lost]  # the committed units' files
-    proc = _encode(ray_address, tiny_llava, images, broken, "--max-error-fraction", "0.5", "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "units:         1 written, 2 already committed, 3 in total" in proc.stdout
+    rc = cli_main(argv)
+    resumed = capsys.readouterr()
+    assert rc == 0, resumed.err[-3000:]
+    assert "units:         1 written, 2 already committed, 3 in total" in resumed.out
     report = inspect_table(broken)
     assert (report.state, report.rows, report.ok, report.units_committed) == ("complete", 6, 5, 3)
     assert report.orphan_files == [] and not (broken / temp).exists() and not (broken / lost).exists()

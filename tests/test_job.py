@@ -68,6 +68,16 @@ def _config(model: Path, **settings):
     )
 
 
+@pytest.fixture(scope="module")
+def corpus_table(ray_local, tiny_llava, corpus, tmp_path_factory):
+    """The corpus encoded by the default route with pooled features, every error within the budget:
+    ``(config, summary, output)``, for the tests that only read it."""
+    folder, _ = corpus
+    config = _config(tiny_llava, pooled=True, max_error_fraction=1.0)
+    out = tmp_path_factory.mktemp("corpus-table") / "out"
+    return config, run_job(config, str(folder), str(out)), out
+
+
 def _encode_args(model: Path, inp: Path | str, out: Path | str, *extra: str) -> list[str]:
     return [
         "encode",
@@ -129,26 +139,13 @@ def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_l
         assert (width, height) == (prepared.width, prepared.height)
 
 
-def test_error_budget_exceeded_exits_nonzero_after_writing(ray_local, tiny_llava, corpus, tmp_path, capsys):
-    folder, expected = corpus
-    out = tmp_path / "out"
-    rc = cli_main(_encode_args(tiny_llava, folder, out))  # default --max-error-fraction 0.01
-    assert rc == 3
-    assert "[error_budget_exceeded]" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="state: failed"):
-        table = read_features(str(out), status=None, column=None).table
-    assert table.num_rows == len(expected)  # everything was committed
-    assert not (out / SUCCESS_FILE).exists() and inspect_table(str(out)).state == "failed"
-
-
-def test_read_back_with_delta_pyarrow_pandas_duckdb_polars_and_ray(ray_local, tiny_llava, corpus, tmp_path):
+def test_read_back_with_delta_pyarrow_pandas_duckdb_polars_and_ray(corpus, corpus_table):
     import deltalake
     import duckdb
     import polars as pl
 
-    folder, expected = corpus
-    out = tmp_path / "out"
-    summary = run_job(_config(tiny_llava, pooled=True, max_error_fraction=1.0), str(folder), str(out))
+    _, expected = corpus
+    _, summary, out = corpus_table
     n_ok = sum(code is None for code in expected.values())
     assert summary.ok == n_ok and sum(summary.errors.values()) == len(expected) - n_ok
 
@@ -262,7 +259,8 @@ def _many_inputs(folder: Path, n: int, kind: str) -> tuple[Path, list[str]]:
     return folder / "shards", sorted(write_shards(folder / "shards", shards=n // 5, per_shard=5))
 
 
-@pytest.mark.parametrize(("kind", "n"), [("images", 100), ("webdataset", 40)])
+# The kill lands right after the first commit: 40 units leave it well inside the job.
+@pytest.mark.parametrize(("kind", "n"), [("images", 40), ("webdataset", 40)])
 def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, tmp_path, kind, n):
     images, expected_ids = _many_inputs(tmp_path, n, kind)
     out = tmp_path / "out"
@@ -309,21 +307,22 @@ def _encode_process(model: Path, inp: Path, out: Path, address: str, *extra: str
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("kind", ["images", "webdataset"])
-def test_interrupted_job_readers_see_committed_units_and_resumes_complete_it(
-    ray_local, tiny_llava, tmp_path, kind
-):
+def test_interrupted_job_readers_see_committed_units_and_resumes_complete_it(ray_local, tiny_llava, tmp_path):
     """SIGKILL of the driver mid-job: every reader sees exactly the committed units' rows (never the files
-    in flight); two --resume processes started together then finish it, every row exactly once."""
+    in flight); two --resume processes started together then finish it, every row exactly once.
+
+    A folder of images: the readers and the resumes do not depend on the kind of input. WebDataset tars
+    as units are resumed in test_resume_rewrites_exactly_the_uncommitted_units (a unit written but never
+    committed) and survive a killed actor in test_killed_encoder_actor_job_completes_exactly_once."""
     import deltalake
 
-    images, expected_ids = _many_inputs(tmp_path, 40, kind)
+    units, enough = 24, 5  # one image each; the kill comes once `enough` are committed
+    images, expected_ids = _many_inputs(tmp_path, units, "images")
     out = tmp_path / "out"
     address = ray_local.get_runtime_context().gcs_address
     args = ("--shard-size", "1", "--max-error-fraction", "0", "--commit-interval-s", "0.05")
     proc = _encode_process(tiny_llava, images, out, address, *args)
     deadline = time.time() + 180
-    enough = 5 if kind == "images" else 2  # of 40 units, of 8 tars
     while time.time() < deadline and len(_committed_units(out)) < enough and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -331,7 +330,7 @@ def test_interrupted_job_readers_see_committed_units_and_resumes_complete_it(
     first = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
     committed_rows = sum(pq.read_metadata(out / n).num_rows for n in first)
     first_units = len(_committed_units(out))
-    assert enough <= first_units < (40 if kind == "images" else 8), "the job was not interrupted part-way"
+    assert enough <= first_units < units, "the job was not interrupted part-way"
     assert not (out / SUCCESS_FILE).exists()
 
     # readers: exactly the committed units' rows
@@ -358,18 +357,18 @@ def test_interrupted_job_readers_see_committed_units_and_resumes_complete_it(
     assert sorted(resumed.image_ids) == expected_ids and resumed.state == "complete"  # every row exactly once
     assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
     assert sorted(p.name for p in out.glob("part-*")) == [p.name for p in _committed(out)]  # orphans removed
-    if kind == "images":  # the same features as a run that was never interrupted
-        clean = tmp_path / "clean"
-        run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
-        reference = read_features(str(clean))
-        a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
-        assert np.array_equal(resumed.features[a], reference.features[b])
+    # the same features as a run that was never interrupted
+    clean = tmp_path / "clean"
+    run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
+    reference = read_features(str(clean))
+    a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
+    assert np.array_equal(resumed.features[a], reference.features[b])
     assert (out / SUCCESS_FILE).exists()
     # resuming a finished job writes nothing
     again = run_job(
         _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), mode="resume"
     )
-    assert again.files_written == 0 and again.ok == 40 and again.up_to_date
+    assert again.files_written == 0 and again.ok == units and again.up_to_date
 
 
 def test_two_jobs_on_one_empty_output_exactly_one_proceeds(ray_local, tiny_llava, tmp_path):
@@ -538,18 +537,17 @@ def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, t
     assert read_features(str(out)).num_rows == 2
 
 
-def test_decode_on_the_encoder_device_gives_the_same_rows(ray_local, tiny_llava, corpus, tmp_path):
+def test_decode_on_the_encoder_device_gives_the_same_rows(corpus, corpus_table, tmp_path):
     """``decode.nvjpeg``: decode tasks only read, the encoder actors decode. Without CUDA the route
     falls back to the exact CPU path inside the actor: the same rows, codes and features as the
     default route (the fingerprint names the route, as every opt-in deviation's must)."""
     folder, expected = corpus
-    default = run_job(_config(tiny_llava, max_error_fraction=1.0), str(folder), str(tmp_path / "cpu"))
-    config = _config(tiny_llava, max_error_fraction=1.0)
+    config, default, cpu = corpus_table
     config = replace(config, decode=replace(config.decode, nvjpeg=True))
     device = run_job(config, str(folder), str(tmp_path / "device"))
     assert device.fingerprint != default.fingerprint
     assert (device.ok, device.errors) == (default.ok, default.errors)
-    a = read_features(str(tmp_path / "cpu"), status=None)
+    a = read_features(str(cpu), status=None)
     b = read_features(str(tmp_path / "device"), status=None)
     for column in ("image_id", "status", "error_code", "width", "height"):
         assert a.table.column(column).to_pylist() == b.table.column(column).to_pylist(), column
@@ -839,7 +837,8 @@ def test_resume_of_a_finished_output_reports_what_was_recorded(
     ray_local, tiny_llava, corpus, tmp_path, capsys, monkeypatch
 ):
     """A resume with nothing to do prints the recorded counts and decides with its own budget; a complete
-    table is never downgraded by a stricter one. Relative outputs are shown absolute."""
+    table is never downgraded by a stricter one. Relative outputs are shown absolute. A run over its error
+    budget exits non-zero after writing every row, and a resume with a higher budget completes it."""
     folder, expected = corpus
     monkeypatch.chdir(tmp_path)
     n_err = sum(code is not None for code in expected.values())
@@ -858,10 +857,13 @@ def test_resume_of_a_finished_output_reports_what_was_recorded(
     assert cli_main(_encode_args(tiny_llava, folder, "out", "--resume", "--max-error-fraction", "0.9")) == 0
     assert (tmp_path / "out" / SUCCESS_FILE).read_bytes() == success
 
-    # A run over its budget leaves a failed table; a resume that allows more completes it, encoding nothing.
+    # A run over its budget (the default --max-error-fraction 0.01) exits 3 after writing every row: a
+    # failed table; a resume that allows more completes it, encoding nothing.
     assert cli_main(_encode_args(tiny_llava, folder, "strict")) == 3
+    assert "[error_budget_exceeded]" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="state: failed"):
+        assert read_features("strict", status=None, column=None).table.num_rows == len(expected)
     assert not (tmp_path / "strict" / SUCCESS_FILE).exists() and inspect_table("strict").state == "failed"
-    capsys.readouterr()
     assert (
         cli_main(_encode_args(tiny_llava, folder, "strict", "--resume", "--max-error-fraction", "0.9")) == 0
     )

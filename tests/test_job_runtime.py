@@ -352,6 +352,7 @@ def _scrape(port: int, job: str) -> dict[str, float]:
 
 
 STUCK = "z-stuck.jpg"
+STALL_FAIL_S = 30
 
 
 def sleepy_decode_unit(batch, **kwargs):
@@ -381,8 +382,10 @@ def test_a_planted_stall_is_diagnosed_and_stopped_then_resumed(
     (images / "b-broken.jpg").write_bytes(b"not an image at all")
     shutil.copy(images / sorted(os.listdir(images))[0], images / STUCK)
     out = tmp_path / "out"
-    # the limits are above the job's start-up on a busy 2-core machine (no file before its actors are up)
-    config = _config(tiny_llava, stall_warn_s=4, stall_fail_s=45)
+    # The limits are above the job's start-up on a busy 2-core machine (no file before its actors are up):
+    # on this module's running Ray the whole test, start-up included, took 16 s beside the stall at a
+    # load average of 7-15.
+    config = _config(tiny_llava, stall_warn_s=4, stall_fail_s=STALL_FAIL_S)
     monkeypatch.setattr(driver, "decode_unit", sleepy_decode_unit)
     seen: list[Progress] = []
     during: dict[str, float] = {}
@@ -403,7 +406,7 @@ def test_a_planted_stall_is_diagnosed_and_stopped_then_resumed(
     assert time.monotonic() - started < 240
     stopped = info.value
     assert stopped.code == ErrorCode.STALLED, stopped
-    assert "for 45 s (job.stall_fail_s)" in stopped.message and "--resume" in stopped.message
+    assert f"for {STALL_FAIL_S} s (job.stall_fail_s)" in stopped.message and "--resume" in stopped.message
     assert "nothing waits for resources" in stopped.message  # the stuck task runs: it is not Ray's doing
     warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.offline.watchdog"]
     assert warned and "No data file written and no unit committed" in warned[0]

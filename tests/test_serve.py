@@ -135,26 +135,18 @@ def expected(local_encoder) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int
 
 @pytest.fixture(scope="module")
 def apps(serve_cluster, tiny_llava) -> dict[str, str]:
-    main = serve_cluster.deploy(
-        "main",
-        "/",
-        tiny_app_args(tiny_llava, max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=60),
+    main = tiny_app_args(tiny_llava, max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=60)
+    strict = tiny_app_args(
+        tiny_llava,
+        api_key=API_KEY,
+        max_body_bytes=STRICT_BODY_LIMIT,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        request_timeout_s=STRICT_TIMEOUT_S,
+        body_timeout_s=STRICT_BODY_TIMEOUT_S,
     )
-    strict = serve_cluster.deploy(
-        "strict",
-        "/strict",
-        tiny_app_args(
-            tiny_llava,
-            api_key=API_KEY,
-            max_body_bytes=STRICT_BODY_LIMIT,
-            max_batch_size=1,
-            max_ongoing_requests=1,
-            max_queued_requests=1,
-            request_timeout_s=STRICT_TIMEOUT_S,
-            body_timeout_s=STRICT_BODY_TIMEOUT_S,
-        ),
-    )
-    return {"main": main, "strict": strict}
+    return serve_cluster.deploy_many({"main": ("/", main), "strict": ("/strict", strict)})
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +417,7 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
                 ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
             if ready:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         assert ready, (
             proc.stdout.read().decode(errors="replace")[-3000:] if proc.poll() is not None else "not ready"
         )
@@ -477,7 +469,7 @@ def test_serve_run_config_prints_where_it_listens(tmp_path):
             while time.monotonic() < deadline and proc.poll() is None and not ready:
                 with contextlib.suppress(httpx.TransportError):
                     ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-                time.sleep(0.5 if ready else 1)
+                time.sleep(0.5 if ready else 0.25)
             assert ready, "".join(lines)[-3000:]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(announced in line for line in lines):
@@ -677,12 +669,13 @@ def test_request_errors(main, local_encoder):
 @pytest.fixture(scope="module")
 def dtype_apps(serve_cluster, tiny_llava, apps) -> dict[str, str]:
     """``main`` (float16, the default) plus one application per other output dtype."""
-    out = {"float16": apps["main"]}
+    others = {}
     for dtype in ("float32", "bfloat16"):
         args = tiny_app_args(tiny_llava, max_batch_size=8, request_timeout_s=60)
         args["encoder"] = {"output_dtype": dtype}
-        out[dtype] = serve_cluster.deploy(f"out-{dtype}", f"/{dtype}", args)
-    return out
+        others[f"out-{dtype}"] = (f"/{dtype}", args)
+    urls = serve_cluster.deploy_many(others)
+    return {"float16": apps["main"], **{dtype: urls[f"out-{dtype}"] for dtype in ("float32", "bfloat16")}}
 
 
 @slow
