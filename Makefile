@@ -40,7 +40,7 @@ lint: setup
 	$(PY) -m ruff format --check pipeline deployments llava_features tests scripts/gpu-check
 
 bench: setup
-	$(VENV)/bin/llava-features bench all --json bench.json
+	$(VENV)/bin/llava-features bench all --tiny --json bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

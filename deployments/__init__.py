@@ -1,8 +1,15 @@
 """The online endpoint: a Ray Serve application around :class:`pipeline.encoder.FeatureEncoder`.
 
-- ``deployments.app``: the deployment (encoder replicas that serve the HTTP API themselves, with
-  admission, a decode budget and dynamic batching) and ``build_app``, the application builder
-  named by ``configs/serve.yaml``.
+- ``deployments.app``: the deployment (encoder replicas that serve the HTTP API themselves) and
+  ``build_app``, the application builder named by ``configs/serve.yaml``.
+- ``deployments.build``: our config from ``build_app``'s args, the deployment's options from it.
+- ``deployments.replica``: one replica: encoder, decode, batching, counters, the offline job's files.
+- ``deployments.scheduling``: admission, the decode pixel budget, the device queue (no Ray).
+- ``deployments.routes`` behind ``deployments.router``: the HTTP routes, and a thin ASGI router
+  (auth, body deadline, admission, timeouts, errors, metrics).
+- ``deployments.result``, ``deployments.metrics``, ``deployments.offline``: what encoding an image
+  gives, the replica's Prometheus metrics, the offline job's files on a replica.
+- ``deployments.autoscaling``: both doors' load as the replicas report it, and the policy.
 - ``deployments.http``: error → HTTP status mapping, bounded body reading, response encoders,
   data URLs, the API key check (no Ray imports).
 - ``deployments.launch``: ``llava-features serve`` (:func:`~deployments.launch.serve_forever`).

@@ -16,62 +16,91 @@ also reports the CPU milliseconds the whole local Ray session (proxy, controller
 raylet, GCS: every process of the session, from ``/proc``) spends per request at
 ``concurrency``, the load generator's own, and the in-process encoder's per image; their ratio
 (``cpu_ratio``) is the endpoint's throughput per CPU-second relative to in-process.
+
+:func:`bench_shared_pool` runs the offline job on its own actors and through the application's replicas
+(the job's ``run_job`` is given by the command line: this package never imports the offline job).
+Each takes its options dataclass (:class:`ServeOptions`, :class:`SharedPoolOptions`); the generated
+JPEGs, the Ray and Serve sessions and the percentiles are :mod:`pipeline.measure`'s.
 """
 
 from __future__ import annotations
 
 import http.client
-import io
 import logging
 import math
 import os
-import socket
-import statistics
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.constants import SERVE_ENCODER_DEPLOYMENT
+from pipeline.measure.images import iter_photos, photo_jpeg, write_jpegs
+from pipeline.measure.options import BenchOptions
+from pipeline.measure.session import ray_session, serve_session
+from pipeline.measure.timing import percentiles_ms
+from pipeline.model.config import setting
 
 logger = logging.getLogger(__name__)
 
 BENCH_APP_NAME = "llava-features-bench"
+SHARED_POOL_APP = "llava-features-pool-bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class EndpointOptions(BenchOptions):
+    """What both endpoint benchmarks share: the generated JPEG, the deployment and where it listens."""
+
+    image_size: tuple[int, int] = setting((640, 480), ge=1)
+    """(width, height) of the generated JPEG(s)."""
+    warmup: int = setting(5, ge=0)
+    """Untimed requests first (``serve``: and untimed in-process calls)."""
+    port: int | None = setting(None, ge=1)
+    """Serve's HTTP port: where Serve is started (default: a free port), or a running Serve's whose own cannot be found."""
+    ray_actor_options: dict | None = None
+    """The deployment's ``ray_actor_options`` by role, e.g. ``{"encoder": {"num_cpus": 0.1}}``."""
+    timeout_s: float = setting(120.0, gt=0)
+    """Seconds a request may take."""
 
 
-def sample_image(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
-    """A photo-like JPEG (smooth gradients + noise) for benchmarks."""
-    from PIL import Image
+@dataclass(frozen=True)
+class ServeOptions(EndpointOptions):
+    """Options of ``bench serve``."""
 
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
-    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    SECTION: ClassVar[str] = "bench.serve"
+
+    requests: int = setting(200, ge=1)
+    """Requests of each phase (latency at concurrency 1, then throughput)."""
+    concurrency: int = setting(32, ge=1)
+    """Parallel clients of the throughput phase."""
+    direct_threads: int | None = setting(None, ge=1)
+    """Torch threads of the in-process run (default: what Ray gives the encoder replica, floor(num_cpus), ≥ 1)."""
+    batch_images: int = setting(16, ge=0)
+    """Images per ``/v1/features:batch`` request (0: that route is not measured)."""
+    batch_requests: int | None = setting(None, ge=1)
+    """Requests to ``/v1/features:batch`` (default: ``requests`` // 4, at least 4)."""
+    batch_concurrency: int = setting(4, ge=1)
+    """Parallel clients of ``/v1/features:batch``."""
 
 
-def _percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in samples_s)
-    if not ms:
-        return {"p50": 0.0, "p99": 0.0, "mean": 0.0}
+@dataclass(frozen=True)
+class SharedPoolOptions(EndpointOptions):
+    """Options of ``bench shared-pool``."""
 
-    def pct(q: float) -> float:
-        return ms[min(len(ms) - 1, max(0, round(q * (len(ms) - 1))))]
+    SECTION: ClassVar[str] = "bench.shared-pool"
 
-    return {"p50": pct(0.50), "p99": pct(0.99), "mean": statistics.fmean(ms)}
+    images: int = setting(256, ge=1)
+    """JPEGs of each timed job."""
+    shard_size: int = setting(16, ge=1)
+    """Images per output file (and per file handed to a replica)."""
+    requests: int = setting(60, ge=1)
+    """Online requests on the idle application."""
 
 
 def _run_concurrent(call: Callable[[], None], total: int, concurrency: int) -> float:
@@ -93,23 +122,9 @@ def _run_concurrent(call: Callable[[], None], total: int, concurrency: int) -> f
     return time.perf_counter() - started
 
 
-def _running_serve_port() -> int | None:
-    """HTTP port of the Serve instance this driver is connected to, if one runs."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client(raise_if_no_controller_running=False)
-    except Exception:
-        return None
-    if client is None:
-        return None
-    try:
-        return int(client.http_config.port)
-    except Exception:
-        return None
-
-
-def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, threads: int) -> dict[str, float]:
+def _bench_direct(
+    config: Config, image: bytes, *, requests: int, warmup: int, threads: int
+) -> dict[str, float]:
     """The endpoint's work in this process: decode + preprocess + forward (+ host copy), with
     ``threads`` torch threads (what Ray gives a replica: OMP_NUM_THREADS = floor(num_cpus))."""
     import torch
@@ -119,12 +134,14 @@ def _bench_direct(config: Config, image: bytes, requests: int, warmup: int, thre
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _time_direct(FeatureEncoder(config), config, image, requests, warmup)
+        return _time_direct(FeatureEncoder(config), config, image, requests=requests, warmup=warmup)
     finally:
         torch.set_num_threads(previous)
 
 
-def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warmup: int) -> dict[str, float]:
+def _time_direct(
+    encoder: Any, config: Config, image: bytes, *, requests: int, warmup: int
+) -> dict[str, float]:
     batch = max(1, config.serve.max_batch_size)  # what the endpoint's dynamic batches hold at most
 
     def one() -> None:
@@ -137,7 +154,7 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
         t = time.perf_counter()
         one()
         latencies.append(time.perf_counter() - t)
-    lat = _percentiles(latencies)
+    lat = percentiles_ms(latencies)
     t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, requests, batch):
         n = min(batch, requests - start)
@@ -153,10 +170,16 @@ def _time_direct(encoder: Any, config: Config, image: bytes, requests: int, warm
     }
 
 
-def _session_cpu() -> Callable[[], float] | None:
+ROLES = (b"ProxyActor", b"ServeReplica")
+"""Process titles of Serve's HTTP proxy and of the replicas (Ray names its workers ``ray::<actor>``):
+their CPU is reported apart; everything else of the session is ``other``."""
+
+
+def _session_cpu() -> Callable[[], dict[str, float]] | None:
     """A reader of the CPU seconds used so far by the processes of this driver's local Ray session
     (those whose command line names the session directory, and all their descendants: the
-    workers, Serve's proxy and controller, the replicas), from Linux's ``/proc``; None elsewhere."""
+    workers, Serve's proxy and controller, the replicas), by role (``proxy``, ``replica``,
+    ``other``), from Linux's ``/proc``; None elsewhere."""
     if not os.path.isdir("/proc/self"):
         return None
     try:
@@ -168,9 +191,10 @@ def _session_cpu() -> Callable[[], float] | None:
     tick = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
 
-    def read() -> float:
+    def read() -> dict[str, float]:
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
+        role: dict[int, str] = {}
         roots = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -180,12 +204,14 @@ def _session_cpu() -> Callable[[], float] | None:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    named = session.encode() in f.read()
+                    cmdline = f.read()
             except OSError:  # gone meanwhile
                 continue
             parents[pid] = int(fields[1])
             cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-            if named:
+            head = cmdline[:64]
+            role[pid] = "proxy" if ROLES[0] in head else "replica" if ROLES[1] in head else "other"
+            if session.encode() in cmdline:
                 roots.append(pid)
         children: dict[int, list[int]] = {}
         for pid, parent in parents.items():
@@ -197,7 +223,10 @@ def _session_cpu() -> Callable[[], float] | None:
                 continue
             seen.add(pid)
             todo.extend(children.get(pid, ()))
-        return sum(cpu[pid] for pid in seen)
+        out = dict.fromkeys(("proxy", "replica", "other"), 0.0)
+        for pid in seen:
+            out[role[pid]] += cpu[pid]
+        return out
 
     return read
 
@@ -234,6 +263,31 @@ class _Client:
             self.conn = None
 
 
+def _poster(
+    base_url: str, path: str, body: bytes, headers: dict[str, str], timeout_s: float
+) -> tuple[Callable[[], None], list[_Client], list[int]]:
+    """A function that POSTs ``body`` to ``path`` on this thread's keep-alive connection; the
+    connections it opened (to close) and the statuses of the failed requests."""
+    local = threading.local()
+    clients: list[_Client] = []
+    failures: list[int] = []
+
+    def post() -> None:
+        if not hasattr(local, "client"):
+            local.client = _Client(base_url, headers, timeout_s)
+            clients.append(local.client)
+        status, answer = local.client.post(path, body)
+        if status != 200:
+            failures.append(status)
+            logger.warning("bench request failed: %s %s", status, answer[:200])
+
+    return post, clients, failures
+
+
+def _auth(headers: dict[str, str], api_key: str | None) -> dict[str, str]:
+    return {**headers, "authorization": f"Bearer {api_key}"} if api_key else headers
+
+
 def _bench_http(
     base_url: str,
     image: bytes,
@@ -249,22 +303,8 @@ def _bench_http(
     """Latency at concurrency 1 and throughput at ``concurrency`` over HTTP (one keep-alive
     connection per thread); ``before_throughput`` and ``after_throughput`` run right before and
     after the concurrent phase (the caller resets the replicas' counters, samples CPU time)."""
-    headers = {"content-type": "application/octet-stream"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    local = threading.local()
-    clients: list[_Client] = []
-    failures: list[int] = []
-
-    def post() -> None:
-        if not hasattr(local, "client"):
-            local.client = _Client(base_url, headers, timeout_s)
-            clients.append(local.client)
-        status, body = local.client.post("/v1/features", image)
-        if status != 200:
-            failures.append(status)
-            logger.warning("bench request failed: %s %s", status, body[:200])
-
+    headers = _auth({"content-type": "application/octet-stream"}, api_key)
+    post, clients, failures = _poster(base_url, "/v1/features", image, headers, timeout_s)
     try:
         for _ in range(warmup):
             post()
@@ -273,7 +313,7 @@ def _bench_http(
             t = time.perf_counter()
             post()
             latencies.append(time.perf_counter() - t)
-        lat = _percentiles(latencies)
+        lat = percentiles_ms(latencies)
         if before_throughput is not None:
             before_throughput()
         cpu = time.process_time()
@@ -294,79 +334,116 @@ def _bench_http(
     }
 
 
-def bench_serve(
-    config: Config,
+def multipart_body(images: list[bytes]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body with one file part per image, and its Content-Type."""
+    boundary = "llava-features-bench-boundary"
+    parts = []
+    for i, data in enumerate(images):
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        )
+        parts += [head.encode(), data, b"\r\n"]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _bench_batch_route(
+    base_url: str,
+    image: bytes,
     *,
-    requests: int = 200,
-    concurrency: int = 32,
-    image_bytes: bytes | None = None,
-    width: int = 640,
-    height: int = 480,
-    warmup: int = 5,
-    port: int | None = None,
-    ray_actor_options: dict[str, Any] | None = None,
-    direct_threads: int | None = None,
-    timeout_s: float = 120.0,
-) -> dict[str, Any]:
+    images_per_request: int,
+    requests: int,
+    concurrency: int,
+    api_key: str | None,
+    timeout_s: float,
+    session_cpu: Callable[[], dict[str, float]] | None,
+) -> dict[str, float]:
+    """``/v1/features:batch`` with ``images_per_request`` images per request, ``requests`` requests at
+    ``concurrency``: images/s, and the CPU per image of the server (the local Ray session, when
+    measured; also by role: proxy, replica, other) and of this load generator, apart."""
+    body, content_type = multipart_body([image] * images_per_request)
+    post, clients, failures = _poster(
+        base_url, "/v1/features:batch", body, _auth({"content-type": content_type}, api_key), timeout_s
+    )
+    try:
+        post()  # warm: the multipart route's first request
+        before = session_cpu() if session_cpu is not None else None
+        cpu = time.process_time()
+        wall = _run_concurrent(post, requests, concurrency)
+        cpu = time.process_time() - cpu
+        after = session_cpu() if session_cpu is not None else None
+    finally:
+        for client in clients:
+            client.close()
+    images = requests * images_per_request
+    out = {
+        "batch_route_images_per_request": float(images_per_request),
+        "batch_route_concurrency": float(concurrency),
+        "batch_route_images_per_s": images / wall,
+        "batch_route_client_cpu_ms_per_image": cpu * 1000 / images,
+        "batch_route_errors": float(len(failures)),
+    }
+    if before is not None and after is not None:
+        for role, seconds in after.items():
+            out[f"batch_route_server_cpu_ms_per_image_{role}"] = (seconds - before[role]) * 1000 / images
+        out["batch_route_server_cpu_ms_per_image"] = sum(
+            out[f"batch_route_server_cpu_ms_per_image_{role}"] for role in after
+        )
+    return out
+
+
+def bench_serve(config: Config, options: ServeOptions, *, image: bytes | None = None) -> dict[str, Any]:
     """Deploy the endpoint for ``config`` locally and measure it against in-process encoding.
 
-    The in-process figures are taken first (``direct_*``), then the endpoint's (``serve_*``).
-    Starts a local Ray (and Serve on ``port`` or a free port) when none is running, and shuts
-    them down afterwards; on an already running Serve it deploys the application
-    ``llava-features-bench`` under ``/bench`` next to the others and deletes it at the end
-    (pass ``port`` when the running Serve's port cannot be found). ``requests`` is the number of
-    requests of each phase; without ``image_bytes`` a ``width`` x ``height`` JPEG is generated.
-    ``direct_threads`` (torch threads of the in-process run) defaults to what Ray gives the
-    encoder replica, floor(its num_cpus) and at least 1, so both sides get the same cores.
+    The in-process figures are taken first (``direct_*``), then the endpoint's (``serve_*``), on
+    ``image`` (default: a generated JPEG of ``image_size``). Runs on this driver's Ray and Serve when
+    they run (the application ``llava-features-bench`` under ``/bench``, deleted at the end), else on a
+    local Ray and Serve started here and stopped after. ``direct_threads`` (torch threads of the
+    in-process run) defaults to what Ray gives the encoder replica, so both sides get the same cores.
+    Then ``/v1/features:batch``: ``batch_requests`` requests of ``batch_images`` images each at
+    ``batch_concurrency``, its images/s against the in-process images/s (``batch_route_ratio``).
     Returns a flat dict of figures (milliseconds, requests or images per second).
     """
     import gc
 
-    import ray
     from ray import serve
 
-    from pipeline.model.errors import ConfigError
+    from .app import ENCODER_DEPLOYMENT, build_app
+    from .build import DEFAULT_ENCODER_CPUS, deployable_args
 
-    from .app import DEFAULT_ENCODER_CPUS, ENCODER_DEPLOYMENT, build_app, deployable_args
-
-    if requests < 1 or concurrency < 1:
-        raise ConfigError("requests and concurrency must be >= 1")
-    image = image_bytes if image_bytes is not None else sample_image(width, height)
+    o = options
+    image = image if image is not None else photo_jpeg(*o.image_size)
     result: dict[str, Any] = {
-        "requests": requests,
-        "concurrency": concurrency,
+        "requests": o.requests,
+        "concurrency": o.concurrency,
         "image_bytes": len(image),
         "max_batch_size": config.serve.max_batch_size,
         "batch_wait_timeout_s": config.serve.batch_wait_timeout_s,
     }
+    direct_threads = o.direct_threads
     if direct_threads is None:
-        encoder_cpus = ((ray_actor_options or {}).get("encoder") or {}).get("num_cpus", DEFAULT_ENCODER_CPUS)
+        encoder_cpus = ((o.ray_actor_options or {}).get("encoder") or {}).get(
+            "num_cpus", DEFAULT_ENCODER_CPUS
+        )
         direct_threads = max(1, math.floor(encoder_cpus))
     result["direct_threads"] = direct_threads
-    result.update(_bench_direct(config, image, requests, warmup, direct_threads))
+    result.update(_bench_direct(config, image, requests=o.requests, warmup=o.warmup, threads=direct_threads))
     gc.collect()
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, namespace="serve")
-    running_port = None if started_ray else _running_serve_port()
-    started_serve = running_port is None
-    route_prefix = "/" if started_serve else "/bench"
-    if started_serve:
-        port = port or _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    else:
-        port = running_port
-    try:
+    with (
+        ray_session(include_dashboard=False, namespace="serve") as ray_,
+        serve_session(BENCH_APP_NAME, "/bench", port=o.port) as served,
+    ):
         args = deployable_args(config)
-        if ray_actor_options:
-            args["ray_actor_options"] = ray_actor_options
+        if o.ray_actor_options:
+            args["ray_actor_options"] = o.ray_actor_options
         t0 = time.perf_counter()
-        serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=route_prefix)
+        serve.run(build_app(args), name=BENCH_APP_NAME, route_prefix=served.route_prefix)
         result["deploy_s"] = time.perf_counter() - t0
         handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=BENCH_APP_NAME)
-        session_cpu = _session_cpu() if started_ray else None  # another session holds other apps too
-        samples: list[float] = []
+        session_cpu = _session_cpu() if ray_.started else None  # another session holds other apps too
+        samples: list[dict[str, float]] = []
 
         def before() -> None:
             handle.reset_stats.remote().result()
@@ -377,15 +454,16 @@ def bench_serve(
             if session_cpu is not None:
                 samples.append(session_cpu())
 
+        api_key = config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY")
         result.update(
             _bench_http(
-                f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}",
+                served.base_url,
                 image,
-                requests=requests,
-                concurrency=concurrency,
-                warmup=warmup,
-                api_key=config.serve.api_key or os.environ.get("LLAVA_FEATURES_API_KEY"),
-                timeout_s=timeout_s,
+                requests=o.requests,
+                concurrency=o.concurrency,
+                warmup=o.warmup,
+                api_key=api_key,
+                timeout_s=o.timeout_s,
                 # The batch sizes reported are those of the concurrent phase only (the latency
                 # phase's requests come one at a time: batches of one by construction).
                 before_throughput=before,
@@ -393,46 +471,44 @@ def bench_serve(
             )
         )
         if len(samples) == 2:
-            result["serve_cpu_ms_per_request"] = (samples[1] - samples[0]) * 1000 / requests
+            for role, seconds in samples[1].items():
+                result[f"serve_cpu_ms_per_request_{role}"] = (seconds - samples[0][role]) * 1000 / o.requests
+            result["serve_cpu_ms_per_request"] = sum(
+                result[f"serve_cpu_ms_per_request_{role}"] for role in samples[1]
+            )
         stats = handle.stats.remote().result()
         result["serve_mean_batch_size"] = stats["mean_batch_size"]
         result["serve_max_batch_size"] = stats["max_batch_size"]
-    finally:
-        try:
-            if started_serve:
-                serve.shutdown()
-            else:
-                serve.delete(BENCH_APP_NAME)
-        finally:
-            if started_ray:
-                ray.shutdown()
+        if o.batch_images > 0:
+            result.update(
+                _bench_batch_route(
+                    served.base_url,
+                    image,
+                    images_per_request=o.batch_images,
+                    requests=o.batch_requests or max(4, o.requests // 4),
+                    concurrency=o.batch_concurrency,
+                    api_key=api_key,
+                    timeout_s=o.timeout_s,
+                    session_cpu=session_cpu,
+                )
+            )
     result["serve_errors"] = int(result["serve_errors"])
     result["overhead_p50_ms"] = result["serve_p50_ms"] - result["direct_p50_ms"]
     result["overhead_p99_ms"] = result["serve_p99_ms"] - result["direct_p99_ms"]
     result["throughput_ratio"] = result["serve_throughput_rps"] / result["direct_throughput_ips"]
     if result.get("serve_cpu_ms_per_request"):
         result["cpu_ratio"] = result["direct_cpu_ms_per_image"] / result["serve_cpu_ms_per_request"]
+    if "batch_route_images_per_s" in result:
+        result["batch_route_errors"] = int(result["batch_route_errors"])
+        result["batch_route_ratio"] = result["batch_route_images_per_s"] / result["direct_throughput_ips"]
     return result
 
 
-SHARED_POOL_APP = "llava-features-pool-bench"
-
-
 def bench_shared_pool(
-    config: Config,
-    *,
-    run_job: Callable[..., Any],
-    images: int | None = None,
-    shard_size: int = 16,
-    width: int = 640,
-    height: int = 480,
-    requests: int = 60,
-    warmup: int = 5,
-    port: int | None = None,
-    ray_actor_options: dict[str, Any] | None = None,
-    timeout_s: float = 120.0,
+    config: Config, options: SharedPoolOptions, *, run_job: Callable[..., Any]
 ) -> dict[str, Any]:
-    """The mixed run of the shared pool, on a local Ray + Serve started here (and stopped after):
+    """The mixed run of the shared pool, on this driver's Ray (else a local one started here and stopped
+    after), with Serve started for it (or the running one's, the application deleted at the end):
 
     1. the standalone job (its own actor pool) over ``images`` generated JPEGs, ``shard_size`` per
        output file: images/s (after a job of two files that starts the workers and loads the model);
@@ -440,63 +516,60 @@ def bench_shared_pool(
     3. online latency at concurrency 1 on the idle application (``requests`` requests);
     4. online latency at concurrency 1 while the job runs through the application again.
 
-    ``run_job`` is :func:`pipeline.job.run_job` (given by the command line, the layer above both front
+    ``run_job`` is :func:`pipeline.offline.run_job` (given by the command line, the layer above both front
     doors). Returns images/s of 1, 2 and 4, their ratios, and p50/p99 of 3 and 4 (ms)."""
     import dataclasses
     import tempfile
     from pathlib import Path
 
-    import ray
     from ray import serve
 
-    from .app import build_app, deployable_args
+    from .app import build_app
+    from .build import deployable_args
 
-    images = images or 256
-    config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=shard_size))
+    o = options
+    width, height = o.image_size
+    config = dataclasses.replace(config, job=dataclasses.replace(config.job, shard_size=o.shard_size))
     result: dict[str, Any] = {
-        "images": images,
+        "images": o.images,
         "shard_size": config.job.shard_size,
         "offline_chunk_size": config.serve.offline_chunk_size,
         "max_offline_shards": config.serve.max_offline_shards,
-        "requests": requests,
+        "requests": o.requests,
     }
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", include_dashboard=False, namespace="serve", logging_level=logging.WARNING)
     pooled = dataclasses.replace(config, job=dataclasses.replace(config.job, serve_app=SHARED_POOL_APP))
-    body = sample_image(width, height, seed=10_000)
-    try:
-        with tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp:
-            folder = Path(tmp) / "images"
-            folder.mkdir()
-            for i in range(images):
-                (folder / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+    body = photo_jpeg(width, height, seed=10_000)
+    with (
+        ray_session(
+            address="local", include_dashboard=False, namespace="serve", logging_level=logging.WARNING
+        ),
+        tempfile.TemporaryDirectory(prefix="llava-pool-bench-") as tmp,
+    ):
+        folder = Path(tmp) / "images"
+        write_jpegs(iter_photos(o.images, height, width), folder)
+        warm = Path(tmp) / "warm"
+        write_jpegs(iter_photos(2 * o.shard_size, height, width, seed=1), warm)
 
-            warm = Path(tmp) / "warm"
-            warm.mkdir()
-            for i in range(2 * shard_size):
-                (warm / f"{i:06d}.jpg").write_bytes(sample_image(width, height, seed=i))
+        def job(cfg: Config, name: str) -> float:
+            # A small job first (Ray Data's workers, the actors' model loads), then the timed one.
+            run_job(cfg, str(warm), str(Path(tmp) / f"{name}-warmup"))
+            summary = run_job(cfg, str(folder), str(Path(tmp) / name))
+            if summary.ok != o.images:
+                raise RuntimeError(f"the {name} job encoded {summary.ok} of {o.images} images")
+            return float(summary.images_per_s)
 
-            def job(cfg: Config, name: str) -> float:
-                # A small job first (Ray Data's workers, the actors' model loads), then the timed one.
-                run_job(cfg, str(warm), str(Path(tmp) / f"{name}-warmup"))
-                summary = run_job(cfg, str(folder), str(Path(tmp) / name))
-                if summary.ok != images:
-                    raise RuntimeError(f"the {name} job encoded {summary.ok} of {images} images")
-                return float(summary.images_per_s)
-
-            # The standalone job first, while no application holds CPUs or a device.
-            result["standalone_images_per_s"] = job(config, "standalone")
-            port = port or _free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # The standalone job first, while no application holds CPUs or a device.
+        result["standalone_images_per_s"] = job(config, "standalone")
+        with serve_session(SHARED_POOL_APP, "/pool", port=o.port) as served:
             args = deployable_args(config)
-            if ray_actor_options:
-                args["ray_actor_options"] = ray_actor_options
-            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix="/pool")
+            if o.ray_actor_options:
+                args["ray_actor_options"] = o.ray_actor_options
+            serve.run(build_app(args), name=SHARED_POOL_APP, route_prefix=served.route_prefix)
             result["pool_images_per_s"] = job(pooled, "pool")
-            base_url = f"http://127.0.0.1:{port}/pool"
-            idle = _online_latencies(base_url, body, n=requests, warmup=warmup, timeout_s=timeout_s)
-            result.update({f"online_idle_{k}_ms": v for k, v in _percentiles(idle).items()})
+            idle = _online_latencies(
+                served.base_url, body, n=o.requests, warmup=o.warmup, timeout_s=o.timeout_s
+            )
+            result.update({f"online_idle_{k}_ms": v for k, v in percentiles_ms(idle).items()})
             done = threading.Event()
             mixed: dict[str, float] = {}
 
@@ -510,20 +583,14 @@ def bench_shared_pool(
             handle.reset_stats.remote().result()  # the longest chunk and online wait of the mixed run
             thread = threading.Thread(target=background, name="pool-bench-job")
             thread.start()
-            during = _online_latencies(base_url, body, until=done, timeout_s=timeout_s)
+            during = _online_latencies(served.base_url, body, until=done, timeout_s=o.timeout_s)
             thread.join()
-        result.update({f"online_during_job_{k}_ms": v for k, v in _percentiles(during).items()})
+            stats = handle.stats.remote().result()
+        result.update({f"online_during_job_{k}_ms": v for k, v in percentiles_ms(during).items()})
         result["online_requests_during_job"] = len(during)
         result["pool_images_per_s_with_online"] = mixed.get("ips", 0.0)
-        stats = handle.stats.remote().result()
         result["offline_chunk_ms_max"] = stats["offline_chunk_ms_max"]
         result["online_wait_ms_max"] = stats["online_wait_ms_max"]
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            if started_ray:
-                ray.shutdown()
     result["pool_vs_standalone"] = result["pool_images_per_s"] / result["standalone_images_per_s"]
     result["online_p99_during_vs_idle"] = result["online_during_job_p99_ms"] / result["online_idle_p99_ms"]
     return result

@@ -43,6 +43,7 @@ _STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.BODY_TIMEOUT: 408,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.OVERLOADED: 503,
@@ -87,40 +88,6 @@ def error_response(exc: LlavaFeaturesError) -> JSONResponse:
     elif status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=headers)
-
-
-def install_error_handlers(app: Any) -> None:
-    """Answer the web framework's own errors (unknown route: 404, wrong method: 405, ...) in our
-    ``{"error": {...}}`` shape instead of FastAPI's ``{"detail": ...}``. ``app`` is a FastAPI (or
-    Starlette) application; its ``Allow`` header on a 405 is kept."""
-    from starlette.exceptions import HTTPException
-
-    async def framework_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        status = exc.status_code
-        where = f"{request.method} {request.url.path}"
-        if status == 404:
-            code, message = ErrorCode.NOT_FOUND, f"No route {where}; routes: {', '.join(_routes(request))}"
-        elif status == 405:
-            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or "?"
-            code, message = ErrorCode.METHOD_NOT_ALLOWED, f"{where} is not allowed; use {allowed}"
-        else:
-            code = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
-            message = str(exc.detail)
-        return JSONResponse(error_body(code, message), status_code=status, headers=exc.headers)
-
-    app.add_exception_handler(HTTPException, framework_error)
-
-
-def _routes(request: Request) -> list[str]:
-    """``METHOD path`` of the application's routes (for a 404's message)."""
-    app = request.scope.get("app")
-    found = []
-    for route in getattr(app, "routes", ()):
-        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
-        if path and methods and getattr(route, "include_in_schema", True):
-            found += [f"{m} {path}" for m in sorted(methods) if m != "HEAD"]
-    return found
 
 
 # -- auth ---------------------------------------------------------------------------------

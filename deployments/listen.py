@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 SERVE_LOGGER = "ray.serve"
 """Serve's logger: the one Serve configures in the processes it runs (the build task, replicas)."""
 ROUTES = "POST /v1/features, /v1/features:batch, /v1/embeddings; GET /v1/models, /healthz"
-"""The routes of the application, for the announcement (the API is in README.md)."""
+"""The routes of the application, for the announcement (the API is in docs/serving.md)."""
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 

@@ -1,7 +1,8 @@
 """``llava-features``: the command line, the only layer above both front doors.
 
-Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.job`), ``inspect`` (an output,
-:mod:`pipeline.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
+Subcommands: ``encode`` (the offline Ray Data job, :mod:`pipeline.offline`; what it prints:
+:mod:`llava_features.render`), ``inspect`` (a feature table,
+:mod:`pipeline.table.inspect`), ``serve`` (the online endpoint, :mod:`deployments.launch`), ``bench``,
 ``demo``, ``make-tiny-model`` and ``info``.
 
 Every option that sets a configuration value is derived from its config dataclass field
@@ -13,70 +14,64 @@ Ray; each handler imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
-from pipeline.constants import COMMITS_DIR
 from pipeline.model.config import field_docs, literal_choices
-from pipeline.model.errors import LlavaFeaturesError
+from pipeline.model.errors import ErrorCode, LlavaFeaturesError
+
+from .arguments import int_tuple, layers, pair, str_tuple
+from .render import human_bytes
 
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
-"""Exit status of a typed error (bad config, missing checkpoint, non-empty output, ...)."""
+"""Exit status of a typed error before anything was written (bad config, missing checkpoint, an output
+that is refused or is a file, a Ray address where nothing answers, ...)."""
 EXIT_ERROR_BUDGET = 3
 """Exit status of a job whose failed inputs exceed ``max_error_fraction`` (everything was written)."""
+EXIT_CLUSTER_TOO_SMALL = 5
+"""Exit status of ``encode`` when the cluster cannot hold the minimum encoder actors and a decode task at
+once (the preflight; nothing was written)."""
+EXIT_STALLED = 6
+"""Exit status of ``encode`` stopped by its watchdog (nothing written and nothing committed for
+``job.stall_fail_s``): what was committed is kept, ``--resume`` continues."""
+EXIT_STOPPED = 7
+"""Exit status of ``encode`` stopped by a fault while writing (disk full, a read-only or failing store,
+the ``--serve-app`` application gone): what was committed is kept, ``--resume`` continues."""
+EXIT_INTERRUPTED = 130
+"""Exit status of a command stopped by SIGINT or SIGTERM (128 + SIGINT; ``encode`` commits what is ready
+first, and ``--resume`` continues)."""
 EXIT_BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 EXIT_INCOMPLETE = 1
-"""Exit status of ``inspect`` for an output that is not complete (failed, incomplete, unknown, empty)."""
-
-BENCH_EXTERNAL: dict[str, tuple[str, str]] = {
-    "serve": ("deployments.bench", "bench_serve"),
-    "shared-pool": ("llava_features.cli", "bench_shared_pool"),
+"""Exit status of ``inspect`` for a table that is not complete (in progress, interrupted, failed), or
+whose files were removed or rewritten behind its back (reads fail)."""
+EXIT_CODES: dict[ErrorCode, int] = {
+    ErrorCode.INSUFFICIENT_RESOURCES: EXIT_CLUSTER_TOO_SMALL,
+    ErrorCode.STALLED: EXIT_STALLED,
+    ErrorCode.INTERRUPTED: EXIT_INTERRUPTED,
 }
-"""Benchmarks of the online layer, which ``pipeline.bench`` cannot import itself: name → (module, function)."""
+"""Exit status of a typed error by its code (others: :data:`EXIT_ERROR`, or :data:`EXIT_STOPPED` for a job
+stopped while writing)."""
 
 _DEST_SEPARATOR = "."
 
+HF_PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+"""Hugging Face's switch for its progress bars: huggingface_hub's (downloads) and, as their default,
+transformers' ("Loading weights", "Writing model shards"). Set by :func:`third_party_progress_bars`."""
+
 
 # -- options from config fields ---------------------------------------------------------------
-
-
-def _pair(value: str) -> tuple[int, int]:
-    """``MIN,MAX`` (or ``N`` for N,N) → (MIN, MAX)."""
-    parts = value.split(",")
-    try:
-        lo, hi = int(parts[0]), int(parts[-1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX (or N), got {value!r}") from None
-    return lo, hi
-
-
-def _int_tuple(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _layers(value: str) -> int | tuple[int, ...]:
-    """``N`` or ``N,M,...`` (several hidden layers, concatenated)."""
-    layers = _int_tuple(value)
-    if not layers:
-        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {value!r}")
-    return layers[0] if len(layers) == 1 else layers
-
-
-def _str_tuple(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _base_type(annotation: Any) -> Any:
@@ -105,13 +100,13 @@ def add_setting(parser: argparse.ArgumentParser, section: str, name: str, flag: 
     elif base is int or base is float or base is str:
         kwargs["type"] = base
     elif base == tuple[int, int]:
-        kwargs.update(type=_pair, metavar="MIN,MAX")
+        kwargs.update(type=pair, metavar="MIN,MAX")
     elif base == tuple[int, ...]:
-        kwargs.update(type=_int_tuple, metavar="N,N,...")
+        kwargs.update(type=int_tuple, metavar="N,N,...")
     elif set(get_args(base)) - {type(None)} == {int, tuple[int, ...]}:
-        kwargs.update(type=_layers, metavar="N[,N...]")
+        kwargs.update(type=layers, metavar="N[,N...]")
     elif base == tuple[str, ...]:
-        kwargs.update(type=_str_tuple, metavar="A,B,...")
+        kwargs.update(type=str_tuple, metavar="A,B,...")
     else:  # pragma: no cover - a field type the CLI does not expose
         raise TypeError(f"no command-line form for {section}.{name}: {annotation!r}")
     shown = "null" if default is None else json.dumps(default) if not isinstance(default, str) else default
@@ -141,11 +136,26 @@ JOB_OPTIONS = (
     "limit",
     "s3_endpoint",
     "read_timeout_s",
+    "commit_interval_s",
+    "commit_max_units",
     "address",
     "serve_app",
+    "num_cpus_per_actor",
+    "progress_interval_s",
+    "stall_warn_s",
+    "stall_fail_s",
+    "resource_wait_s",
 )
 INPUT_OPTIONS = ("image_column", "id_column", "keep_columns")
-SERVE_OPTIONS = ("host", "port")
+SERVE_OPTIONS = (
+    "host",
+    "port",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+)
 DECODE_OPTIONS = ("exif_transpose", "alpha", "sixteen_bit", "nvjpeg")
 """The decode guard's opt-in deviations from LLaVA's pixels (and the nvJPEG route)."""
 EXIT_MISMATCH = 4
@@ -187,14 +197,6 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     flag = "--config" if args.format == "clip" else "--model"
     print(f"Wrote a tiny {args.format} checkpoint ({args.weights}). Use it with: {flag} {path}")
     return 0
-
-
-def _size(n: int) -> str:
-    """Bytes in decimal units: ``4.7 MB``."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def resolved_config(cfg: Config, resolved: Any) -> tuple[dict[str, Any], list[str]]:
@@ -248,11 +250,11 @@ def info_lines(
         if anyres == "tiles" and tiles:
             return (
                 f"(1 + tiles) × {tokens} × {dim} {dtype} per image: the base image and {min(tiles) - 1} to "
-                f"{max(tiles) - 1} tiles by its grid ({_size(one)} each, up to {_size(one * max(tiles))})"
+                f"{max(tiles) - 1} tiles by its grid ({human_bytes(one)} each, up to {human_bytes(one * max(tiles))})"
             )
         if anyres == "packed":
             return f"n × {dim} {dtype} per image (n tokens: the tiles packed by {resolved.patch_merge_type})"
-        return f"{tokens} × {dim} {dtype} per image ({_size(one)})"
+        return f"{tokens} × {dim} {dtype} per image ({human_bytes(one)})"
 
     lines = []
     kind = cfg.encoder.features
@@ -274,11 +276,18 @@ def info_lines(
         f"checkpoint:    {resolved.checkpoint or resolved.vision_tower} ({resolved.format} layout)",
         f"preprocessing: {pad}resize the shortest side to {pre['size']} ({resample}){crop} "
         f"(image_aspect_ratio {pre['aspect_ratio']})",
-        f"resize route:  {resampler} (the same pixels on every route; see README.md)",
+        f"resize route:  {resampler} (the same pixels on every route; see docs/fidelity.md)",
         f"compute:       {fields['compute_dtype']} on {resolve_device(cfg.model.device)} (model.dtype "
         f"{cfg.model.dtype}), stored as {dtype}",
     ]
     return lines
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from .reference import config_reference
+
+    print(config_reference(), end="")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -307,19 +316,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _print_inspect(report: Any) -> None:
-    """The human form of an :class:`pipeline.inspect.OutputReport`."""
-    brief = report.brief
+    """The human form of a :class:`pipeline.table.TableReport`."""
     state = report.state
-    when = f" (_SUCCESS written {report.finished})" if report.success and report.finished else ""
-    print(f"output:       {report.output}")
+    when = f" ({report.finished})" if state in ("complete", "failed") and report.finished else ""
+    print(f"table:        {report.output} (Delta Lake, version {report.version})")
     print(f"state:        {state}{when}")
     for problem in report.problems:
         print(f"  - {problem}")
-    of = f" of {report.inputs} inputs" if report.inputs is not None else ""
     budget = f"; budget {report.max_error_fraction:.2%}" if report.max_error_fraction is not None else ""
     print(
-        f"rows:         {report.rows}{of}: {report.ok} ok, {report.errors} errors "
-        f"({report.error_fraction:.2%}{budget})"
+        f"rows:         {report.rows}: {report.ok} ok, {report.errors} errors ({report.error_fraction:.2%}{budget})"
     )
     for i, group in enumerate(report.error_codes):
         head = "errors:       " if i == 0 else "              "
@@ -331,63 +337,86 @@ def _print_inspect(report: Any) -> None:
     for i, col in enumerate(report.columns):
         head = "columns:      " if i == 0 else "              "
         shape = " × ".join("n" if d is None else str(d) for d in col.shape)
-        size = "n varies by row" if col.bytes_per_row is None else _size(col.bytes_per_row)
+        size = "n varies by row" if col.bytes_per_row is None else human_bytes(col.bytes_per_row)
         print(f"{head}{col.name}: {shape} {col.dtype} per row ({size}, {col.encoding})")
     planned = f" of {report.units_planned} planned" if report.units_planned is not None else ""
-    print(f"units:        {report.units_committed}{planned} committed")
-    records = [f"{COMMITS_DIR}/ ({report.commit_records} records)"] if report.commit_records else []
-    also = [*report.record_files, *records, *report.temporary_files]
+    print(f"units:        {report.units_committed}{planned} in the table (last plan)")
+    for seg in report.segments:
+        kind = "append" if seg.append else "job"
+        print(
+            f"segment {seg.number}:    {kind} of {seg.input} ({seg.input_kind}): {seg.units_committed} of "
+            f"{seg.units_planned} units, {seg.rows} rows, {seg.state}"
+        )
+    for run in report.runs:
+        live = ", writing now" if run.live else ""
+        print(
+            f"run {run.run}: {run.host} pid {run.pid}, {run.first} → {run.last}: {run.commits} commit(s), "
+            f"{run.units} units, {run.rows} rows{live}"
+        )
+    extra = []
+    if report.in_flight_files:
+        extra.append(f"{len(report.in_flight_files)} in flight")
+    if report.orphan_files:
+        extra.append(f"{len(report.orphan_files)} orphaned by stopped runs")
     print(
-        f"files:        {report.data_files} data files, {_size(report.data_bytes)}; "
-        f"{report.total_files} files, {_size(report.total_bytes)} in all"
-        + (f" (also {', '.join(also)})" if also else "")
+        f"files:        {report.data_files} data files, {human_bytes(report.data_bytes)}"
+        + (f" (not in the table: {', '.join(extra)})" if extra else "")
     )
-    if report.fingerprint:
-        print(f"fingerprint:  {report.fingerprint}")
-    if brief:
-        model = brief.get("checkpoint") or brief.get("vision_tower")
-        print(
-            f"model:        {model} ({brief.get('layout')}): layer {brief.get('select_layer')} "
-            f"({brief.get('select_feature')}), projector {brief.get('projector_type')}, "
-            f"{brief.get('image_size')} px {brief.get('aspect_ratio')}"
-        )
-        print(
-            f"encoder:      {brief.get('features')} features{' + pooled' if brief.get('pooled') else ''}, "
-            f"computed in {brief.get('compute_dtype')}, stored as {brief.get('output_dtype')}"
-        )
-        print(
-            f"job:          input {brief.get('input')}, shard size {brief.get('shard_size')}, "
-            f"{brief.get('tensor_format')} tensors, compression {brief.get('compression')}"
-        )
+    print(f"fingerprint:  {report.fingerprint}")
+    model = report.encoder.get("model") or {}
+    pre = report.encoder.get("preprocess") or {}
+    print(
+        f"model:        {report.model} ({model.get('format')}): layer {model.get('select_layer')} "
+        f"({model.get('select_feature')}), projector {model.get('projector_type')}, "
+        f"{pre.get('crop_height')} px {pre.get('aspect_ratio')}"
+    )
+    options = ", ".join(f"{k} {json.dumps(v)}" for k, v in report.options.items())
+    print(f"options:      {options}")
+    print(f"job:          {report.job}, created {report.created}")
     if report.data_files:
         print(f"read it:      from pipeline import read_features; read_features({report.output!r})")
         print(
-            f"              DuckDB: select status, error_code, count(*) from "
-            f"'{report.output.rstrip('/')}/*.parquet' group by all"
+            f"              DuckDB: import deltalake, duckdb; ds = deltalake.DeltaTable({report.output!r})"
+            ".to_pyarrow_dataset(); duckdb.sql('select status, error_code, count(*) from ds group by all')"
         )
     print("(--json: all of it as JSON)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import inspect_output
+    from pipeline.table import inspect_table
 
-    report = inspect_output(args.output, s3_endpoint=getattr(args, "job.s3_endpoint", None))
+    report = inspect_table(args.output, s3_endpoint=getattr(args, "job.s3_endpoint", None))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         _print_inspect(report)
-    return 0 if report.state == "complete" else EXIT_INCOMPLETE
+    damaged = report.missing_files or report.changed_files
+    return 0 if report.state == "complete" and not damaged else EXIT_INCOMPLETE
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from pipeline.job import budget_error, dry_run, run_job
+    from pipeline.model.errors import JobStoppedError
+    from pipeline.offline import budget_error, dry_run, run_job
+
+    from .render import ProgressPrinter, dry_run_text, summary_text
 
     config = load_cli_config(args)
+    mode = "resume" if args.resume else "append" if args.append else "create"
     if args.dry_run:
-        print(dry_run(config, args.input, args.output).format())
+        print(dry_run_text(dry_run(config, args.input, args.output, mode=mode)))
         return 0
-    summary = run_job(config, args.input, args.output, resume=args.resume)
-    print(summary.format())
+    progress = ProgressPrinter(sys.stderr, interval_s=config.job.progress_interval_s)
+    try:
+        summary = run_job(config, args.input, args.output, mode=mode, progress=progress)
+    except JobStoppedError as exc:  # what the run did, then why it stopped (committed units are kept)
+        progress.close()
+        if exc.summary is not None:
+            print(summary_text(exc.summary))
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code, EXIT_STOPPED)
+    finally:
+        progress.close()
+    print(summary_text(summary))
     error = budget_error(summary, config)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
@@ -402,11 +431,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from pipeline.demo import run_demo
-    from pipeline.reader import read_features
+    from pipeline.table import read_features
+
+    from .render import summary_text
 
     summary = run_demo(Path(args.output))
     print("\n== summary ==")
-    print(summary.format())
+    print(summary_text(summary))
     table = read_features(args.output, status=None).table
     peek = table.select(["image_id", "status", "error_code", "width", "height"])
     print("\n== table ==")
@@ -423,8 +454,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         'print(fs.image_ids[:3], fs.features.shape)"'
     )
     print(
-        f'{python} -c "import duckdb; print(duckdb.sql(\\"select status, error_code, count(*) '
-        f"from '{out}/*.parquet' group by all\\\"))\""
+        f"{python} -c \"import ray; print(ray.data.read_delta('{out}').select_columns(['image_id', 'status'])"
+        '.take(3))"'
+    )
+    print(
+        f"{python} -c \"import deltalake, duckdb; ds = deltalake.DeltaTable('{out}').to_pyarrow_dataset(); "
+        "print(duckdb.sql('select status, error_code, count(*) from ds group by all'))\""
     )
     return 0
 
@@ -480,44 +515,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(load_cli_config(args))
 
 
-def bench_shared_pool(
-    config: Config,
-    *,
-    images: int | None = None,
-    shard_size: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """``bench shared-pool``: :func:`deployments.bench.bench_shared_pool` with the offline job's
-    ``run_job`` (only this layer sees both front doors); ``options`` are its other keywords (--opt)."""
-    from deployments.bench import bench_shared_pool as run
-    from pipeline.job import run_job
-
-    given = {"images": images, "shard_size": shard_size, "width": width, "height": height}
-    sizes = {k: v for k, v in given.items() if v is not None}
-    return run(config, run_job=run_job, **sizes, **options)
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench.cli import main as bench_main
+    from .bench import main as bench_main
 
-    return bench_main(args, external=BENCH_EXTERNAL)
+    return bench_main(args)
 
 
 # -- the parser -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.bench.cli import add_bench_arguments
     from pipeline.model.constants import TINY_FORMATS, WEIGHT_FORMATS
+
+    from .bench import RUNNERS, add_bench_arguments
 
     parser = argparse.ArgumentParser(
         prog="llava-features",
         description="LLaVA vision features (CLIP vision tower + projector) at scale: an offline Ray Data job "
         "and an online Ray Serve endpoint.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and third-party progress bars (transformers')",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demo)")
@@ -526,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_make_tiny_model)
+
+    p = sub.add_parser(
+        "config-reference",
+        help="print the configuration reference (every section and key; docs/configuration.md)",
+    )
+    p.set_defaults(handler=_cmd_config_reference)
 
     p = sub.add_parser("info", help="what the features will be: shapes, layer, projector, fingerprint")
     _add_model_args(p)
@@ -541,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting(p, "job", "s3_endpoint")
     p.set_defaults(handler=_cmd_inspect)
 
-    p = sub.add_parser("encode", help="offline job: images → Parquet feature tables (Ray Data)")
+    p = sub.add_parser("encode", help="offline job: images → a feature table (Ray Data → Delta Lake)")
     _add_model_args(p)
     p.add_argument(
         "--input",
@@ -550,9 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
         "tar shards, .parquet/.csv manifests, or Parquet files of images (--image-column)",
     )
     p.add_argument(
-        "--output", required=True, help="local dir or s3:// / gs:// prefix for the Parquet dataset"
+        "--output", required=True, help="local dir or s3:// / gs:// prefix of the feature table (Delta Lake)"
     )
-    p.add_argument("--resume", action="store_true", help="continue a job in a non-empty output")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the table's job (the same input and options): encode only the units it does not hold",
+    )
+    existing.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs a complete table does not hold yet (by image_id), with the same encoder and schema",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -581,12 +619,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, serve=SERVE_OPTIONS)
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser(
-        "bench", help="benchmarks: encoder, pipeline, preprocess, sink, plan, serve, shared-pool, profile"
-    )
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(RUNNERS)}")
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
     return parser
+
+
+@contextlib.contextmanager
+def third_party_progress_bars(shown: bool) -> Iterator[None]:
+    """Hugging Face's progress bars off for a command unless ``shown`` (``-v``): a command prints our
+    lines only, not a "Loading weights 100%|...|" bar between them. A user's own
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` wins either way.
+
+    The CLI is the place for it: the libraries only say how (no module of ours switches them at
+    import). The environment variable is read by huggingface_hub when imported and gives transformers
+    its default (both imported by the handlers, after this), and the processes started from here (a
+    local Ray cluster's workers) inherit it. When transformers is already imported (``main`` called
+    in-process), its own switch is turned off for the command too (the model package's scope, which
+    restores it); the variable is removed after the command.
+    """
+    if shown or HF_PROGRESS_BARS_ENV in os.environ:
+        yield
+        return
+    os.environ[HF_PROGRESS_BARS_ENV] = "1"
+    try:
+        with contextlib.ExitStack() as scope:
+            if "transformers" in sys.modules:  # it read the variable at its import: too late for this
+                from pipeline.model.tower import quiet_progress_bars
+
+                scope.enter_context(quiet_progress_bars())
+            yield
+    finally:
+        os.environ.pop(HF_PROGRESS_BARS_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,12 +662,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        status = int(handler(args) or 0)
+        with third_party_progress_bars(shown=args.verbose):
+            status = int(handler(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
         return status
     except LlavaFeaturesError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_CODES.get(exc.code, EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout went away (`... | head`): no traceback
         import os
 

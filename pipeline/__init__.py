@@ -3,7 +3,7 @@
 Layers (imports only go downward):
 
 - ``pipeline.model``: pure torch + transformers (tower, projector, checkpoint loading, errors).
-- ``pipeline``: decode guard, preprocessing, the shared encoder, storage, Parquet, the Ray Data job, CLI.
+- ``pipeline``: decode guard, preprocessing, the shared encoder, storage, the feature table, the Ray Data job.
 - ``deployments``: the Ray Serve application.
 
 This ``__init__`` imports nothing heavy: ``read_features`` is resolved lazily so that importing
@@ -20,7 +20,7 @@ __all__ = ["__version__", "read_features"]
 
 def __getattr__(name: str) -> Any:
     if name == "read_features":
-        from .reader import read_features
+        from .table import read_features
 
         return read_features
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -147,7 +147,7 @@ class JobConfig:
     SECTION: ClassVar[str] = "job"
 
     tensor_format: TensorFormat = "binary"
-    """``binary`` (raw bytes in our extension type; fast) or ``fixed_shape_tensor`` (canonical Arrow)."""
+    """Tensor columns as ``binary`` (raw bytes; fast, every dtype) or ``list`` (float32 arrays that Spark/DuckDB/Polars read natively)."""
     shard_size: int = setting(256, ge=1)
     """Inputs per output file; a unit of the plan (a tar, Parquet row groups, a manifest row range, listed files) may write several."""
     actors: tuple[int, int] = setting((1, 1), ge=1)
@@ -166,18 +166,35 @@ class JobConfig:
     """S3 endpoint override (else AWS_ENDPOINT_URL / the AWS default)."""
     compression: Compression = "none"
     """Parquet compression for the feature files (``none``, ``zstd``, ``lz4``, ``snappy``, ``gzip``, ``brotli``)."""
+    commit_interval_s: float = setting(10.0, gt=0)
+    """Longest a finished unit waits before the driver commits it to the table (units are committed in batches)."""
+    commit_max_units: int = setting(1000, ge=1)
+    """Most units one commit to the table's log holds (a batch is committed when it is this large)."""
     read_timeout_s: float = setting(60.0, gt=0)
     """Longest wait for one read from storage (an image, or one chunk of a tar or Parquet file); a slower read becomes a read_failed error row."""
     address: str | None = None
     """Ray cluster to run on (host:port, ray://host:port, auto); null: RAY_ADDRESS when set, else a new local Ray."""
     serve_app: str | None = None
     """Encode and write through this running Serve application's encoder replicas (one GPU pool with the endpoint) instead of the job's own actors."""
+    progress_interval_s: float = setting(10.0, gt=0)
+    """Seconds between two progress lines of a running job (a terminal shows a bar instead, redrawn every second)."""
+    stall_warn_s: float = setting(300.0, gt=0)
+    """A job that writes no file and commits no unit for this long logs why (Ray's pending demands, dead nodes), again every as long."""
+    stall_fail_s: float = setting(1800.0, gt=0)
+    """A job that writes no file and commits no unit for this long stops with that diagnosis (--resume continues); above stall_warn_s."""
+    resource_wait_s: float = setting(0.0, ge=0)
+    """When the cluster cannot hold the minimum actors and a decode task at once: wait this long for room (an autoscaling cluster), else fail at once."""
 
     def __post_init__(self) -> None:
         check_section(self)
         lo, hi = self.actors
         if lo > hi:
             raise ConfigError(f"job.actors: MIN,MAX needs MIN <= MAX, got {lo},{hi}")
+        if self.stall_fail_s <= self.stall_warn_s:
+            raise ConfigError(
+                f"job.stall_fail_s ({self.stall_fail_s:g}) must be above job.stall_warn_s ({self.stall_warn_s:g}): "
+                "the job says why it stalls before it stops"
+            )
 
 
 @dataclass(frozen=True)
@@ -207,7 +224,11 @@ class ServeConfig:
     initial_replicas: int = setting(1, ge=0)
     """Autoscaling: replicas at start."""
     target_ongoing_requests: int = setting(16, ge=1)
-    """Autoscaling: ongoing requests per replica that the autoscaler aims for."""
+    """Autoscaling: load per replica the autoscaler aims for (online requests; an offline file counts target/max_offline_shards)."""
+    upscale_delay_s: float = setting(10.0, ge=0)
+    """Autoscaling: seconds the load must stay above target before replicas are added."""
+    downscale_delay_s: float = setting(120.0, ge=0)
+    """Autoscaling: seconds the load must stay below target before replicas are removed."""
     num_gpus_per_replica: float | None = setting(None, ge=0)
     """GPUs per encoder replica; null means 1 when the cluster has GPUs, else 0."""
     decode_threads: int | None = setting(None, ge=1)
@@ -217,7 +238,11 @@ class ServeConfig:
     max_body_bytes: int = setting(32 * 1024 * 1024, ge=1)
     """Largest accepted request body; larger ones get 413 before being read whole."""
     request_timeout_s: float = setting(30.0, gt=0)
-    """Requests taking longer get 504."""
+    """Requests taking longer (once their body has arrived) get 504."""
+    body_timeout_s: float = setting(10.0, gt=0)
+    """A request body that has not fully arrived after this many seconds gets 408 (slow or stalled uploads)."""
+    shutdown_timeout_s: float = setting(10.0, ge=0)
+    """On shutdown (SIGTERM, scale-down), seconds a replica lets its requests in progress finish before it stops."""
     api_key: str | None = None
     """When set (or LLAVA_FEATURES_API_KEY is), every route but /healthz needs this Bearer token."""
     offline_chunk_size: int = setting(8, ge=1)

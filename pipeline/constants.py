@@ -1,13 +1,12 @@
-"""The product layer's vocabulary: what the encoder returns, how outputs are laid out and named.
+"""The product layer's vocabulary: what the encoder returns, how it is stored, what the job reads.
 
-Pure Python, defined once: the config sections validate against these, the encoder, the sink,
-the reader, the job and the endpoint import them from here. (The model's own vocabulary — select
-modes, aspect ratios, compute dtypes, projector types — is :mod:`pipeline.model.constants`.)
+Pure Python, defined once: the config sections validate against these, the encoder, the table,
+the job and the endpoint import them from here. (How the feature table is laid out and named is
+the table's own: :mod:`pipeline.table.layout`.)
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal, get_args
 
 FeatureKind = Literal["projected", "tower", "both"]
@@ -18,9 +17,9 @@ OutputDtype = Literal["float16", "float32", "bfloat16"]
 """dtype features are returned and stored in (bfloat16 travels as its uint16 bit pattern)."""
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
 
-TensorFormat = Literal["binary", "fixed_shape_tensor"]
-"""Parquet encoding of tensor columns: our ``llava_features.tensor`` extension over raw bytes, or
-Arrow's canonical ``arrow.fixed_shape_tensor``."""
+TensorFormat = Literal["binary", "list"]
+"""Storage of tensor columns in the feature table: raw little-endian bytes (Delta ``binary``; every
+dtype), or float32 arrays (Delta ``array<float>``; float32 only). See :mod:`pipeline.table.tensors`."""
 TENSOR_FORMATS: tuple[str, ...] = get_args(TensorFormat)
 
 Compression = Literal["none", "snappy", "lz4", "zstd", "gzip", "brotli"]
@@ -56,63 +55,3 @@ SERVE_DESCRIBE_METHOD = "describe_pool"
 """Its method giving the encoder fingerprint and the offline settings (:class:`pipeline.records.PoolInfo`)."""
 SERVE_SHARD_METHOD = "encode_shard"
 """Its method encoding and committing one :class:`pipeline.records.DecodedShard` (returns a ``ShardSummary``)."""
-
-# -- output rows ---------------------------------------------------------------------------------
-
-STATUS_OK = "ok"
-"""``status`` of a row whose image was encoded."""
-STATUS_ERROR = "error"
-"""``status`` of a row whose input failed (``error_code`` says why)."""
-
-# -- output files ----------------------------------------------------------------------------------
-
-JOB_FILE = "_job.json"
-"""The plan, resolved config and encoder fingerprint of an output (written first)."""
-SUCCESS_FILE = "_SUCCESS"
-"""Counts and fingerprint of a finished output (written last)."""
-CONFIG_KEY = "llava_features.config"
-"""Parquet key-value metadata: the resolved config and encoder description (JSON)."""
-FINGERPRINT_KEY = "llava_features.fingerprint"
-"""Parquet key-value metadata: the encoder fingerprint of every row in the file."""
-LAYOUT_KEY = "llava_features.layout"
-"""Parquet key-value metadata: the version of the shard layout."""
-LAYOUT_VERSION = "1"
-
-SHARD_FILE_PATTERN = re.compile(r"^part-(\d{6,})(?:-(\d{5,}))?\.parquet$")
-"""Name of a committed output file: group 1 is its unit (shard) index, group 2 (when present) its piece
-within the unit."""
-SHARD_TEMP_PATTERN = re.compile(r"^\.part-(\d{6,})(?:-(\d{5,}))?\.parquet\.[0-9a-f]+\.tmp$")
-"""Name of an output file being written (hidden; local filesystems only)."""
-COMMITS_DIR = "_commits"
-"""Folder of an output holding one commit record per committed unit (written after all of its files)."""
-COMMIT_FILE_PATTERN = re.compile(r"^unit-(\d{6,})\.json$")
-"""Name of a unit's commit record; group 1 is the unit index."""
-
-
-def shard_file_name(shard_index: int, piece: int | None = None) -> str:
-    """File name of an output file: ``part-000012.parquet``, or ``part-000012-00003.parquet`` for piece 3
-    of unit 12 (both match :data:`SHARD_FILE_PATTERN`)."""
-    if shard_index < 0:
-        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
-    if piece is None:
-        return f"part-{shard_index:06d}.parquet"
-    if piece < 0:
-        raise ValueError(f"piece must be >= 0, got {piece}")
-    return f"part-{shard_index:06d}-{piece:05d}.parquet"
-
-
-def shard_index(file_name: str) -> int | None:
-    """The unit (shard) index of an output file's name, None for any other name."""
-    match = SHARD_FILE_PATTERN.match(file_name)
-    return int(match.group(1)) if match else None
-
-
-def shard_piece(file_name: str) -> tuple[int, int] | None:
-    """``(unit, piece)`` of an output file's name (piece 0 for ``part-NNNNNN.parquet``), None for any other name."""
-    match = SHARD_FILE_PATTERN.match(file_name)
-    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
-
-
-def commit_file_name(unit: int) -> str:
-    """File name of unit ``unit``'s commit record (in :data:`COMMITS_DIR`)."""
-    return f"unit-{unit:06d}.json"

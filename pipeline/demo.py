@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from .job import JobSummary
+from .offline import JobSummary
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def run_demo(output: Path) -> JobSummary:
     """Prepare the embedded default (tiny model, sample images) and run the job into ``output``
     (the demo's own folder: replaced by each run)."""
     from .config import load_config
-    from .job import run_job
     from .model.tiny import make_tiny_model
     from .model.tower import quiet_progress_bars
+    from .offline import run_job
 
     model_dir = DEMO_DIR / "tiny-llava"
     if not (model_dir / "config.json").exists():

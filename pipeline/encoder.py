@@ -8,7 +8,7 @@ and ``encoder`` (what to return); never ``job`` or ``serve``.
 
 Results (:class:`EncodedBatch`) are always numpy arrays on the host, in the returned dtype named
 by ``EncodedBatch.dtype``; numpy has no bfloat16, so bfloat16 features are their ``uint16`` bit
-patterns (lossless, the form :mod:`pipeline.tensors` stores), never torch tensors.
+patterns (lossless, the form :mod:`pipeline.table.tensors` stores), never torch tensors.
 
 ``describe_encoder`` resolves a configuration into the JSON-able description recorded in every
 output, and its fingerprint, without loading the model.
@@ -47,7 +47,7 @@ from .model.anyres import AnyresGrid, pack_tiles
 from .model.constants import CUDAGRAPH_COMPILE_MODES
 from .model.errors import ConfigError, DecodeError, ModelStateError
 from .model.tower import DTYPE_NAMES
-from .records import RaggedRows
+from .table.tensors import RaggedRows
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class EncodedBatch:
     """Results of one batch, on the host, as numpy arrays (``None`` when not asked for).
 
     Features of fixed shape are ``(B, tokens, dim)`` arrays; LLaVA-NeXT's (anyres) vary from image to
-    image and are :class:`~pipeline.records.RaggedRows` (row ``i``: ``[1 + tiles, tokens, dim]``, or
+    image and are :class:`~pipeline.table.tensors.RaggedRows` (row ``i``: ``[1 + tiles, tokens, dim]``, or
     ``[tokens, dim]`` packed), with the tile grids in ``grids``. ``batch[i]`` or :meth:`row` gives a
     row either way.
     """
@@ -427,7 +427,7 @@ class FeatureEncoder:
         first), encoded together in batches, then per image as ``encoder.anyres_output`` says:
         ``tiles`` rows ``[1 + tiles, tokens, dim]``, or ``packed`` rows ``[tokens, dim]``
         (:func:`~pipeline.model.anyres.pack_tiles`, in the compute dtype, as LLaVA packs them).
-        Ragged results (:class:`~pipeline.records.RaggedRows`); ``pooled`` averages each row's tokens."""
+        Ragged results (:class:`~pipeline.table.tensors.RaggedRows`); ``pooled`` averages each row's tokens."""
         features = features or self.settings.features
         pooled = self.settings.pooled if pooled is None else pooled
         if self.anyres_output is None:

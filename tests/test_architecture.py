@@ -2,18 +2,20 @@
 strings) only go downward, the model package is pure torch + transformers, the command line is
 the only layer above both front doors, and importing any module has no side effects.
 
-Layers, bottom to top (a module may import its own layer and the ones below):
+Layers, bottom to top, numbered as in :data:`LAYERS` and docs/architecture.md (a module may import its
+own layer and the ones below):
 
 0. ``pipeline.model.errors``, ``pipeline.model.config``, ``pipeline.model.constants``,
-   ``pipeline.config``, ``pipeline.constants``: pure Python (errors, config, vocabulary);
+   ``pipeline.config``, ``pipeline.constants``, ``pipeline.memory``: pure Python (errors, config,
+   vocabulary, the process's memory);
 1. ``pipeline.model``: torch + transformers (never ray, PIL, pyarrow);
-2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.tensors``, ``pipeline.sink``, ``pipeline.reader``,
-   ``pipeline.records``, ``pipeline.inspect``;
+2. ``pipeline.images``, ``pipeline.storage``, ``pipeline.table`` (the feature table), ``pipeline.records``,
+   ``pipeline.measure`` (what the benchmarks of both front doors measure with);
 3. ``pipeline.encoder``;
-3b. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
-4. ``pipeline.job`` (with ``pipeline.ray_warnings``), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
+4. ``pipeline.shards`` (a decoded shard → its committed file: run by both front doors' pools);
+5. ``pipeline.offline`` (the job), ``pipeline.demo``, ``pipeline.bench`` | ``deployments`` (the two front doors; the
    ``pipeline`` package facade, with its lazy ``read_features``, sits here too);
-5. ``llava_features`` (the command line).
+6. ``llava_features`` (the command line).
 """
 
 from __future__ import annotations
@@ -37,24 +39,23 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.model.constants",
         "pipeline.config",
         "pipeline.constants",
+        "pipeline.memory",
     ),
     ("pipeline.model",),
     (
         "pipeline.images",
         "pipeline.storage",
-        "pipeline.tensors",
-        "pipeline.sink",
-        "pipeline.reader",
+        "pipeline.table",
         "pipeline.records",
-        "pipeline.inspect",
+        "pipeline.measure",
     ),
     ("pipeline.encoder",),
     ("pipeline.shards",),
     # The package facade (``pipeline.__version__``, a lazy ``read_features``) sits with the front doors.
-    ("pipeline", "pipeline.job", "pipeline.ray_warnings", "pipeline.demo", "pipeline.bench", "deployments"),
+    ("pipeline", "pipeline.offline", "pipeline.demo", "pipeline.bench", "deployments"),
     ("llava_features",),
 )
-FRONT_DOORS = (("pipeline.job", "pipeline.demo", "pipeline.bench"), ("deployments",))
+FRONT_DOORS = (("pipeline.offline", "pipeline.demo", "pipeline.bench"), ("deployments",))
 """The offline and the online layer: neither imports the other (the command line imports both)."""
 
 # An import path written as a string: "pipeline.x.y", "deployments.app:build_app", ...
@@ -152,6 +153,17 @@ def test_model_package_is_pure_torch_and_transformers(path):
         assert top not in FORBIDDEN_IN_MODEL, f"{path.name} imports {name}"
         if top == "pipeline":
             assert name.startswith("pipeline.model"), f"{path.name} imports upward: {name}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipeline" / "table").rglob("*.py")), ids=lambda p: p.name)
+def test_the_table_knows_no_model_and_no_ray(path):
+    """The feature table writes and reads data files and the log; encoding them is the encoder's."""
+    for name, _ in imports_of(path):
+        top = name.split(".")[0]
+        assert top not in ("ray", "transformers", "PIL"), f"{path.name} imports {name}"
+        if name.startswith("pipeline.model"):
+            assert name == "pipeline.model.errors", f"{path.name} imports {name}: the table knows no model"
+        assert not name.startswith(("pipeline.encoder", "pipeline.shards", "pipeline.records")), name
 
 
 def test_the_checker_sees_string_imports():

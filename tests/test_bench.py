@@ -1,16 +1,17 @@
-"""The benchmark harness (``pipeline/bench/``), on CPU.
+"""The benchmark harness (``pipeline/bench/``, ``deployments/bench.py``, the runners of
+``llava_features/bench.py``), on CPU.
 
 - ``bench encoder --tiny`` through ``llava_features.cli.main`` writes sane JSON;
 - the FLOP count of ViT-L/14-336 layer -2 + mlp2x_gelu is the H100 anchor's 389.5 GFLOP (±1 %);
-- dispatch to the other benchmarks (including the ones the command line passes in), ``all``;
-- timing helpers, the pipeline benchmark.
+- the runners: options built from the flags and typed ``--opt`` (errors name the key), ``all`` (a
+  missing dependency is a skip, a failure an error), every options field documented;
+- timing helpers, the sink, table, plan and pipeline benchmarks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,19 +19,23 @@ import numpy as np
 import pytest
 import torch
 
-from llava_features import cli as top_cli
+import pipeline.bench.sink as sink_module
+from deployments.bench import ServeOptions, SharedPoolOptions
+from llava_features import bench as bench_cli
 from llava_features.cli import main as cli_main
-from pipeline.bench import cli as bench_cli
-from pipeline.bench.common import (
-    KNOWN_TOWERS,
-    bench_arch,
-    encoder_flops,
-    print_table,
-    time_callable,
-    tiny_arch,
-    write_json,
-)
+from pipeline.bench.arch import KNOWN_TOWERS, bench_arch, tiny_arch
+from pipeline.bench.encoder import EncoderOptions
+from pipeline.bench.flops import encoder_flops
+from pipeline.bench.pipeline import PipelineOptions
+from pipeline.bench.plan import PlanOptions
+from pipeline.bench.preprocess import PreprocessOptions
+from pipeline.bench.profile import ProfileOptions
+from pipeline.bench.report import format_table, write_json
+from pipeline.bench.sink import SinkOptions
+from pipeline.bench.table import TableOptions
 from pipeline.config import Config, load_config
+from pipeline.measure.timing import percentiles_ms, time_callable
+from pipeline.model.config import field_docs
 
 REPO = Path(__file__).resolve().parent.parent
 VIT_L = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]
@@ -153,93 +158,177 @@ def test_bench_preprocess_needs_no_model_and_measures_the_tiny_size(tmp_path):
         assert result["ours_images_per_s"] > 0 and result["hf_images_per_s"] > 0
 
 
+def _fake_sink(monkeypatch, calls):
+    """``bench sink`` records the options it is given instead of measuring."""
+
+    def bench_sink(options):
+        calls.append(options)
+        return {"rows": options.rows, "results": {"binary": {"write_mb_s": 123.0}}}
+
+    monkeypatch.setattr(sink_module, "bench_sink", bench_sink)
+
+
 def test_bench_sink_with_tiny_writes_the_tiny_shapes(monkeypatch):
-    calls: list[dict] = []
-    _fake_bench_module(monkeypatch, calls)
+    calls: list = []
+    _fake_sink(monkeypatch, calls)
     assert cli_main(["bench", "sink", "--tiny", "--opt", "rows=2"]) == 0
     arch = tiny_arch()
-    assert (calls[0]["tokens"], calls[0]["dim"]) == (arch.num_tokens, arch.feature_dim) == (16, 64)
-
-
-def _fake_bench_module(monkeypatch, calls):
-    module = types.ModuleType("fake_bench_sink")
-
-    def bench_sink(
-        rows: int = 64, tokens: int = 576, dim: int = 4096, *, repeats: int = 3, compression: str = "none"
-    ):
-        calls.append(
-            {"rows": rows, "tokens": tokens, "dim": dim, "repeats": repeats, "compression": compression}
-        )
-        return {"rows": rows, "results": {"binary": {"write_mb_s": 123.0}}}
-
-    module.bench_sink = bench_sink
-    monkeypatch.setitem(sys.modules, "fake_bench_sink", module)
-    monkeypatch.setitem(bench_cli._EXTERNAL, "sink", ("fake_bench_sink", "bench_sink"))
-
-
-def test_bench_dispatches_to_external_modules_with_supported_options(monkeypatch, tmp_path):
-    calls: list[dict] = []
-    _fake_bench_module(monkeypatch, calls)
-    out = tmp_path / "sink.json"
-    rc = cli_main(
-        [
-            "bench",
-            "sink",  # needs neither --config nor --tiny: LLaVA-1.5's 576 x 4096 features
-            "--repeats",
-            "2",
-            "--opt",
-            "rows=4",
-            "--opt",
-            "compression=zstd",
-            "--json",
-            str(out),
-        ]
+    assert (
+        (calls[0].tokens, calls[0].dim, calls[0].rows)
+        == (arch.num_tokens, arch.feature_dim, 2)
+        == (16, 64, 2)
     )
-    assert rc == 0
-    assert calls == [{"rows": 4, "tokens": 576, "dim": 4096, "repeats": 2, "compression": "zstd"}]
-    assert json.loads(out.read_text())["results"]["sink"]["rows"] == 4
 
 
-def test_bench_all_skips_missing_modules_and_records_failures(monkeypatch, tmp_path):
-    monkeypatch.setitem(bench_cli._EXTERNAL, "preprocess", ("no_such_module_for_bench", "bench_preprocess"))
-    # The endpoint's benchmark is passed in by the command line (pipeline may not import deployments).
-    monkeypatch.setitem(top_cli.BENCH_EXTERNAL, "serve", ("no_such_module_for_bench", "bench_serve"))
-    calls: list[dict] = []
-    _fake_bench_module(monkeypatch, calls)
-    monkeypatch.setitem(bench_cli.RUNNERS, "encoder", lambda args, config, workdir, table: {"ok": True})
+def test_bench_options_come_from_flags_and_typed_opts(monkeypatch, tmp_path):
+    calls: list = []
+    _fake_sink(monkeypatch, calls)
+    out = tmp_path / "sink.json"
+    argv = ["bench", "sink", "--repeats", "2", "--opt", "rows=4", "--opt", "compression=zstd"]
+    assert cli_main([*argv, "--opt", 'formats=["binary"]', "--json", str(out)]) == 0
+    options = calls[0]  # needs neither --config nor --tiny: LLaVA-1.5's 576 x 4096 features
+    assert (options.rows, options.tokens, options.dim, options.repeats) == (4, 576, 4096, 2)
+    assert (options.compression, options.formats, options.fsync) == ("zstd", ("binary",), True)
+    payload = json.loads(out.read_text())
+    assert payload["results"]["sink"]["rows"] == 4
+    assert type(options)(**payload["bench_options"]["sink"]) == options  # the JSON rebuilds the same options
 
-    def broken(args, config, workdir, table):
+
+@pytest.mark.parametrize(
+    ("opt", "message"),
+    [
+        ("rows=many", "bench.sink.rows: expected an integer, got 'many'"),
+        ("rows=0", "bench.sink.rows must be >= 1, got 0"),
+        ("formats=binary", "bench.sink.formats: expected a list of one of 'binary', 'list', got 'binary'"),
+        ("dtype=float64", "bench.sink.dtype"),
+        ("row=4", "bench sink: --opt row: no such option (options: rows, tokens, dim, formats"),
+    ],
+)
+def test_bench_opt_errors_name_the_key(monkeypatch, capsys, opt, message):
+    calls: list = []
+    _fake_sink(monkeypatch, calls)
+    assert cli_main(["bench", "sink", "--opt", opt]) == 2
+    assert message in capsys.readouterr().err
+    assert calls == []
+
+
+def test_bench_all_skips_missing_dependencies_and_records_failures(monkeypatch, tmp_path):
+    def missing(call):
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
+
+    def broken(call):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(bench_cli.RUNNERS, "pipeline", broken)
-    monkeypatch.setitem(bench_cli.RUNNERS, "plan", lambda args, config, workdir, table: {"planned": True})
+    runners = dict(bench_cli.RUNNERS)
+    runners["encoder"] = replace(runners["encoder"], run=lambda call: {"ok": True})
+    runners["pipeline"] = replace(runners["pipeline"], run=broken)
+    runners["preprocess"] = replace(runners["preprocess"], run=missing)
+    runners["serve"] = replace(runners["serve"], run=missing)
+    runners["plan"] = replace(runners["plan"], run=lambda call: {"planned": True})
+    monkeypatch.setattr(bench_cli, "RUNNERS", runners)
+    calls: list = []
+    _fake_sink(monkeypatch, calls)
     out = tmp_path / "all.json"
-    rc = cli_main(["bench", "all", "--tiny", "--json", str(out)])
+    rc = cli_main(["bench", "all", "--tiny", "--opt", "rows=3", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
     assert rc == 1  # one benchmark failed
+    assert list(results) == [
+        "encoder",
+        "pipeline",
+        "preprocess",
+        "sink",
+        "plan",
+        "serve",
+    ]  # table, ... not in all
     assert results["encoder"] == {"ok": True}
     assert results["pipeline"]["error"] == "RuntimeError: boom"
-    assert "skipped" in results["preprocess"] and "skipped" in results["serve"]
-    assert results["sink"]["rows"] == 64 and results["plan"] == {"planned": True}
-    # A single missing benchmark is a usage error.
+    assert results["preprocess"] == results["serve"] == {"skipped": "No module named 'ray'"}
+    assert results["sink"]["rows"] == 3 and calls[0].rows == 3  # --opt goes to the benchmarks that take it
+    assert results["plan"] == {"planned": True}
+    # A single benchmark whose dependency is missing is a usage error.
     assert cli_main(["bench", "preprocess", "--tiny"]) == 2
 
 
-def test_call_supported_passes_only_named_parameters():
-    def fn(config, images=1, *, repeats=3):
-        return (config, images, repeats)
+@pytest.mark.parametrize(
+    "options",
+    [
+        EncoderOptions,
+        PipelineOptions,
+        PreprocessOptions,
+        SinkOptions,
+        PlanOptions,
+        TableOptions,
+        ProfileOptions,
+        ServeOptions,
+        SharedPoolOptions,
+    ],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_benchmark_option_has_a_default_and_a_doc(options):
+    built = options()  # every field has a default, and the defaults pass the checks
+    assert dataclasses.is_dataclass(built) and options.__dataclass_params__.frozen
+    docs = field_docs(options)
+    for f in dataclasses.fields(options):
+        assert docs.get(f.name), f"{options.__name__}.{f.name} has no one-line doc"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.__setattr__(dataclasses.fields(options)[0].name, None)
 
-    got = bench_cli.call_supported(fn, {"images": 5, "repeats": None, "dtype": "x"}, {}, "cfg")
-    assert got == ("cfg", 5, 3)
 
-
-def test_timing_json_and_table_helpers(tmp_path, capsys):
+def test_timing_json_and_table_helpers(tmp_path):
     timing = time_callable(lambda: sum(range(100)), torch.device("cpu"), warmup=1, repeats=5)
     assert timing.repeats == 5 and 0 < timing.min_s <= timing.median_s <= timing.max_s
+    assert timing.method == "perf_counter"
+    assert percentiles_ms([0.001 * i for i in range(1, 101)]) == pytest.approx(
+        {"p50": 51.0, "p99": 99.0, "mean": 50.5}
+    )
     path = write_json(tmp_path / "a" / "b.json", {"x": float("nan"), "y": np.float32(1.5), "z": (1, 2)})
     assert json.loads(path.read_text()) == {"x": None, "y": 1.5, "z": [1, 2]}
-    text = print_table([{"a": 1, "b": 1234.5}], [("a", "A", ""), ("b", "B", ",.1f")], title="t")
-    assert "1,234.5" in text and capsys.readouterr().out.startswith("t\n")
+    text = format_table([{"a": 1, "b": 1234.5}], [("a", "A", ""), ("b", "B", ",.1f")], title="t")
+    assert text.splitlines() == ["t", "A  B      ", "-  -------", "1  1,234.5"]
+
+
+# -- sink and table benchmarks ----------------------------------------------------------------
+
+
+def test_bench_sink_writes_and_reads_each_tensor_format(tmp_path):
+    out = tmp_path / "sink.json"
+    # 3 MB of features: enough that a rate rounded to 0.1 MB/s is not 0 on a loaded machine
+    opts = ["--opt", "rows=3", "--opt", "tokens=64", "--opt", "dim=4096", "--opt", "repeats=1"]
+    opts += ["--opt", "dtype=float32", "--opt", f"tmpdir={tmp_path}"]
+    assert cli_main(["bench", "sink", *opts, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["sink"]
+    assert (result["rows"], result["tokens"], result["dim"], result["dtype"]) == (3, 64, 4096, "float32")
+    assert result["shard_mb"] == round(3 * 64 * 4096 * 4 / 1e6, 1) == 3.1
+    assert sorted(result["results"]) == ["binary", "list"]
+    for figures in result["results"].values():
+        assert figures["write_mb_s"] > 0 and figures["read_mb_s"] > 0 and figures["file_mb"] >= 3.1
+    assert list(tmp_path.iterdir()) == [out]  # its files are removed
+
+
+@pytest.mark.slow
+def test_bench_table_commits_loads_and_plans_a_resume_in_fresh_processes(tmp_path):
+    out = tmp_path / "table.json"
+    opts = ["--opt", "sizes=[30, 45]", "--opt", f"workdir={tmp_path / 'w'}"]
+    assert cli_main(["bench", "table", "--tiny", *opts, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["table"]
+    assert result["commit_max_units"] == Config().job.commit_max_units and sorted(result["cases"]) == [
+        "30",
+        "45",
+    ]
+    for units, case in result["cases"].items():
+        commit, snapshot, resume = case["commit"], case["snapshot"], case["resume"]
+        assert case["units"] == int(units) and commit["state"] == "complete"
+        assert commit["commits"] == 1 and commit["commit_s"] > 0 and commit["finish_s"] > 0
+        assert snapshot["files"] == snapshot["keys"] == int(units)  # one data file per unit, every key read
+        assert f"{units} of {units} unit(s)" in resume["state"] and 0 < resume["plan_s"] < resume["resume_s"]
+        for step in ("commit", "snapshot", "resume"):
+            assert case[step][f"{step}_peak_rss_mb"] > 0 and case[step]["process_s"] > 0
+        assert case["met"] is True  # below 10⁵ units the targets do not apply
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "config.json",
+        "manifests-30",
+        "manifests-45",
+    ]
 
 
 # -- pipeline benchmark -----------------------------------------------------------------------

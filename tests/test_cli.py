@@ -102,6 +102,21 @@ def test_cli_reports_typed_errors_with_exit_code(tmp_path, capsys):
     assert "checkpoint_not_found" in capsys.readouterr().err
 
 
+def test_encode_options_of_the_table_are_checked_before_anything_runs(tmp_path, capsys):
+    """--resume and --append exclude each other; the tensor formats are the table's (binary, list);
+    both refused by the parser (exit 2) before a model is loaded or an output touched."""
+    out = tmp_path / "o"
+    base = ["encode", "--model", str(tmp_path / "none"), "--input", str(tmp_path), "--output", str(out)]
+    with pytest.raises(SystemExit) as info:
+        cli_main([*base, "--resume", "--append"])
+    assert info.value.code == 2 and "--append: not allowed with argument --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli_main([*base, "--tensor-format", "fixed_shape_tensor"])
+    err = capsys.readouterr().err.replace("'", "")  # Python versions quote the choices or not
+    assert info.value.code == 2 and "invalid choice: fixed_shape_tensor (choose from binary, list)" in err
+    assert not out.exists()
+
+
 def test_info_says_in_one_line_what_the_features_are(tiny_llava, capsys):
     assert cli_main(["info", "--model", str(tiny_llava)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -128,7 +143,7 @@ def test_info_says_in_one_line_what_the_features_are(tiny_llava, capsys):
 def test_info_line_for_llava_1_5_7b():
     """The line for LLaVA-1.5-7B's vision path (its resolved description, built here: no download)."""
     from llava_features.cli import info_lines
-    from pipeline.bench.common import clip_image_processor_dict
+    from pipeline.bench.arch import clip_image_processor_dict
     from pipeline.model import ResolvedModel
 
     cfg = load_config(REPO / "configs" / "llava-v1.5-7b.yaml")
@@ -229,3 +244,53 @@ def test_a_closed_stdout_is_no_traceback(tiny_llava):
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _progress_bar_lines(text: str) -> list[str]:
+    """Lines (tqdm redraws a bar with carriage returns) that are a progress bar: ``NN%|`` or
+    transformers' "Loading weights"."""
+    lines = text.replace("\r", "\n").splitlines()
+    return [line for line in lines if "%|" in line or "Loading weights" in line]
+
+
+def test_verify_prints_our_lines_only_and_bars_with_verbose(tiny_llava):
+    """A command's output is ours: transformers' "Loading weights 100%|...|" bar of the reference
+    model (and any Hugging Face bar) only with -v."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    env["PYTHONPATH"] = str(REPO)
+
+    def verify(*flags: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_features", *flags, "verify", "--model", str(tiny_llava)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "verdict: identical to the reference" in proc.stdout
+        return proc.stdout + proc.stderr
+
+    assert _progress_bar_lines(verify()) == []
+    bars = _progress_bar_lines(verify("-v"))
+    assert any("Loading weights" in line and "100%|" in line for line in bars), bars
+
+
+def test_make_tiny_model_in_process_has_no_bar_and_restores_the_switches(tmp_path, capfd):
+    """``main`` called in-process (transformers already imported): "Writing model shards" is off for
+    the command, and transformers' switch and the environment are as they were after it."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    before = (hf_logging.is_progress_bar_enabled(), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+    assert cli_main(["make-tiny-model", str(tmp_path / "m")]) == 0
+    out, err = capfd.readouterr()
+    assert "Wrote a tiny llava checkpoint" in out
+    assert _progress_bar_lines(out + err) == []
+    assert (hf_logging.is_progress_bar_enabled(), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")) == before

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,49 +25,34 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from deployments import http as H
 from pipeline.config import load_config
-from pipeline.constants import SUCCESS_FILE
-from pipeline.job import run_job
+from pipeline.offline import run_job
+from pipeline.table import SUCCESS_FILE, read_features
 from tests.corpus import png_bytes, write_real_photos
 from tests.datasets import write_shards
 from tests.fixtures.ray_cluster import (
     DEFAULT_HEAD_PORTS,
     RAY_DEFAULT_PORTS,
     RayHead,
-    cluster_node_args,
     free_port,
     port_is_free,
     ray_head,
     run_cli,
-    short_tempdir,
+    two_node_cluster,
 )
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_two_node_cluster(tiny_llava, tmp_path, monkeypatch):
+def test_two_node_cluster(tiny_llava, tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
-    ray.shutdown()
-    # Cluster writes the head's address to <temp>/ray/ray_current_cluster (and removes it at
-    # shutdown), where RAY_TMPDIR says: keep that out of the /tmp/ray other Rays on the machine share.
-    ray_tmp = short_tempdir("rc-")
-    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "include_dashboard": False, **cluster_node_args(head=True)},
-    )
-    try:
-        cluster.add_node(num_cpus=2, **cluster_node_args(head=False))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
+    with two_node_cluster(head_cpus=2, worker_cpus=2):
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         samples = write_shards(tmp_path / "shards", shards=4, per_shard=3)  # WebDataset tars
         config = load_config(
@@ -80,16 +64,11 @@ def test_two_node_cluster(tiny_llava, tmp_path, monkeypatch):
             },
         )
         summary = run_job(config, f"{tmp_path}/shards/{{00000..00003}}.tar", str(tmp_path / "out"))
-        assert (
-            summary.ok == len(samples) and summary.shards_written == len(samples) and summary.units_total == 4
-        )
-        table = pq.read_table(tmp_path / "out", columns=["image_id", "caption"])
-        assert sorted(table.column("image_id").to_pylist()) == sorted(samples)
+        assert (summary.ok, summary.units_total, summary.state) == (len(samples), 4, "complete")
+        assert summary.files_written == summary.files_total == len(samples)  # one file per sample
+        table = read_features(tmp_path / "out", columns=["image_id", "caption"], column=None).table
+        assert table.column("image_id").to_pylist() == sorted(samples)  # every sample once, in order
         assert all(samples[r["image_id"]]["caption"] == r["caption"] for r in table.to_pylist())
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # -- ray job submit ------------------------------------------------------------------------------
@@ -131,7 +110,8 @@ def _submit_encode_job(head: RayHead, tiny_llava: Path, tmp_path: Path) -> None:
     assert "succeeded" in submit.stdout.lower()
     assert f"ok:            {len(photos)}" in submit.stdout
     assert (out / SUCCESS_FILE).exists()
-    assert pq.read_table(out, columns=["status"]).num_rows == len(photos)
+    got = read_features(out, columns=["image_id"], column=None)
+    assert got.state == "complete" and sorted(got.image_ids) == sorted(p.name for p in photos)
 
 
 def test_ray_job_submit(ray_head_cluster, tiny_llava, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench.common import tiny_arch
+from pipeline.bench.arch import tiny_arch
 from pipeline.config import Config
 from pipeline.encoder import FeatureEncoder
 from pipeline.model import fast as fastpath
@@ -18,14 +18,22 @@ from pipeline.model import fast as fastpath
 def _tiny_encoder(variant: str) -> FeatureEncoder:
     """A tiny random-weight encoder of the benchmark's ``variant`` (plain, fast, compiled) that
     returns both feature kinds and the pooled vector."""
-    from pipeline.bench.common import random_modules
     from pipeline.bench.encoder import make_bench_encoder
+    from pipeline.bench.models import random_modules
 
     arch = tiny_arch()
     modules = random_modules(arch)
     device = torch.device("cpu")
     return make_bench_encoder(
-        Config(), arch, modules, device, torch.float32, variant, (4, 8), None, features="both", pooled=True
+        Config(),
+        arch,
+        modules,
+        device=device,
+        dtype=torch.float32,
+        variant=variant,
+        batch_sizes=(4, 8),
+        features="both",
+        pooled=True,
     )
 
 

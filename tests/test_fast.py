@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from pipeline.bench.common import KNOWN_TOWERS
+from pipeline.bench.arch import KNOWN_TOWERS
 from pipeline.model import CLIPVisionTower
 from pipeline.model import fast as fastpath
 from pipeline.model.tiny import TINY_VISION

@@ -1,16 +1,26 @@
-"""pipeline.storage, pipeline.sink and pipeline.reader on ``gs://``, against a real GCS server.
+"""pipeline.storage and pipeline.table on ``gs://``, against a real GCS server.
 
 The server is gcp-storage-emulator, started by the ``gcs_server`` fixture (tests/fixtures/gcs.py)
 on 127.0.0.1; ``gcs_env`` points ``STORAGE_EMULATOR_HOST`` at it for one test. Everything goes
 through the product's own functions; the fixture's helpers (plain JSON-API requests) only put
 objects in place and look at what the product left behind.
+
+The table's data files go through pyarrow's GCS client; its log goes through delta-rs, which speaks
+GCS's XML API: the fixture serves that API from the emulator's storage (tests/fixtures/gcs_xml.py).
 """
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import io
+import json
 import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.constants import FINGERPRINT_KEY
-from pipeline.job import FORWARDED_ENV
-from pipeline.model.errors import ConfigError, ErrorCode, InputReadError
-from pipeline.reader import read_features, read_metadata, resolve_path
-from pipeline.sink import ShardRows, build_table, committed_shards, write_shard
+from pipeline.model.errors import ConfigError, ErrorCode, InputReadError, OutputError
+from pipeline.offline.ray_runtime import FORWARDED_ENV
 from pipeline.storage import (
     InputItem,
     ensure_output_dir,
@@ -32,7 +39,23 @@ from pipeline.storage import (
     read_bytes,
     resolve_filesystem,
 )
+from pipeline.table import (
+    SUCCESS_FILE,
+    InputRows,
+    PlannedUnit,
+    RunPlan,
+    TableIdentity,
+    TableLocation,
+    TableSpec,
+    TableWriter,
+    TensorSpec,
+    build_batch,
+    read_features,
+)
+from pipeline.table.files import write_data_file
+from pipeline.table.layout import DataFileName
 from tests.fixtures.gcs import GcsServer
+from tests.fixtures.ray_cluster import local_ray
 
 File, Directory = pafs.FileType.File, pafs.FileType.Directory
 
@@ -101,6 +124,160 @@ def test_emulator_errors_fail_fast(gcs_server: GcsServer) -> None:
     assert status == 400
     assert b"TypeError" in body
     assert gcs_server.request("PUT", "/storage/v1/b")[0] == 400  # 501 from the emulator
+
+
+def _xml_path(bucket: str, key: str = "") -> str:
+    """An XML-API path as object_store spells it: every non-alphanumeric byte percent-encoded."""
+    return f"/{quote(bucket, safe='')}/{quote(key, safe='')}" if key else f"/{quote(bucket, safe='')}"
+
+
+def test_xml_api_objects(gcs_server: GcsServer) -> None:
+    """The XML API object_store uses, over the JSON API's storage: uploads, reads, copies, deletes."""
+    bucket = gcs_server.create_bucket()
+    key = "t/_delta_log/00000000000000000000.json"
+    create = {"x-goog-if-generation-match": "0", "Content-Type": "application/octet-stream"}
+    status, headers, _ = gcs_server.exchange(
+        "PUT", _xml_path(bucket, key), body=b"0123456789", headers=create
+    )
+    assert status == 200
+    generation = headers["x-goog-generation"]
+    assert headers["etag"] == f'"{hashlib.md5(b"0123456789").hexdigest()}"'
+    # Create-if-absent: a second creator is refused, and the object is left as it was.
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"other", headers=create)[0] == 412
+    assert gcs_server.list_keys(bucket) == [key]  # the JSON API sees the XML API's object
+    with gcs_server.filesystem().open_input_stream(f"{bucket}/{key}") as f:
+        assert f.read() == b"0123456789"
+
+    status, headers, body = gcs_server.exchange("GET", _xml_path(bucket, key))
+    assert (status, body, headers["x-goog-generation"], headers["content-length"]) == (
+        200,
+        b"0123456789",
+        generation,
+        "10",
+    )
+    assert email.utils.parsedate_to_datetime(headers["last-modified"]).year >= 2024
+    status, headers, body = gcs_server.exchange("HEAD", _xml_path(bucket, key))
+    assert (status, body, headers["content-length"], headers["x-goog-generation"]) == (
+        200,
+        b"",
+        "10",
+        generation,
+    )
+    for value, expected, content_range in [
+        ("bytes=2-4", b"234", "bytes 2-4/10"),
+        ("bytes=7-", b"789", "bytes 7-9/10"),
+        ("bytes=-3", b"789", "bytes 7-9/10"),
+        ("bytes=8-99", b"89", "bytes 8-9/10"),
+    ]:
+        status, headers, body = gcs_server.exchange("GET", _xml_path(bucket, key), headers={"Range": value})
+        assert (status, body, headers["content-range"]) == (206, expected, content_range), value
+    assert gcs_server.exchange("GET", _xml_path(bucket, key), headers={"Range": "bytes=10-"})[0] == 416
+
+    # An update conditioned on the generation: the current one passes, a stale one is refused.
+    update = {"x-goog-if-generation-match": generation}
+    status, headers, _ = gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"v2", headers=update)
+    assert status == 200 and headers["x-goog-generation"] != generation
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), body=b"v3", headers=update)[0] == 412
+    assert gcs_server.exchange("GET", _xml_path(bucket, key))[2] == b"v2"
+
+    # Copies (object_store's copy_if_not_exists, with the destination precondition), then deletes.
+    odd = "odd name+#?%&=ü.json"
+    gcs_server.put_object(bucket, odd, b"json api")  # written through the JSON API
+    source = {"x-goog-copy-source": f"{quote(bucket, safe='')}/{quote(odd, safe='')}"}
+    assert gcs_server.exchange("PUT", _xml_path(bucket, "copy"), headers=source)[0] == 200
+    assert gcs_server.exchange("GET", _xml_path(bucket, "copy"))[2] == b"json api"
+    refused = {**source, "x-goog-if-generation-match": "0"}
+    assert gcs_server.exchange("PUT", _xml_path(bucket, key), headers=refused)[0] == 412
+    assert gcs_server.exchange("PUT", _xml_path(bucket, "copy2"), headers=refused)[0] == 200
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, "copy"))[0] == 204
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, "copy"))[0] == 404
+    assert gcs_server.exchange("GET", _xml_path(bucket, "copy"))[0] == 404
+    assert gcs_server.list_keys(bucket) == ["copy2", odd, key]
+    assert gcs_server.exchange("GET", _xml_path(f"{bucket}-missing", key))[0] == 404
+
+    # What object_store does not use is refused at once (400), never approximated.
+    assert gcs_server.exchange("POST", _xml_path(bucket, key), query={"uploads": ""})[0] == 400
+    assert gcs_server.exchange("DELETE", _xml_path(bucket, key), headers=update)[0] == 400
+    status, _, body = gcs_server.exchange(
+        "GET", _xml_path(bucket, key), headers={"x-goog-if-metageneration-match": "1"}
+    )
+    assert status == 400 and b"not served by the test XML API" in body
+
+
+def test_xml_api_listing(gcs_server: GcsServer) -> None:
+    """``list-type=2`` with prefix, delimiter, start-after and continuation tokens, in GCS's XML."""
+    bucket = gcs_server.create_bucket()
+    for name in ("t/a/1", "t/a/2", "t/b", "t/c/3", "t/d", "u/x"):
+        gcs_server.put_object(bucket, name, name)
+    ns = {"s3": "http://doc.s3.amazonaws.com/2006-03-01"}
+
+    def page(**query: str) -> tuple[list[str], list[str], str | None]:
+        status, _, body = gcs_server.exchange("GET", _xml_path(bucket), query={"list-type": "2", **query})
+        assert status == 200
+        root = ET.fromstring(body)
+        keys = [e.text or "" for e in root.findall("s3:Contents/s3:Key", ns)]
+        sizes = [int(e.text or -1) for e in root.findall("s3:Contents/s3:Size", ns)]
+        assert sizes == [len(k) for k in keys]  # each object's body is its name
+        prefixes = [e.text or "" for e in root.findall("s3:CommonPrefixes/s3:Prefix", ns)]
+        token = root.find("s3:NextContinuationToken", ns)
+        assert (root.findtext("s3:IsTruncated", namespaces=ns) == "true") == (token is not None)
+        return keys, prefixes, None if token is None else token.text
+
+    assert page(prefix="t/") == (["t/a/1", "t/a/2", "t/b", "t/c/3", "t/d"], [], None)
+    assert page(prefix="t/", delimiter="/") == (["t/b", "t/d"], ["t/a/", "t/c/"], None)
+    assert page(prefix="t/", **{"start-after": "t/b"}) == (["t/c/3", "t/d"], [], None)
+    # Pages of two entries, a common prefix counting as one.
+    keys, prefixes, token = page(prefix="t/", delimiter="/", **{"max-keys": "2"})
+    assert (keys, prefixes) == (["t/b"], ["t/a/"]) and token
+    keys, prefixes, token = page(prefix="t/", delimiter="/", **{"max-keys": "2", "continuation-token": token})
+    assert (keys, prefixes) == (["t/d"], ["t/c/"]) and token is None
+    keys, _, token = page(**{"max-keys": "5"})
+    assert keys == ["t/a/1", "t/a/2", "t/b", "t/c/3", "t/d"] and token
+    assert page(**{"continuation-token": token}) == (["u/x"], [], None)
+    assert (
+        gcs_server.exchange("GET", _xml_path(bucket), query={"list-type": "2", "fetch-owner": "true"})[0]
+        == 400
+    )
+
+
+def test_json_uploads_honour_if_generation_match(gcs_server: GcsServer) -> None:
+    """``ifGenerationMatch`` on JSON-API uploads (real GCS honours it; the emulator did not)."""
+    bucket = gcs_server.create_bucket()
+    upload = f"/upload/storage/v1/b/{bucket}/o"
+    gcs_server.put_object(bucket, "x", b"first")
+    generation = json.loads(gcs_server.request("GET", f"/storage/v1/b/{bucket}/o/x")[1])["generation"]
+    media = {"uploadType": "media", "name": "x"}
+    assert gcs_server.request("POST", upload, query={**media, "ifGenerationMatch": "0"}, body=b"no")[0] == 412
+    assert gcs_server.request("POST", upload, query={**media, "ifGenerationMatch": "1"}, body=b"no")[0] == 412
+    status, body = gcs_server.request(
+        "POST", upload, query={**media, "ifGenerationMatch": generation}, body=b"yes"
+    )
+    assert status == 200 and json.loads(body)["generation"] != generation
+    assert (
+        gcs_server.request(
+            "POST", upload, query={**media, "ifGenerationMatch": "0", "name": "y"}, body=b"new"
+        )[0]
+        == 200
+    )
+    # A resumable upload's precondition is given when it starts and checked when it completes.
+    status, headers, _ = gcs_server.exchange(
+        "POST", upload, query={"uploadType": "resumable", "name": "z", "ifGenerationMatch": "0"}
+    )
+    assert status == 200
+    gcs_server.put_object(bucket, "z", b"a concurrent writer")
+    session = urlsplit(headers["location"])
+    status, _ = gcs_server.request(
+        "PUT", f"{session.path}?{session.query}", body=b"late", headers={"Content-Range": "bytes 0-3/4"}
+    )
+    assert status == 412
+    with gcs_server.filesystem().open_input_stream(f"{bucket}/z") as f:
+        assert f.read() == b"a concurrent writer"
+    # pyarrow creates directory markers with ifGenerationMatch=0 and expects 412 for an existing one.
+    fs = gcs_server.filesystem()
+    fs.create_dir(f"{bucket}/dir")
+    fs.create_dir(f"{bucket}/dir")
+    assert fs.get_file_info(f"{bucket}/dir").type == Directory
+    assert gcs_server.list_keys(bucket) == ["dir/", "x", "y", "z"]
 
 
 def test_gcs_env_is_scoped_and_forwarded_to_workers(
@@ -276,7 +453,7 @@ def test_output_is_empty(gcs_env: GcsServer) -> None:
     assert output_is_empty(f"gs://{bucket}/out/")
     fs.create_dir(f"{bucket}/out/sub")  # a folder holding an empty folder is not empty
     assert not output_is_empty(f"gs://{bucket}/out")
-    gcs_env.put_object(bucket, "files/_job.json", b"{}")
+    gcs_env.put_object(bucket, "files/_SUCCESS", b"{}")
     assert not output_is_empty(f"gs://{bucket}/files")
     assert not output_is_empty(f"gs://{bucket}/outx")  # an object at the location itself
 
@@ -298,64 +475,74 @@ def test_ensure_output_dir_creates_nothing(gcs_env: GcsServer) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# pipeline.sink + pipeline.reader
+# pipeline.table: data files on gs:// (pyarrow), the table's log on gs:// (delta-rs)
 # ------------------------------------------------------------------------------------------
 
 TOKENS, DIM = 5, 8
 
 
-def _shard(prefix: str = "img") -> tuple[ShardRows, np.ndarray, np.ndarray]:
+def _spec() -> TableSpec:
+    return TableSpec(tensors=(("features", TensorSpec("float16", (TOKENS, DIM))),), pooled_dim=DIM)
+
+
+def _rows(prefix: str = "img") -> tuple[InputRows, np.ndarray, np.ndarray]:
     """Five inputs, rows 1 and 2 failed: features (3, 5, 8) float16 and pooled (3, 8)."""
-    rows = ShardRows()
+    rows = InputRows()
     for i in range(5):
         image_id = f"{prefix}-{i}"
         uri = f"gs://in/{image_id}.jpg"
         if i in (1, 2):
-            rows.add_error(image_id, uri, ErrorCode.CORRUPT, f"{image_id}: broken")
+            rows.add_error(image_id, uri, code=ErrorCode.CORRUPT.value, message=f"{image_id}: broken")
         else:
             rows.add_ok(image_id, uri, width=100 + i, height=50 + i)
     feats = np.random.default_rng(len(prefix)).standard_normal((3, TOKENS, DIM)).astype(np.float16)
     return rows, feats, feats.astype(np.float32).mean(axis=1)
 
 
-def test_write_shard_and_read_back(gcs_env: GcsServer) -> None:
+def _batch(prefix: str = "img") -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    rows, feats, pooled = _rows(prefix)
+    return build_batch(rows, _spec(), features={"features": feats}, pooled=pooled), feats, pooled
+
+
+def _name(unit: int) -> str:
+    return DataFileName(1, unit, 0, f"{unit:02x}" * 10, "0123abcd").name()
+
+
+def test_write_data_file_and_read_it_back(gcs_env: GcsServer) -> None:
     bucket = gcs_env.create_bucket()
     fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, pooled = _shard()
-    table = build_table(rows, features=feats, pooled=pooled, metadata={FINGERPRINT_KEY: "fp-gcs"})
-    assert write_shard(table, out, 4, filesystem=fs) == f"{bucket}/out/part-000004.parquet"
-    assert gcs_env.list_keys(bucket) == ["out/part-000004.parquet"]  # straight to the final key
-    assert committed_shards(out, fs) == {4}
+    table, feats, pooled = _batch()
+    written = write_data_file(table, filesystem=fs, folder=out, name=_name(4))
+    assert (written.path, written.rows, written.ok) == (_name(4), 5, 3)
+    assert written.text_bounds["image_id"] == ("img-0", "img-4")
+    assert gcs_env.list_keys(bucket) == [f"out/{_name(4)}"]  # straight to the final key, no temporary one
+    assert written.size == fs.get_file_info(f"{out}/{_name(4)}").size
     assert not output_is_empty(f"gs://{bucket}/out")
 
-    got = read_features(out, filesystem=fs)
+    # One data file is read as it is (no table log needed), by URI.
+    got = read_features(f"gs://{bucket}/out/{_name(4)}")
     np.testing.assert_array_equal(got.features, feats)
-    assert got.image_ids == ["img-0", "img-3", "img-4"]
-    assert got.files == [f"{bucket}/out/part-000004.parquet"]
-    assert read_metadata(out, filesystem=fs)[FINGERPRINT_KEY] == "fp-gcs"
-    everything = read_features(out, filesystem=fs, status=None, column=None)
+    assert got.image_ids == ["img-0", "img-3", "img-4"] and got.identity is None
+    np.testing.assert_allclose(np.stack(got.table.column("pooled").to_pylist()), pooled, rtol=1e-6)
+    everything = read_features(f"gs://{bucket}/out/{_name(4)}", status=None, column=None)
     assert everything.table.column("status").to_pylist() == ["ok", "error", "error", "ok", "ok"]
     assert everything.table.column("error_code").to_pylist()[1] == "corrupt"
+    # Any Parquet reader: plain binary tensors, their dtype and shape in the field metadata.
+    with fs.open_input_file(f"{out}/{_name(4)}") as f:
+        plain = pq.read_table(f)
+    assert plain.schema.field("features").type == pa.binary() and plain.num_rows == 5
 
-    # A second shard, and the first one written again (replaced, not duplicated).
-    rows0, feats0, pooled0 = _shard("zero")
-    write_shard(build_table(rows0, features=feats0, pooled=pooled0), out, 0, filesystem=fs)
-    write_shard(table, out, 4, filesystem=fs)
-    assert gcs_env.list_keys(bucket) == ["out/part-000000.parquet", "out/part-000004.parquet"]
-    assert committed_shards(out, fs) == {0, 4}
-    got = read_features(out, filesystem=fs)
-    assert got.image_ids == ["zero-0", "zero-3", "zero-4", "img-0", "img-3", "img-4"]
-    np.testing.assert_array_equal(got.features, np.concatenate([feats0, feats]))
-    np.testing.assert_allclose(
-        np.stack(got.table.column("pooled").to_pylist()), np.concatenate([pooled0, pooled]), rtol=1e-6
-    )
+    # Written again (a retried task): replaced under the same key, not duplicated.
+    again, _, _ = _batch("again")
+    write_data_file(again, filesystem=fs, folder=out, name=_name(4))
+    assert gcs_env.list_keys(bucket) == [f"out/{_name(4)}"]
+    assert read_features(f"gs://{bucket}/out/{_name(4)}").image_ids == ["again-0", "again-3", "again-4"]
 
 
 def test_failed_write_leaves_no_object(gcs_env: GcsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = gcs_env.create_bucket()
     fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, _ = _shard()
-    table = build_table(rows, features=feats)
+    table, _, _ = _batch()
     real = pq.ParquetWriter.write_table
 
     def half(self: pq.ParquetWriter, table: pa.Table, row_group_size: int | None = None) -> None:
@@ -364,25 +551,60 @@ def test_failed_write_leaves_no_object(gcs_env: GcsServer, monkeypatch: pytest.M
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", half)
     with pytest.raises(OSError, match="connection reset"):
-        write_shard(table, out, 0, filesystem=fs)
+        write_data_file(table, filesystem=fs, folder=out, name=_name(0))
     assert gcs_env.list_keys(bucket) == []  # closing the upload committed a partial object: deleted again
-    assert committed_shards(out, fs) == set()
 
 
-def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
+def test_table_location_on_gs(gcs_env: GcsServer) -> None:
+    """Both views of a gs:// table reach the emulator: pyarrow's (data files) and delta-rs's (the log).
+    Checked before any request is sent, so that the failing case never contacts Google."""
     bucket = gcs_env.create_bucket()
-    fs, out = resolve_filesystem(f"gs://{bucket}/out")
-    rows, feats, _ = _shard()
-    write_shard(
-        build_table(rows, features=feats, metadata={FINGERPRINT_KEY: "fp-uri"}), out, 0, filesystem=fs
+    location = TableLocation(f"gs://{bucket}/out/")
+    fs, path = resolve_filesystem(f"gs://{bucket}/out")
+    assert location.filesystem is fs and location.path == path == f"{bucket}/out"
+    assert _options(location.filesystem)["endpoint_override"] == gcs_env.host_port
+    assert location.join(_name(0)) == f"{bucket}/out/{_name(0)}"
+    assert location.delta_uri == f"gs://{bucket}/out"
+    options = location.storage_options()
+    assert options["google_base_url"] == gcs_env.endpoint_url and options["allow_http"] == "true"
+    assert json.loads(options["google_service_account_key"])["disable_oauth"] is True  # no token sent
+
+
+def _identity() -> TableIdentity:
+    return TableIdentity(
+        job="job-gcs",
+        created="2026-12-07T00:00:00+00:00",
+        fingerprint="fp-gcs",
+        spec=_spec(),
+        options={"encoder.pooled": True},
+        encoder={"output_dtype": "float16"},
+        config={"model": {"checkpoint": "/models/tiny"}},
     )
-    # Checked before any request is sent, so that the failing case never contacts Google.
-    reader_fs, path = resolve_path(f"gs://{bucket}/out")
-    assert path == out
-    assert _options(reader_fs)["endpoint_override"] == gcs_env.host_port
+
+
+def test_table_on_gs_claim_commit_read(gcs_env: GcsServer) -> None:
+    """A table whose log is on gs://: the claim, a unit's commit, the finish; the second claim loses."""
+    bucket = gcs_env.create_bucket()
+    location = TableLocation(f"gs://{bucket}/out")
+    run = TableWriter.open(location, identity=_identity(), mode="create").start(
+        RunPlan(plan="p", units=1, rows=5)
+    )
+    unit = PlannedUnit(0, "ab" * 10, 5)
+    table, feats, _ = _batch()
+    written = run.target().write(table, unit=0, piece=0, key=unit.key)
+    committer = run.committer({0: unit}, interval_s=0.01)
+    committer.add(unit=0, piece=0, last=True, file=written, rows=5, ok=3, errors={"corrupt": 2})
+    committer.close()
+    outcome = run.finish([unit], max_error_fraction=0.5)
+    run.close()
+    assert (outcome.state, outcome.rows, outcome.ok) == ("complete", 5, 3)
     got = read_features(f"gs://{bucket}/out")
     np.testing.assert_array_equal(got.features, feats)
-    assert read_metadata(f"gs://{bucket}/out")[FINGERPRINT_KEY] == "fp-uri"
+    assert got.state == "complete" and got.identity.fingerprint == "fp-gcs"
+    keys = gcs_env.list_keys(bucket, "out/")
+    assert "out/_SUCCESS" in keys and "out/_delta_log/00000000000000000000.json" in keys
+    with pytest.raises(OutputError, match="feature table of job job-gcs"):
+        TableWriter.open(location, identity=_identity(), mode="create")
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,50 +612,86 @@ def test_read_features_by_gs_uri(gcs_env: GcsServer) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_job_reads_webdataset_and_parquet_images_from_gcs(gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
-    import ray
+@pytest.fixture(scope="module")
+def ray_local(gcs_server: GcsServer) -> Iterator[None]:
+    """One local Ray (free ports: the tests pass beside another Ray) for the module's jobs. Started
+    before a test's ``gcs_env``: its workers reach the emulator because the job forwards
+    ``STORAGE_EMULATOR_HOST`` to them (``FORWARDED_ENV``), not because they inherited it."""
+    with local_ray(num_cpus=3, include_dashboard=False, logging_level="WARNING"):
+        yield
 
+
+def _job_config(model: Any, **input_section: Any) -> Any:
     from pipeline.config import load_config
-    from pipeline.job import run_job
+
+    return load_config(
+        None,
+        {
+            "model": {"checkpoint": str(model), "dtype": "float32"},
+            "input": {"keep_columns": ["caption"], **input_section},
+            "job": {"shard_size": 2, "max_error_fraction": 0.0},
+        },
+    )
+
+
+def _put_inputs(gcs_env: GcsServer, bucket: str, tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Two tars of three samples (``wds/``) and a Parquet file of four images (``hf/``); the tars' samples."""
     from tests.datasets import photo_bytes, write_image_parquet, write_shards
 
-    bucket = gcs_env.create_bucket()
     expected = write_shards(tmp_path / "shards", shards=2, per_shard=3)
     for tar in sorted((tmp_path / "shards").glob("*.tar")):
         gcs_env.put_object(bucket, f"wds/{tar.name}", tar.read_bytes())
-    images = photo_bytes(4)
-    write_image_parquet(tmp_path / "hf.parquet", images, columns={"caption": list("abcd")}, row_group_size=2)
+    write_image_parquet(
+        tmp_path / "hf.parquet", photo_bytes(4), columns={"caption": list("abcd")}, row_group_size=2
+    )
     gcs_env.put_object(bucket, "hf/train-0.parquet", (tmp_path / "hf.parquet").read_bytes())
+    return expected
 
-    def config(**input_section):
-        return load_config(
-            None,
-            {
-                "model": {"checkpoint": str(tiny_llava), "dtype": "float32"},
-                "input": {"keep_columns": ["caption"], **input_section},
-                "job": {"shard_size": 2, "max_error_fraction": 0.0},
-            },
-        )
 
-    ray.shutdown()
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
-    try:
-        wds = run_job(config(), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
-        hf = run_job(config(image_column="image"), f"gs://{bucket}/hf", f"gs://{bucket}/out/hf")
-    finally:
-        ray.shutdown()
-    assert (wds.input_kind, wds.ok, wds.units_total, wds.shards_total) == ("webdataset", 6, 2, 4)
-    assert (hf.input_kind, hf.ok, hf.units_total) == ("parquet", 4, 2)
-    got = read_features(f"gs://{bucket}/out/wds").table
-    assert got.column("image_id").to_pylist() == sorted(expected)
+@pytest.mark.slow
+def test_job_reads_webdataset_and_parquet_images_from_gcs(
+    ray_local: None, gcs_env: GcsServer, tiny_llava, tmp_path
+) -> None:
+    from pipeline.offline import run_job
+
+    bucket = gcs_env.create_bucket()
+    expected = _put_inputs(gcs_env, bucket, tmp_path)
+    wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", str(tmp_path / "wds"))
+    hf = run_job(_job_config(tiny_llava, image_column="image"), f"gs://{bucket}/hf", str(tmp_path / "hf"))
+    # tars of 3 samples in files of 2: two files a unit
+    assert (wds.input_kind, wds.ok, wds.units_total, wds.files_total, wds.state) == (
+        "webdataset",
+        6,
+        2,
+        4,
+        "complete",
+    )
+    assert (hf.input_kind, hf.ok, hf.units_total, hf.state) == ("parquet", 4, 2, "complete")
+    got = read_features(tmp_path / "wds").table
+    assert got.column("image_id").to_pylist() == sorted(expected)  # every sample exactly once, in order
     assert got.column("caption").to_pylist() == [expected[k]["caption"] for k in sorted(expected)]
-    got = read_features(f"gs://{bucket}/out/hf").table
+    got = read_features(tmp_path / "hf").table
     assert got.column("image_id").to_pylist() == [f"train-0.parquet#{i}" for i in range(4)]
     assert got.column("uri").to_pylist()[3] == f"gs://{bucket}/hf/train-0.parquet#3"
     assert got.column("caption").to_pylist() == list("abcd")
+    assert (tmp_path / "wds" / SUCCESS_FILE).exists() and (tmp_path / "hf" / SUCCESS_FILE).exists()
+
+
+@pytest.mark.slow
+def test_job_writes_its_table_to_gcs(ray_local: None, gcs_env: GcsServer, tiny_llava, tmp_path) -> None:
+    from pipeline.offline import run_job
+    from pipeline.table import inspect_table
+
+    bucket = gcs_env.create_bucket()
+    expected = _put_inputs(gcs_env, bucket, tmp_path)
+    wds = run_job(_job_config(tiny_llava), f"gs://{bucket}/wds/*.tar", f"gs://{bucket}/out/wds")
+    assert (wds.ok, wds.units_total, wds.files_total, wds.state) == (6, 2, 4, "complete")
+    got = read_features(f"gs://{bucket}/out/wds").table
+    assert got.column("image_id").to_pylist() == sorted(expected)
+    report = inspect_table(f"gs://{bucket}/out/wds")
+    assert (report.state, report.rows, report.units_committed, report.orphan_files) == ("complete", 6, 2, [])
     keys = gcs_env.list_keys(bucket, "out/")
-    assert "out/wds/_SUCCESS" in keys and "out/hf/_commits/unit-000001.json" in keys
+    assert "out/wds/_SUCCESS" in keys and "out/wds/_delta_log/00000000000000000000.json" in keys
 
 
 def test_plan_and_expand_webdataset_and_parquet_on_gcs(gcs_env: GcsServer, tmp_path) -> None:

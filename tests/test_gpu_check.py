@@ -1,8 +1,9 @@
 """``scripts/gpu-check`` on a CPU, and the torch-level product without Ray, FastAPI and python-multipart.
 
 - The GPU machine has torch, transformers, torchvision, pyarrow, Pillow and numpy but no Ray,
-  FastAPI or python-multipart: with those made unimportable (the script's import blocker), the
-  torch-level modules import and ``bench encoder --tiny`` runs through the command line.
+  FastAPI, python-multipart or deltalake: with those made unimportable (the script's import blocker),
+  the torch-level modules (the table package included) import and ``bench encoder --tiny`` runs
+  through the command line.
 - The script's dry run (every step on the CPU, tiny sizes), with the same modules blocked, writes
   its JSON and Markdown with real values; its helpers (a step that hangs is stopped, figures and
   tables from results) are checked directly.
@@ -28,6 +29,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu-check"
 BLOCKED = "ray,fastapi,multipart,python_multipart,starlette"
+TABLE_READERS = "deltalake,duckdb,polars"
+"""Not on the GPU machine either: the table's modules import without them (delta-rs is loaded when a
+table is opened), and ``bench encoder`` never opens one."""
 
 
 def load_script() -> ModuleType:
@@ -52,20 +56,20 @@ def test_torch_level_product_imports_and_benchmarks_without_ray_fastapi_multipar
     program = gpu_check.IMPORT_BLOCKER + textwrap.dedent(
         f"""
         import json, sys
-        for name in ("ray", "fastapi", "multipart", "python_multipart", "starlette", "deployments.app"):
+        for name in ("ray", "fastapi", "multipart", "python_multipart", "starlette", "deltalake", "deployments.app"):
             try:
                 __import__(name)
             except ImportError:
                 pass
             else:
                 raise SystemExit(f"{{name}} could be imported: the blocker does not work")
-        import pipeline.encoder, pipeline.images, pipeline.images.gpu_decode, pipeline.sink, pipeline.reader
-        import pipeline.bench.encoder, pipeline.bench.pipeline, pipeline.bench.profile, pipeline.job
+        import pipeline.encoder, pipeline.images, pipeline.images.gpu_decode, pipeline.table, pipeline.shards
+        import pipeline.bench.encoder, pipeline.bench.pipeline, pipeline.bench.profile, pipeline.offline
         from llava_features.cli import main
         rc = main(["bench", "encoder", "--tiny", "--device", "cpu", "--batch-sizes", "2", "--warmup", "1",
                    "--repeats", "1", "--ceiling-size", "64", "--anyres-images", "0", "--error-images", "1",
                    "--host-batches", "1", "--json", {str(out)!r}])
-        blocked = {tuple(BLOCKED.split(","))!r}
+        blocked = {tuple(f"{BLOCKED},{TABLE_READERS}".split(","))!r}
         print("LOADED", json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in blocked)))
         sys.exit(rc)
         """
@@ -73,7 +77,7 @@ def test_torch_level_product_imports_and_benchmarks_without_ray_fastapi_multipar
     proc = subprocess.run(
         [sys.executable, "-c", program],
         cwd=REPO,
-        env=_env(GPU_CHECK_BLOCK_IMPORTS=BLOCKED),
+        env=_env(GPU_CHECK_BLOCK_IMPORTS=f"{BLOCKED},{TABLE_READERS}"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -115,6 +119,7 @@ def test_dry_run_without_ray_writes_the_report(tmp_path):
 
     env = payload["env"]
     assert env["python"] and env["torch"] and env["versions"]["transformers"] and env["versions"]["pyarrow"]
+    assert env["importable"]["deltalake"] is True and env["versions"]["deltalake"]  # the table's log
     assert env["cuda_available"] is False  # CUDA hidden in a dry run
     assert env["importable"]["ray"] is False and env["importable"]["fastapi"] is False
     assert env["serve_importable"] is False
@@ -203,6 +208,22 @@ def test_a_hanging_step_is_stopped_at_its_timeout(tmp_path):
         while time.monotonic() < deadline and _alive(child):
             time.sleep(0.1)
         assert not _alive(child), "the step's own child process outlived the timeout"
+    finally:
+        check.close()
+
+
+def test_the_pipeline_step_needs_deltalake(tmp_path):
+    """Without delta-rs (not on the GPU machine unless carried) the job cannot write its table: the step
+    fails at once, saying so, instead of after loading the model."""
+    gpu_check = load_script()
+    check = gpu_check.Check(tmp_path, dry_run=True, budget_s=60, python=sys.executable, keep=False)
+    try:
+        check.results["env"] = {"importable": {"deltalake": False}}
+        started = time.monotonic()
+        outcome = check.step_pipeline(timeout_s=60)
+        assert time.monotonic() - started < 5
+        assert outcome.status == "failed" and "deltalake is not importable" in outcome.reason
+        assert check.results["pipeline"] == {"failed": outcome.reason}
     finally:
         check.close()
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench.common import photo_images
 from pipeline.images.preprocess import Preprocessor
 from pipeline.images.spec import PreprocessSpec
+from pipeline.measure.images import photo_images
 from pipeline.model.errors import DecodeError
 
 

@@ -170,6 +170,64 @@ def test_webdataset_bad_tars_give_error_rows_never_a_failure(tmp_path: Path):
     assert "corrupt tar header" in corrupt_rows[-1].error.message
 
 
+def test_webdataset_linked_image_members_get_read_failed_rows(tmp_path: Path):
+    """A sample whose image is a symbolic or hard link (no data in the tar) gets a read_failed row, never
+    nothing; links are not followed."""
+    good = photo_bytes(1)[0]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("s/000.jpg", good), ("s/000.txt", b"real")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in (
+            ("s/001.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+            ("s/002.jpg", tarfile.LNKTYPE, "s/000.jpg"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+        info = tarfile.TarInfo("s/002.txt")
+        info.size = 6
+        tf.addfile(info, io.BytesIO(b"linked"))
+    (tmp_path / "links.tar").write_bytes(buf.getvalue())
+    got = [s for _, _, s in _samples(plan_inputs(str(tmp_path / "links.tar")), keep_columns=("txt",))]
+    assert [s.image_id for s in got] == ["s/000", "s/001", "s/002"]
+    assert got[0].data == good and got[0].error is None
+    assert (
+        got[1].error.code == ErrorCode.READ_FAILED
+        and "symbolic link to '/etc/passwd'" in got[1].error.message
+    )
+    assert got[2].error.code == ErrorCode.READ_FAILED and "hard link to 's/000.jpg'" in got[2].error.message
+    assert got[2].uri.endswith("links.tar#s/002.jpg") and got[2].carried == {"txt": "linked"}
+
+
+def test_file_names_that_are_not_utf8_plan_read_and_keep_their_bytes(tmp_path: Path):
+    """A POSIX name is bytes: one that is not UTF-8 is planned, crosses the Ray hop, is read, and is
+    stored as text that gives its bytes back (each odd byte as \\xNN, each backslash doubled)."""
+    from pipeline.storage.names import name_bytes, name_text
+    from pipeline.table import InputRows
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    good = photo_bytes(1)[0]
+    raw = b"bad\xff\xfe name\\x.jpg"
+    with open(os.path.join(os.fsencode(folder), raw), "wb") as f:
+        f.write(good)
+    (folder / "plain.jpg").write_bytes(good)
+    plan = plan_inputs(str(folder))
+    assert plan.rows == 2 and len(plan.fingerprint) == 64
+    samples = {s.image_id: s for _, _, s in _samples(plan)}
+    odd = os.fsdecode(raw)
+    assert set(samples) == {odd, "plain.jpg"} and samples[odd].data == good  # read by its real name
+    rows = InputRows()
+    rows.add_ok(odd, samples[odd].uri)
+    text = rows.image_id[0]
+    assert text == "bad\\xff\\xfe name\\\\x.jpg" and text.encode("utf-8")  # valid UTF-8
+    assert name_bytes(text) == raw and name_bytes(rows.uri[0]) == os.fsencode(folder) + b"/" + raw
+    assert name_text("plain.jpg") == "plain.jpg"
+
+
 # ------------------------------------------------------------------------------------------
 # Parquet files with image bytes
 # ------------------------------------------------------------------------------------------
@@ -223,6 +281,18 @@ def test_parquet_images_units_from_footers(tmp_path: Path, struct: bool):
     plan = plan_inputs(str(tmp_path / "ds"), options=InputOptions(image_column="image"), limit=10)
     ids = [s.image_id for _, _, s in _samples(plan, image_column="image")]
     assert plan.rows == 10 and ids[8] == "train-00000.parquet#8" and ids[9] == "train-00001.parquet#0"
+
+
+def test_parquet_images_rows_without_an_id_get_error_rows(tmp_path: Path):
+    write_image_parquet(tmp_path / "a.parquet", photo_bytes(3), ids=["x", None, " "])
+    plan = plan_inputs(
+        str(tmp_path / "a.parquet"), options=InputOptions(image_column="image", id_column="id")
+    )
+    got = [s for _, _, s in _samples(plan, image_column="image", id_column="id")]
+    assert [s.image_id for s in got] == ["x", "a.parquet#1", "a.parquet#2"]  # never a null key
+    assert got[0].error is None and got[0].data is not None
+    assert all(s.error.code == ErrorCode.READ_FAILED for s in got[1:])
+    assert "'id' (input.id_column) is null" in got[1].error.message and "is empty" in got[2].error.message
 
 
 def test_parquet_images_bad_columns_and_rows_never_read_when_planning(tmp_path: Path):
@@ -438,8 +508,8 @@ def test_dry_run_prints_the_plan_and_starts_no_ray(tiny_llava, tmp_path: Path):
         and "rows:          10\n" in manifest
     )
     assert "shards:        3 (up to 4 rows each)" in manifest
-    assert "features [16, 64] (4.1 KB per row)" in manifest and "output bytes:  ~41.0 KB" in manifest
-    assert "(empty: a new job)" in manifest
+    assert "features [16, 64] (4.1 kB per row)" in manifest and "output bytes:  ~41.0 kB" in manifest
+    assert "(empty: a new table)" in manifest
     assert (
         "(webdataset: 3 file(s)" in shards and "rows:          0 known; 3 unit(s) counted when read" in shards
     )

@@ -1,4 +1,5 @@
-"""The offline job end to end on a local Ray: rows, error codes, parity, read-back, failures, resume."""
+"""The offline job end to end on a local Ray: rows, error codes, parity, read-back, failures, resume,
+the feature table's guarantees across writers, options and readers (claim, append, refusals)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import pytest
 
 from llava_features.cli import main as cli_main
 from pipeline.config import load_config
-from pipeline.constants import COMMITS_DIR, JOB_FILE, SUCCESS_FILE
 from pipeline.encoder import FeatureEncoder
-from pipeline.job import run_job
 from pipeline.model.errors import ErrorCode, OutputError
-from pipeline.reader import read_features
+from pipeline.offline import run_job
+from pipeline.table import SUCCESS_FILE, inspect_table, read_features
+from pipeline.table.layout import DataFileName
 from tests.corpus import write_bad_corpus, write_real_photos
 from tests.fixtures.ray_cluster import local_ray
 
@@ -65,6 +66,16 @@ def _config(model: Path, **settings):
     return load_config(
         None, {"model": {"checkpoint": str(model), "dtype": "float32"}, "encoder": encoder, "job": job}
     )
+
+
+@pytest.fixture(scope="module")
+def corpus_table(ray_local, tiny_llava, corpus, tmp_path_factory):
+    """The corpus encoded by the default route with pooled features, every error within the budget:
+    ``(config, summary, output)``, for the tests that only read it."""
+    folder, _ = corpus
+    config = _config(tiny_llava, pooled=True, max_error_fraction=1.0)
+    out = tmp_path_factory.mktemp("corpus-table") / "out"
+    return config, run_job(config, str(folder), str(out)), out
 
 
 def _encode_args(model: Path, inp: Path | str, out: Path | str, *extra: str) -> list[str]:
@@ -108,7 +119,8 @@ def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_l
     for name, code in expected.items():
         assert codes[name] == code, name
         assert status[name] == ("ok" if code is None else "error"), name
-    assert (out / SUCCESS_FILE).exists() and (out / JOB_FILE).exists()
+    assert (out / SUCCESS_FILE).exists() and (out / "_delta_log").is_dir()
+    assert res.state == "complete" and res.identity.options["encoder.features"] == "both"
 
     # ok rows equal the in-process encoder's features (float32)
     encoder = FeatureEncoder(_config(tiny_llava, features="both", pooled=True))
@@ -127,76 +139,53 @@ def test_encode_folder_one_row_per_input_with_codes_and_parity(ray_local, tiny_l
         assert (width, height) == (prepared.width, prepared.height)
 
 
-def test_error_budget_exceeded_exits_nonzero_after_writing(ray_local, tiny_llava, corpus, tmp_path, capsys):
-    folder, expected = corpus
-    out = tmp_path / "out"
-    rc = cli_main(_encode_args(tiny_llava, folder, out))  # default --max-error-fraction 0.01
-    assert rc == 3
-    assert "[error_budget_exceeded]" in capsys.readouterr().err
-    table = pq.read_table(out, columns=["image_id", "status"])
-    assert table.num_rows == len(expected)  # everything was written
-    assert not (out / SUCCESS_FILE).exists()
-
-
-def test_read_back_with_pyarrow_pandas_duckdb(ray_local, tiny_llava, corpus, tmp_path):
+def test_read_back_with_delta_pyarrow_pandas_duckdb_polars_and_ray(corpus, corpus_table):
+    import deltalake
     import duckdb
+    import polars as pl
 
-    folder, expected = corpus
-    out = tmp_path / "out"
-    summary = run_job(_config(tiny_llava, pooled=True, max_error_fraction=1.0), str(folder), str(out))
+    _, expected = corpus
+    _, summary, out = corpus_table
     n_ok = sum(code is None for code in expected.values())
     assert summary.ok == n_ok and sum(summary.errors.values()) == len(expected) - n_ok
 
-    # pyarrow with the extension type: tensor shape and values
-    table = pq.read_table(out)
-    col = table.column("features")
-    assert isinstance(col.type, pa.ExtensionType)
-    meta = table.schema.metadata
-    assert meta[b"llava_features.fingerprint"].decode() == summary.fingerprint
-    assert json.loads(meta[b"llava_features.config"])["encoder"]["model"]["projector_type"] == "mlp2x_gelu"
     feats = read_features(str(out))
     assert feats.features.shape == (n_ok, 16, 64)
+    assert feats.identity.fingerprint == summary.fingerprint
+    assert feats.identity.encoder["model"]["projector_type"] == "mlp2x_gelu"
 
-    # plain binary without our package: a fresh interpreter that never imports pipeline
+    # the Delta table through pyarrow, without our package: raw bytes + the shape in the field metadata
     code = (
-        "import pyarrow.compute as pc, pyarrow.parquet as pq, numpy as np, sys\n"
-        f"t = pq.read_table({str(out)!r}, columns=['image_id', 'status', 'features'])\n"
+        "import json, sys, numpy as np, deltalake, pyarrow.compute as pc\n"
+        f"t = deltalake.DeltaTable({str(out)!r}).to_pyarrow_dataset().to_table()\n"
         "t = t.filter(pc.equal(t['status'], 'ok')).sort_by('image_id')\n"
-        "col = t.column('features').combine_chunks()\n"
-        "assert str(col.type) == 'fixed_size_binary[%d]' % (16 * 64 * 4), col.type\n"
+        "meta = json.loads(t.schema.field('features').metadata[b'llava_features.tensor'])\n"
         "assert 'pipeline' not in sys.modules\n"
-        "arr = np.frombuffer(col.buffers()[1], dtype='<f4')[col.offset * 16 * 64:][: len(col) * 16 * 64]\n"
-        "arr = arr.reshape(len(col), 16, 64)\n"
-        "np.save(sys.stdout.buffer, arr)\n"
+        "arr = np.stack([np.frombuffer(v, meta['dtype']) for v in t['features'].to_pylist()])\n"
+        "np.save(sys.stdout.buffer, arr.reshape(-1, *meta['shape']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, cwd="/")
     import io
 
     plain = np.load(io.BytesIO(proc.stdout))
-    ordered = read_features(str(out))
-    order = np.argsort(ordered.image_ids)
-    assert np.array_equal(plain, ordered.features[order])
+    assert np.array_equal(plain, feats.features[np.argsort(feats.image_ids)])
 
-    # pandas
-    import pandas as pd
-
-    df = pd.read_parquet(out, columns=["image_id", "status", "error_code"])
+    # pandas, DuckDB (over the snapshot's pyarrow dataset: an array operation on pooled), Polars, Ray Data
+    ds = deltalake.DeltaTable(str(out)).to_pyarrow_dataset()
+    df = ds.to_table(columns=["image_id", "status", "error_code"]).to_pandas()
     assert len(df) == len(expected) and (df["status"] == "ok").sum() == n_ok
-
-    # DuckDB: a query on status and an array operation on pooled
-    glob = f"{out}/*.parquet"
-    assert (
-        duckdb.sql(f"select count(*) from read_parquet('{glob}') where status = 'ok'").fetchall()[0][0]
-        == n_ok
-    )
     rows = duckdb.sql(
-        f"select image_id, list_sum(pooled) from read_parquet('{glob}') where status = 'ok' order by image_id"
+        "select image_id, list_sum(pooled) from ds where status = 'ok' order by image_id"
     ).fetchall()
-    pooled_ref = read_features(str(out), column="features")
-    ref = {i: float(pooled_ref.features[k].mean(axis=0).sum()) for k, i in enumerate(pooled_ref.image_ids)}
-    assert len(rows) == n_ok
-    for image_id, total in rows:
-        assert abs(total - ref[image_id]) < 1e-3
+    ref = {i: float(feats.features[k].mean(axis=0).sum()) for k, i in enumerate(feats.image_ids)}
+    assert len(rows) == n_ok and all(abs(total - ref[image_id]) < 1e-3 for image_id, total in rows)
+    assert pl.scan_delta(str(out)).filter(pl.col("status") == "ok").select(pl.len()).collect().item() == n_ok
+    import ray
+
+    assert ray.data.read_delta(str(out)).filter(expr="status == 'ok'").count() == n_ok
+    # one data file alone, with pyarrow
+    one = pq.read_table(next(out.glob("part-*.parquet")))
+    assert one.schema.field("features").type == pa.binary()
 
 
 def test_non_empty_output_is_refused_and_fingerprint_checked(ray_local, tiny_llava, corpus, tmp_path):
@@ -217,8 +206,8 @@ def test_non_empty_output_is_refused_and_fingerprint_checked(ray_local, tiny_lla
             "job": {"shard_size": 4, "max_error_fraction": 1.0, "limit": 6},
         },
     )
-    with pytest.raises(OutputError) as info:
-        run_job(other, str(folder), str(out2), resume=True)
+    with pytest.raises(OutputError, match=r"model.select_layer: -2 → 1") as info:
+        run_job(other, str(folder), str(out2), mode="resume")
     assert info.value.code == ErrorCode.FINGERPRINT_MISMATCH
 
 
@@ -233,9 +222,16 @@ def _many_images(folder: Path, n: int) -> Path:
 
 
 def _committed(out: Path) -> list[Path]:
-    """The output files of the committed units (those with a commit record)."""
-    units = {int(p.stem.split("-")[1]) for p in (out / COMMITS_DIR).glob("unit-*.json")}
-    return sorted(p for p in out.glob("part-*.parquet") if int(p.name.split("-")[1]) in units)
+    """The data files the table's latest snapshot holds (none before the table exists)."""
+    import deltalake
+
+    if not list((out / "_delta_log").glob("*.json")):
+        return []
+    return sorted(out / Path(uri).name for uri in deltalake.DeltaTable(str(out)).file_uris())
+
+
+def _committed_units(out: Path) -> set[int]:
+    return {DataFileName.parse(p.name).unit for p in _committed(out)}
 
 
 def _encoder_actor_pid() -> int | None:
@@ -263,14 +259,19 @@ def _many_inputs(folder: Path, n: int, kind: str) -> tuple[Path, list[str]]:
     return folder / "shards", sorted(write_shards(folder / "shards", shards=n // 5, per_shard=5))
 
 
-@pytest.mark.parametrize(("kind", "n"), [("images", 100), ("webdataset", 40)])
+# The kill lands right after the first commit: 40 units leave it well inside the job.
+@pytest.mark.parametrize(("kind", "n"), [("images", 40), ("webdataset", 40)])
 def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, tmp_path, kind, n):
     images, expected_ids = _many_inputs(tmp_path, n, kind)
     out = tmp_path / "out"
     result: dict = {}
     thread = threading.Thread(
         target=lambda: result.update(
-            summary=run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out))
+            summary=run_job(
+                _config(tiny_llava, shard_size=1, max_error_fraction=0.0, commit_interval_s=0.05),
+                str(images),
+                str(out),
+            )
         )
     )
     thread.start()
@@ -293,54 +294,101 @@ def test_killed_encoder_actor_job_completes_exactly_once(ray_local, tiny_llava, 
     assert killed_at is not None and 1 <= killed_at < n, "the job was not running when the actor was killed"
     thread.join(timeout=300)
     assert "summary" in result
-    ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
+    ids = read_features(str(out), status=None, column=None).image_ids
     assert sorted(ids) == expected_ids  # every row exactly once
     assert len(_committed(out)) == n and (out / SUCCESS_FILE).exists()
+    assert sorted(p.name for p in out.glob("part-*")) == [p.name for p in _committed(out)]  # no stray file
     assert not list(out.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("kind", ["images", "webdataset"])
-def test_interrupted_job_resumes_only_missing_shards(ray_local, tiny_llava, tmp_path, kind):
-    images, expected_ids = _many_inputs(tmp_path, 40, kind)
-    out, clean = tmp_path / "out", tmp_path / "clean"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "llava_features",
-        *_encode_args(tiny_llava, images, out, "--shard-size", "1", "--max-error-fraction", "0"),
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _encode_process(model: Path, inp: Path, out: Path, address: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "llava_features", *_encode_args(model, inp, out, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_interrupted_job_readers_see_committed_units_and_resumes_complete_it(ray_local, tiny_llava, tmp_path):
+    """SIGKILL of the driver mid-job: every reader sees exactly the committed units' rows (never the files
+    in flight); two --resume processes started together then finish it, every row exactly once.
+
+    A folder of images: the readers and the resumes do not depend on the kind of input. WebDataset tars
+    as units are resumed in test_resume_rewrites_exactly_the_uncommitted_units (a unit written but never
+    committed) and survive a killed actor in test_killed_encoder_actor_job_completes_exactly_once."""
+    import deltalake
+
+    units, enough = 24, 5  # one image each; the kill comes once `enough` are committed
+    images, expected_ids = _many_inputs(tmp_path, units, "images")
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    args = ("--shard-size", "1", "--max-error-fraction", "0", "--commit-interval-s", "0.05")
+    proc = _encode_process(tiny_llava, images, out, address, *args)
     deadline = time.time() + 180
-    while time.time() < deadline and len(_committed(out)) < 5 and proc.poll() is None:
+    while time.time() < deadline and len(_committed_units(out)) < enough and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     first = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
-    first_units = len(_commit_records(out))
-    assert 5 <= len(first) < 40, "the job was not interrupted part-way"
+    committed_rows = sum(pq.read_metadata(out / n).num_rows for n in first)
+    first_units = len(_committed_units(out))
+    assert enough <= first_units < units, "the job was not interrupted part-way"
     assert not (out / SUCCESS_FILE).exists()
 
-    summary = run_job(
-        _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
-    )
-    assert summary.units_skipped == first_units and summary.shards_written == 40 - len(first)
-    assert first_units == (len(first) if kind == "images" else len(first) // 5)
-    assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
+    # readers: exactly the committed units' rows
+    with pytest.warns(UserWarning, match="state: interrupted"):
+        assert read_features(str(out), status=None, column=None).num_rows == committed_rows
+    with pytest.raises(Exception, match="not complete"):
+        read_features(str(out), complete_only=True)
+    assert deltalake.DeltaTable(str(out)).to_pyarrow_dataset().count_rows() == committed_rows
+    import ray
+
+    assert ray.data.read_delta(str(out)).count() == committed_rows
+    report = inspect_table(str(out))
+    assert report.state == "interrupted" and report.rows == committed_rows and not report.in_flight_files
+
+    # two resumes at once: one, or both, run; every unit is committed once
+    resumes = [_encode_process(tiny_llava, images, out, address, *args, "--resume") for _ in range(2)]
+    outputs = [r.communicate(timeout=300) for r in resumes]
+    codes = sorted(r.returncode for r in resumes)
+    assert codes in ([0, 0], [0, 2]), outputs
+    if codes == [0, 2]:
+        refused = next(err for r, (_, err) in zip(resumes, outputs, strict=True) if r.returncode == 2)
+        assert "is being written now" in refused and "output_in_use" in refused
     resumed = read_features(str(out))
-    assert sorted(resumed.image_ids) == expected_ids  # every row exactly once
-    if kind == "images":  # the same features as a run that was never interrupted
-        run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
-        reference = read_features(str(clean))
-        assert sorted(resumed.image_ids) == sorted(reference.image_ids)
-        a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
-        assert np.array_equal(resumed.features[a], reference.features[b])
+    assert sorted(resumed.image_ids) == expected_ids and resumed.state == "complete"  # every row exactly once
+    assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in first} == first  # untouched
+    assert sorted(p.name for p in out.glob("part-*")) == [p.name for p in _committed(out)]  # orphans removed
+    # the same features as a run that was never interrupted
+    clean = tmp_path / "clean"
+    run_job(_config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(clean))
+    reference = read_features(str(clean))
+    a, b = np.argsort(resumed.image_ids), np.argsort(reference.image_ids)
+    assert np.array_equal(resumed.features[a], reference.features[b])
     assert (out / SUCCESS_FILE).exists()
     # resuming a finished job writes nothing
     again = run_job(
-        _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), resume=True
+        _config(tiny_llava, shard_size=1, max_error_fraction=0.0), str(images), str(out), mode="resume"
     )
-    assert again.shards_written == 0 and again.ok == 40
+    assert again.files_written == 0 and again.ok == units and again.up_to_date
+
+
+def test_two_jobs_on_one_empty_output_exactly_one_proceeds(ray_local, tiny_llava, tmp_path):
+    """Two encode processes started together on one output (different options): the first commit
+    claims it, the other is refused naming the claiming job; the table holds every input once."""
+    images, expected_ids = _many_inputs(tmp_path, 24, "images")
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    jobs = [
+        _encode_process(tiny_llava, images, out, address, "--shard-size", size, "--max-error-fraction", "0")
+        for size in ("3", "5")
+    ]
+    outputs = [j.communicate(timeout=300) for j in jobs]
+    assert sorted(j.returncode for j in jobs) == [0, 2], outputs
+    loser = next(err for j, (_, err) in zip(jobs, outputs, strict=True) if j.returncode == 2)
+    table = read_features(str(out), status=None, column=None)
+    owner = table.identity
+    assert f"job {owner.job}" in loser and owner.created in loser, loser
+    assert "nothing was written" in loser
+    assert sorted(table.image_ids) == expected_ids and table.state == "complete"
 
 
 def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
@@ -363,11 +411,9 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
     )
     assert rc == 0
     keys = s3_server.list_keys("out-features", "run1/")
-    assert "run1/_SUCCESS" in keys and any(k.endswith(".parquet") for k in keys)
-    from pipeline.storage import resolve_filesystem
-
-    fs, path = resolve_filesystem("s3://out-features/run1", s3_endpoint=s3_server.endpoint_url)
-    res = read_features(path, status=None, filesystem=fs)
+    assert "run1/_SUCCESS" in keys and any(k.startswith("run1/_delta_log/") for k in keys)
+    res = read_features("s3://out-features/run1", status=None, s3_endpoint=s3_server.endpoint_url)
+    assert res.state == "complete"
     codes = dict(zip(res.image_ids, res.table.column("error_code").to_pylist(), strict=True))
     assert codes.pop("bad.jpg") == "not_an_image"
     assert set(codes) == {p.name for p in photos} and all(c is None for c in codes.values())
@@ -375,7 +421,6 @@ def test_s3_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
 
 def test_s3_webdataset_and_parquet_images_to_s3(ray_local, tiny_llava, s3_server, tmp_path):
     """Tar shards and a Parquet file of images read from S3 (moto), carried columns, output on S3."""
-    from pipeline.storage import resolve_filesystem
     from tests.datasets import photo_bytes, write_image_parquet, write_shards
 
     endpoint = s3_server.endpoint_url
@@ -426,33 +471,24 @@ def test_s3_webdataset_and_parquet_images_to_s3(ray_local, tiny_llava, s3_server
         ("hf", {"p0": "x", "p1": "y", "p2": "z"}),
     ):
         keys = s3_server.list_keys("out-containers", f"{prefix}/")
-        assert f"{prefix}/_SUCCESS" in keys and any(k.startswith(f"{prefix}/_commits/unit-") for k in keys)
-        fs, path = resolve_filesystem(f"s3://out-containers/{prefix}", s3_endpoint=endpoint)
-        got = read_features(path, filesystem=fs).table
+        assert f"{prefix}/_SUCCESS" in keys and any(k.startswith(f"{prefix}/_delta_log/") for k in keys)
+        got = read_features(f"s3://out-containers/{prefix}", s3_endpoint=endpoint).table
         assert (
             dict(zip(got.column("image_id").to_pylist(), got.column("caption").to_pylist(), strict=True))
             == want
         )
 
 
-def test_fixed_shape_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_path):
+def test_list_tensor_format_and_tower_only(ray_local, tiny_llava, tmp_path):
     photos = write_real_photos(tmp_path / "photos", n=3)
     out = tmp_path / "out"
     rc = cli_main(
-        _encode_args(
-            tiny_llava,
-            tmp_path / "photos",
-            out,
-            "--tensor-format",
-            "fixed_shape_tensor",
-            "--features",
-            "tower",
-        )
+        _encode_args(tiny_llava, tmp_path / "photos", out, "--tensor-format", "list", "--features", "tower")
     )
     assert rc == 0
-    table = pq.read_table(out)
+    table = pq.read_table(next(out.glob("part-*.parquet")))
     assert "features" not in table.column_names
-    assert table.schema.field("tower_features").type.extension_name == "arrow.fixed_shape_tensor"
+    assert table.schema.field("tower_features").type == pa.list_(pa.float32())  # arrays other tools read
     res = read_features(str(out), column="tower_features")
     assert res.features.shape == (len(photos), 16, 32) and res.features.dtype == np.float32
     encoder = FeatureEncoder(_config(tiny_llava, features="tower"))
@@ -471,46 +507,47 @@ def test_shard_without_a_good_image_keeps_the_schema(ray_local, tiny_llava, tmp_
     config = _config(tiny_llava, shard_size=2, pooled=True, features="both", max_error_fraction=1.0)
     summary = run_job(config, str(folder), str(out))
     assert summary.ok == 2 and summary.errors == {"empty": 1, "not_an_image": 1}
-    first = pq.read_table(out / "part-000000-00000.parquet")  # the two bad files: no ok row
+    files = {DataFileName.parse(p.name).unit: p for p in _committed(out)}
+    first = pq.read_table(files[0])  # the two bad files: no ok row
     assert first.column("status").to_pylist() == ["error", "error"]
-    assert first.schema == pq.read_table(out / "part-000001-00000.parquet").schema
+    assert first.schema == pq.read_table(files[1]).schema
     assert first.column("features").null_count == 2 and first.column("pooled").null_count == 2
 
 
 def test_temp_files_of_writers_lost_mid_run_are_removed(ray_local, tiny_llava, tmp_path, monkeypatch):
-    """A writer killed mid-shard leaves its temporary file; the shard is rewritten by the retry, and
-    the finished job leaves no temporary file behind (deterministic version of the actor-kill case)."""
-    import pipeline.job as job_module
+    """A writer killed mid-file leaves its temporary file; the file is rewritten by the retry, and the
+    finished job leaves no temporary file behind (deterministic version of the actor-kill case)."""
+    import pipeline.offline.driver as driver
 
     folder = tmp_path / "images"
     folder.mkdir()
     write_real_photos(folder, n=2)
     out = tmp_path / "out"
-    run_pipeline = job_module._run_pipeline
+    run_pipeline = driver._pipeline
 
-    def run_and_lose_a_writer(config, resolved, pending, target, *rest):
-        run_pipeline(config, resolved, pending, target, *rest)
-        (Path(target.output) / ".part-000000.parquet.0123abcd.tmp").write_bytes(b"half a shard")
+    def run_and_lose_a_writer(session, **kw):
+        run_pipeline(session, **kw)
+        name = kw["target"].table.file_name(unit=0, piece=0, key=kw["work"][0][1][:20])
+        (out / f".{name}.0123abcd.tmp").write_bytes(b"half a file")
 
-    monkeypatch.setattr(job_module, "_run_pipeline", run_and_lose_a_writer)
+    monkeypatch.setattr(driver, "_pipeline", run_and_lose_a_writer)
     summary = run_job(_config(tiny_llava, max_error_fraction=0.0), str(folder), str(out))
     assert summary.ok == 2 and (out / SUCCESS_FILE).exists()
     assert not list(out.glob(".*.tmp"))
-    assert pq.read_table(out).num_rows == 2
+    assert read_features(str(out)).num_rows == 2
 
 
-def test_decode_on_the_encoder_device_gives_the_same_rows(ray_local, tiny_llava, corpus, tmp_path):
+def test_decode_on_the_encoder_device_gives_the_same_rows(corpus, corpus_table, tmp_path):
     """``decode.nvjpeg``: decode tasks only read, the encoder actors decode. Without CUDA the route
     falls back to the exact CPU path inside the actor: the same rows, codes and features as the
     default route (the fingerprint names the route, as every opt-in deviation's must)."""
     folder, expected = corpus
-    default = run_job(_config(tiny_llava, max_error_fraction=1.0), str(folder), str(tmp_path / "cpu"))
-    config = _config(tiny_llava, max_error_fraction=1.0)
+    config, default, cpu = corpus_table
     config = replace(config, decode=replace(config.decode, nvjpeg=True))
     device = run_job(config, str(folder), str(tmp_path / "device"))
     assert device.fingerprint != default.fingerprint
     assert (device.ok, device.errors) == (default.ok, default.errors)
-    a = read_features(str(tmp_path / "cpu"), status=None)
+    a = read_features(str(cpu), status=None)
     b = read_features(str(tmp_path / "device"), status=None)
     for column in ("image_id", "status", "error_code", "width", "height"):
         assert a.table.column(column).to_pylist() == b.table.column(column).to_pylist(), column
@@ -575,10 +612,11 @@ def _parity(out: Path, model: Path, data_of) -> None:
         assert np.abs(ok.features[row] - ref.projected[0]).max() <= 1e-5, image_id
 
 
-def _commit_records(out: Path) -> dict[int, dict]:
-    return {
-        int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (out / COMMITS_DIR).glob("unit-*.json")
-    }
+def _files_per_unit(out: Path) -> dict[int, list[str]]:
+    units: dict[int, list[str]] = {}
+    for p in _committed(out):
+        units.setdefault(DataFileName.parse(p.name).unit, []).append(p.name)
+    return units
 
 
 def test_webdataset_shards_with_carried_columns(ray_local, tiny_llava, tmp_path):
@@ -638,9 +676,8 @@ def test_webdataset_shards_with_carried_columns(ray_local, tiny_llava, tmp_path)
         truncated[-1]["error_code"] == "truncated" and "ends inside member" in truncated[-1]["error_message"]
     )
     assert table.schema.field("caption").type == pa.string()
-    records = _commit_records(out)
-    assert sorted(records) == [0, 1, 2, 3] and [len(records[u]["files"]) for u in range(4)] == [3, 3, 2, 3]
-    assert sum(r["rows"] for r in records.values()) == 18
+    files = _files_per_unit(out)
+    assert sorted(files) == [0, 1, 2, 3] and [len(files[u]) for u in range(4)] == [3, 3, 2, 3]
     _parity(out, tiny_llava, lambda image_id: _member(folder, image_id))  # 00003.tar repeats 00000's keys
 
 
@@ -740,34 +777,39 @@ def test_parquet_images_and_sharded_manifests(ray_local, tiny_llava, tmp_path):
     assert got.column("caption").to_pylist() == ["ca", "cb", "cc", "cd", "ce"]
 
 
-def test_resume_rewrites_exactly_the_incomplete_units(ray_local, tiny_llava, tmp_path):
-    """A unit is committed when its record exists: one that lost its record (a run killed between
-    its files and its record) is rewritten whole, its stray files removed; the others are untouched."""
+def test_resume_rewrites_exactly_the_uncommitted_units(ray_local, tiny_llava, tmp_path, monkeypatch):
+    """A run that wrote a unit's files but never committed them (killed before its commit): the resume
+    writes that unit again under its own run's names and removes the dead run's files; the committed
+    units are untouched."""
+    import pipeline.table.run as table_run
     from tests.datasets import write_shards
 
     expected = write_shards(tmp_path / "shards", shards=3, per_shard=5)
     out = tmp_path / "out"
     config = _config(tiny_llava, shard_size=2, max_error_fraction=0.0)
-    first = run_job(config, str(tmp_path / "shards"), str(out))
-    assert (first.units_written, first.shards_written, first.inputs) == (3, 9, 15)
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    (out / COMMITS_DIR / "unit-000001.json").unlink()  # unit 1: files written, record not
-    (out / "part-000001-00002.parquet").unlink()
-    shutil.copy(
-        out / "part-000001-00000.parquet", out / "part-000001-00007.parquet"
-    )  # an older attempt's file
-    (out / SUCCESS_FILE).unlink()
-    from pipeline.job import dry_run
+    real_add = table_run.Committer.add
 
-    assert dry_run(config, str(tmp_path / "shards"), str(out)).output_state.startswith(
-        "2 of 3 unit(s) committed: --resume continues it"
+    def never_unit_1(self, *, unit, **kw):  # the driver dies before committing unit 1
+        return True if unit == 1 else real_add(self, unit=unit, **kw)
+
+    monkeypatch.setattr(table_run.Committer, "add", never_unit_1)
+    with pytest.raises(OutputError, match="1 unit\\(s\\) of the plan are not in the table"):
+        run_job(config, str(tmp_path / "shards"), str(out))
+    monkeypatch.undo()
+    before = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
+    stray = sorted(p.name for p in out.glob("part-*") if p.name not in before)
+    assert {DataFileName.parse(n).unit for n in before} == {0, 2} and len(stray) == 3  # unit 1's files
+    from pipeline.offline import dry_run
+
+    assert (
+        "2 of 3 unit(s) of this plan in it: --resume continues it"
+        in dry_run(config, str(tmp_path / "shards"), str(out), mode="resume").output_state
     )
-    again = run_job(config, str(tmp_path / "shards"), str(out), resume=True)
-    assert (again.units_written, again.units_skipped, again.shards_written, again.read) == (1, 2, 3, 5)
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    assert sorted(after) == sorted(before)  # the stray file is gone, the lost one back
-    assert all(after[n] == t for n, t in before.items() if not n.startswith("part-000001-"))
-    assert all(after[n] != t for n, t in before.items() if n.startswith("part-000001-"))
+    again = run_job(config, str(tmp_path / "shards"), str(out), mode="resume")
+    assert (again.units_written, again.units_skipped, again.files_written, again.read) == (1, 2, 3, 5)
+    after = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
+    assert {n: t for n, t in after.items() if n in before} == before  # untouched
+    assert not set(stray) & set(after) and sorted(p.name for p in out.glob("part-*")) == sorted(after)
     ids = read_features(str(out), status=None).image_ids
     assert sorted(ids) == sorted(expected) and len(ids) == 15
     assert (out / SUCCESS_FILE).exists()
@@ -794,15 +836,15 @@ def test_bad_folder_entries_get_error_rows_through_the_job(ray_local, tiny_llava
 def test_resume_of_a_finished_output_reports_what_was_recorded(
     ray_local, tiny_llava, corpus, tmp_path, capsys, monkeypatch
 ):
-    """A resume with nothing to do prints the recorded counts and decides with its own budget; it never
-    rewrites _SUCCESS, so the marker never contradicts a command's output. Relative outputs are shown
-    absolute."""
+    """A resume with nothing to do prints the recorded counts and decides with its own budget; a complete
+    table is never downgraded by a stricter one. Relative outputs are shown absolute. A run over its error
+    budget exits non-zero after writing every row, and a resume with a higher budget completes it."""
     folder, expected = corpus
     monkeypatch.chdir(tmp_path)
     n_err = sum(code is not None for code in expected.values())
     assert cli_main(_encode_args(tiny_llava, folder, "out", "--max-error-fraction", "0.9")) == 0
     printed = capsys.readouterr().out
-    assert f"output:        {tmp_path / 'out'}\n" in printed
+    assert f"output:        {tmp_path / 'out'} (Delta table version 2, complete)\n" in printed
     success = (tmp_path / "out" / SUCCESS_FILE).read_bytes()
     assert json.loads(success)["max_error_fraction"] == 0.9
 
@@ -811,19 +853,123 @@ def test_resume_of_a_finished_output_reports_what_was_recorded(
     assert f"errors:        {n_err} " in captured.out and "images read:   0 this run" in captured.out
     assert "up to date" in captured.out and "left as it is" in captured.err
     assert (tmp_path / "out" / SUCCESS_FILE).read_bytes() == success  # untouched
+    assert inspect_table("out").state == "complete"
     assert cli_main(_encode_args(tiny_llava, folder, "out", "--resume", "--max-error-fraction", "0.9")) == 0
     assert (tmp_path / "out" / SUCCESS_FILE).read_bytes() == success
 
-    # A run over its budget writes no _SUCCESS; a resume that allows more writes it, without encoding again.
+    # A run over its budget (the default --max-error-fraction 0.01) exits 3 after writing every row: a
+    # failed table; a resume that allows more completes it, encoding nothing.
     assert cli_main(_encode_args(tiny_llava, folder, "strict")) == 3
-    assert not (tmp_path / "strict" / SUCCESS_FILE).exists()
-    capsys.readouterr()
+    assert "[error_budget_exceeded]" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="state: failed"):
+        assert read_features("strict", status=None, column=None).table.num_rows == len(expected)
+    assert not (tmp_path / "strict" / SUCCESS_FILE).exists() and inspect_table("strict").state == "failed"
     assert (
         cli_main(_encode_args(tiny_llava, folder, "strict", "--resume", "--max-error-fraction", "0.9")) == 0
     )
     assert "images read:   0 this run" in capsys.readouterr().out
     recorded = json.loads((tmp_path / "strict" / SUCCESS_FILE).read_text())
     assert recorded["max_error_fraction"] == 0.9 and recorded["ok"] == len(expected) - n_err
+    assert inspect_table("strict").state == "complete"
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tiny_llava, tmp_path_factory) -> tuple[Path, Path]:
+    """A complete table of six photos, pooled, float32 (the photos' folder, the table)."""
+    root = tmp_path_factory.mktemp("finished")
+    write_real_photos(root / "photos", n=6)
+    out = root / "out"
+    assert (
+        cli_main(_encode_args(tiny_llava, root / "photos", out, "--pooled", "--max-error-fraction", "0")) == 0
+    )
+    return root / "photos", out
+
+
+@pytest.mark.parametrize(
+    ("flags", "named", "code"),
+    [
+        (("--features", "both"), 'encoder.features: "projected" → "both"', "schema_mismatch"),
+        (("--no-pooled",), "encoder.pooled: true → false", "schema_mismatch"),
+        (("--tensor-format", "list"), 'job.tensor_format: "binary" → "list"', "schema_mismatch"),
+        (("--output-dtype", "float16"), 'encoder.output_dtype: "float32" → "float16"', "schema_mismatch"),
+        (("--select-layer", "1"), "model.select_layer: -2 → 1", "fingerprint_mismatch"),
+        (("--image-aspect-ratio", "square"), "preprocess.aspect_ratio", "fingerprint_mismatch"),
+        (("--shard-size", "2"), "different input plan", "fingerprint_mismatch"),
+    ],
+)
+def test_resume_refuses_options_that_change_the_schema_or_the_values(
+    finished, tiny_llava, flags, named, code, capsys
+):
+    photos, out = finished
+    version = read_features(str(out), column=None).version
+    rc = cli_main(_encode_args(tiny_llava, photos, out, "--pooled", "--resume", *flags))
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and f"[{code}]" in err, err
+    assert read_features(str(out), column=None).version == version  # nothing written
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--batch-size", "3"), ("--compression", "zstd"), ("--actors", "1,2"), ("--read-timeout-s", "5")],
+)
+def test_resume_accepts_options_that_change_neither(finished, tiny_llava, flags, capsys):
+    photos, out = finished
+    rc = cli_main(_encode_args(tiny_llava, photos, out, "--pooled", "--resume", *flags))
+    assert rc == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_append_adds_the_new_inputs_only(ray_local, tiny_llava, tmp_path, capsys):
+    """A table of A, then --append of A ∪ B: |A ∪ B| rows, each id once, A's data files untouched; another
+    encoder or schema is refused; an append with nothing new writes nothing."""
+    photos = sorted(write_real_photos(tmp_path / "src", n=8))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in photos[:5]:  # A
+        shutil.copy(p, folder / f"a-{p.name}")
+    out = tmp_path / "out"
+    assert (
+        cli_main(_encode_args(tiny_llava, folder, out, "--shard-size", "2", "--max-error-fraction", "0")) == 0
+    )
+    a_files = {p.name: p.stat().st_mtime_ns for p in _committed(out)}
+    for p in photos[5:]:  # B
+        shutil.copy(p, folder / f"b-{p.name}")
+    for p in photos[:2]:  # and two of A's images again under new names: new ids, new rows
+        shutil.copy(p, folder / f"c-{p.name}")
+    capsys.readouterr()
+    assert cli_main(_encode_args(tiny_llava, folder, out, "--shard-size", "2", "--append", "--dry-run")) == 0
+    assert "--append adds the rest" in capsys.readouterr().out
+    assert (
+        cli_main(
+            _encode_args(
+                tiny_llava, folder, out, "--shard-size", "2", "--max-error-fraction", "0", "--append"
+            )
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "images read:   5 this run" in printed
+    table = read_features(str(out), status=None, column=None)
+    ids = table.image_ids
+    assert sorted(ids) == sorted(p.name for p in folder.iterdir()) and len(set(ids)) == len(ids) == 10
+    assert {p.name: p.stat().st_mtime_ns for p in _committed(out) if p.name in a_files} == a_files
+    assert {DataFileName.parse(p.name).segment for p in _committed(out)} == {1, 2}
+    report = inspect_table(str(out))
+    assert [(s.number, s.append, s.rows, s.state) for s in report.segments] == [
+        (1, False, 5, "complete"),
+        (2, True, 5, "complete"),
+    ]
+    # nothing new: nothing written
+    version = table.version
+    assert cli_main(_encode_args(tiny_llava, folder, out, "--shard-size", "2", "--append")) == 0
+    assert "nothing was appended" in capsys.readouterr().out
+    assert read_features(str(out), column=None).version == version
+    # another encoder, another schema: refused before anything is written
+    for flags, code in (
+        (("--select-layer", "1"), "fingerprint_mismatch"),
+        (("--pooled",), "schema_mismatch"),
+    ):
+        assert cli_main(_encode_args(tiny_llava, folder, out, "--append", *flags)) == 2
+        assert f"[{code}]" in capsys.readouterr().err
 
 
 def test_non_utf8_manifest_is_a_typed_error_naming_the_file(tiny_llava, tmp_path, capsys):

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from pipeline.constants import SUCCESS_FILE
+from pipeline.table import SUCCESS_FILE
 from tests.corpus import write_real_photos
 from tests.fixtures.ray_cluster import free_port
 
@@ -53,18 +54,30 @@ def test_an_address_nobody_answers_at_fails_fast_and_writes_nothing(tiny_llava, 
     photos = tmp_path / "photos"
     write_real_photos(photos, n=2)
     dead = f"127.0.0.1:{free_port()}"
-    for extra, env, source in (
-        ((), _env(RAY_ADDRESS=dead), "RAY_ADDRESS"),
-        (("--address", dead), _env(), "--address"),
-    ):
-        out = tmp_path / f"out-{source.strip('-')}"
+
+    def attempt(extra: tuple[str, ...], env: dict[str, str], out: Path):
         started = time.monotonic()
         proc = _encode(tiny_llava, photos, out, *extra, env=env, timeout=240)
+        return proc, time.monotonic() - started
+
+    cases = {
+        "RAY_ADDRESS": ((), _env(RAY_ADDRESS=dead)),
+        "--address": (("--address", dead), _env()),
+    }
+    # The two commands are independent processes (mostly start-up and a refused connection): side by side.
+    with ThreadPoolExecutor(len(cases)) as pool:
+        runs = {
+            source: (out, pool.submit(attempt, extra, env, out))
+            for source, (extra, env) in cases.items()
+            for out in [tmp_path / f"out-{source.strip('-')}"]
+        }
+    for source, (out, run) in runs.items():
+        proc, seconds = run.result()
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"No Ray cluster answers at {dead}" in proc.stderr and source in proc.stderr
         assert "Traceback" not in proc.stderr and "Nothing was written" in proc.stderr
         assert not out.exists()  # never a half-initialised output
-        assert time.monotonic() - started < 120
+        assert seconds < 120
 
 
 def test_without_an_address_a_local_ray_starts_even_beside_a_stale_cluster(tiny_llava, tmp_path):

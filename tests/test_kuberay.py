@@ -10,19 +10,17 @@
 - The Dockerfile installs exactly what pyproject.toml declares: the project's wheel, with torch
   first at the Makefile's pin, and no second list of packages.
 
-The CRDs are the KubeRay operator's (see shared/kuberay/README.md), read from ``shared/kuberay/``
-beside the repository (``../shared``, as CI lays it beside its clone) or beside a folder above it
-(a git worktree's main checkout), or from ``$KUBERAY_CRD_DIR``. When they are missing the schema
-tests fail instead of skipping: CI always has them, and a skip would hide a broken setup. The other
-tests do not need them.
+The CRDs are the KubeRay operator's, copied into the repository as test data (tests/data/kuberay/,
+its README.md: source, version, licence, and the hashes checked here), so the tests read nothing
+outside the repository.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
-import os
 import re
 import shlex
 import shutil
@@ -39,6 +37,7 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "configs" / "kuberay"
 MANIFESTS = {"RayJob": "rayjob.yaml", "RayService": "rayservice.yaml"}
+CRD_DIR = REPO / "tests" / "data" / "kuberay"
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 CLUSTER_KEY = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
 GPU = "nvidia.com/gpu"
@@ -55,8 +54,8 @@ def _cli() -> Any:
 
 
 def _app() -> Any:
-    """The Serve application module (``import_path: deployments.app:build_app``)."""
-    return importlib.import_module("deployments.app")
+    """The Serve application's builder module (``import_path: deployments.app:build_app`` builds with it)."""
+    return importlib.import_module("deployments.build")
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -133,28 +132,10 @@ def _serve_config_text() -> str:
 # -- the CRD schemas -----------------------------------------------------------------------------
 
 
-def _crd_dir() -> Path | None:
-    env = os.environ.get("KUBERAY_CRD_DIR")
-    candidates = [Path(env)] if env else [parent / "shared" / "kuberay" for parent in REPO.parents]
-    for folder in candidates:
-        if all((folder / name).is_file() for name in CRD_FILES.values()):
-            return folder
-    return None
-
-
 @pytest.fixture(scope="module")
 def crds() -> dict[str, dict[str, Any]]:
     """{kind: the CRD object} for RayJob and RayService."""
-    folder = _crd_dir()
-    if folder is None:
-        where = (
-            f"in $KUBERAY_CRD_DIR ({os.environ['KUBERAY_CRD_DIR']})"
-            if os.environ.get("KUBERAY_CRD_DIR")
-            else "in shared/kuberay/ beside the repository (../shared, as in CI) or beside a folder "
-            "above it; or set $KUBERAY_CRD_DIR to their folder"
-        )
-        pytest.fail(f"KubeRay CRDs {' and '.join(CRD_FILES.values())} not found {where}", pytrace=False)
-    return {kind: _yaml(folder / name) for kind, name in CRD_FILES.items()}
+    return {kind: _yaml(CRD_DIR / name) for kind, name in CRD_FILES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +189,17 @@ def _walk_schema(schema: dict[str, Any], path: str = "") -> Any:
         yield from _walk_schema(schema["items"], f"{path}[]")
     if isinstance(schema.get("additionalProperties"), dict):
         yield from _walk_schema(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_crd_copies_are_the_recorded_ones():
+    """The copies are the files their README describes (upstream, cut to v1): an edit or an upgrade
+    of the test data updates the hashes there, next to its source and version."""
+    recorded = dict(
+        reversed(m.groups())
+        for m in re.finditer(r"^([0-9a-f]{64})  (\S+\.yaml)$", (CRD_DIR / "README.md").read_text(), re.M)
+    )
+    actual = {name: hashlib.sha256((CRD_DIR / name).read_bytes()).hexdigest() for name in CRD_FILES.values()}
+    assert recorded == actual
 
 
 def test_crds_are_kuberays_v1_schemas(crds):

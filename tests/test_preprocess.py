@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench.preprocess import bench_preprocess
+from pipeline.bench.preprocess import PreprocessOptions, bench_preprocess
 from pipeline.config import DecodeConfig
 from pipeline.images import native
 from pipeline.images.normalize import normalize
@@ -311,7 +311,7 @@ def test_spec_errors(kwargs, processor):
 
 
 def test_bench_preprocess_smoke():
-    result = bench_preprocess(size=224, aspect_ratio="pad", seconds=0.2)
+    result = bench_preprocess(PreprocessOptions(size=224, aspect_ratio="pad", seconds=0.2))
     for key in (
         "ours_images_per_s",
         "hf_images_per_s",

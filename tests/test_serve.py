@@ -28,23 +28,26 @@ import yaml
 from PIL import Image
 
 from deployments import http as H
-from deployments.app import (
+from deployments.app import ENCODER_DEPLOYMENT
+from deployments.build import (
     API_KEY_ENV,
-    ENCODER_DEPLOYMENT,
+    deployment_options,
+    proxy_request_timeout_s,
+    resolve_app_config,
+    with_api_key_from_env,
+)
+from deployments.replica import declared_pixels
+from deployments.scheduling import (
     Admission,
     DeviceQueue,
     Inflow,
     PixelBudget,
-    declared_pixels,
-    deployment_options,
     forming_batch_size,
-    proxy_request_timeout_s,
-    release_free_memory,
-    resolve_app_config,
-    with_api_key_from_env,
+    pass_groups,
 )
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
+from pipeline.memory import release_free_memory
 from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, RequestError
 from tests.fixtures.serve import assert_same_features, free_port, tiny_app_args
 
@@ -53,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
 STRICT_BODY_LIMIT = 64 * 1024
 STRICT_TIMEOUT_S = 1.5
+STRICT_BODY_TIMEOUT_S = 1.5
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -131,25 +135,18 @@ def expected(local_encoder) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int
 
 @pytest.fixture(scope="module")
 def apps(serve_cluster, tiny_llava) -> dict[str, str]:
-    main = serve_cluster.deploy(
-        "main",
-        "/",
-        tiny_app_args(tiny_llava, max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=60),
+    main = tiny_app_args(tiny_llava, max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=60)
+    strict = tiny_app_args(
+        tiny_llava,
+        api_key=API_KEY,
+        max_body_bytes=STRICT_BODY_LIMIT,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        request_timeout_s=STRICT_TIMEOUT_S,
+        body_timeout_s=STRICT_BODY_TIMEOUT_S,
     )
-    strict = serve_cluster.deploy(
-        "strict",
-        "/strict",
-        tiny_app_args(
-            tiny_llava,
-            api_key=API_KEY,
-            max_body_bytes=STRICT_BODY_LIMIT,
-            max_batch_size=1,
-            max_ongoing_requests=1,
-            max_queued_requests=1,
-            request_timeout_s=STRICT_TIMEOUT_S,
-        ),
-    )
-    return {"main": main, "strict": strict}
+    return serve_cluster.deploy_many({"main": ("/", main), "strict": ("/strict", strict)})
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +314,10 @@ def test_pixel_budget_admission_and_device_queue():
     inflow.decoding = 0
     assert forming_batch_size(items) == 8
     assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
+    # A request's images go to the device in passes of at most max_batch_size (anyres: tiles), in order.
+    assert pass_groups(list(range(7)), lambda _: 1, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert pass_groups([2, 3, 1, 9, 1], lambda tiles: tiles, 5) == [[2, 3], [1], [9], [1]]
+    assert pass_groups([], lambda _: 1, 4) == []
     png = io.BytesIO()
     Image.new("RGB", (300, 200)).save(png, "PNG")
     assert declared_pixels(png.getvalue()) == 60_000
@@ -325,18 +326,23 @@ def test_pixel_budget_admission_and_device_queue():
 
 
 def test_framework_errors_in_our_error_shape():
-    """Unknown routes (404) and wrong methods (405) answer {"error": {...}}, not FastAPI's {"detail"}."""
-    from fastapi import FastAPI
+    """Unknown routes (404) and wrong methods (405) answer {"error": {...}} from the router."""
     from starlette.responses import PlainTextResponse
     from starlette.testclient import TestClient
 
-    api = FastAPI()
+    from deployments.router import Route, Router
 
     async def features(request):
         return PlainTextResponse("ok")
 
-    api.add_route("/v1/features", features, methods=["POST"])  # a plain Starlette route
-    H.install_error_handlers(api)
+    seen = []
+    api = Router(
+        [Route("POST", "/v1/features", features)],
+        limits=load_config(None).serve,
+        api_key=None,
+        admission=Admission(4, 4),
+        observe=lambda route, status, ms: seen.append((route, status)),
+    )
     with TestClient(api) as client:
         assert client.post("/v1/features").text == "ok"
         r = client.get("/v1/nope")
@@ -351,7 +357,9 @@ def test_framework_errors_in_our_error_shape():
             "message": "GET /v1/features is not allowed; use POST",
             "type": "invalid_request_error",
         }
+    assert seen == [("/v1/features", 200)]  # only the requests a route answered are counted
     assert H.status_for(ErrorCode.NOT_FOUND) == 404 and H.status_for(ErrorCode.METHOD_NOT_ALLOWED) == 405
+    assert H.status_for(ErrorCode.BODY_TIMEOUT) == 408
 
 
 def test_build_args_and_deployment_options(tmp_path, monkeypatch):
@@ -409,7 +417,7 @@ def test_cli_serve_blocks_until_stopped(tiny_llava):
                 ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
             if ready:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         assert ready, (
             proc.stdout.read().decode(errors="replace")[-3000:] if proc.poll() is not None else "not ready"
         )
@@ -461,7 +469,7 @@ def test_serve_run_config_prints_where_it_listens(tmp_path):
             while time.monotonic() < deadline and proc.poll() is None and not ready:
                 with contextlib.suppress(httpx.TransportError):
                     ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-                time.sleep(0.5 if ready else 1)
+                time.sleep(0.5 if ready else 0.25)
             assert ready, "".join(lines)[-3000:]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(announced in line for line in lines):
@@ -661,12 +669,13 @@ def test_request_errors(main, local_encoder):
 @pytest.fixture(scope="module")
 def dtype_apps(serve_cluster, tiny_llava, apps) -> dict[str, str]:
     """``main`` (float16, the default) plus one application per other output dtype."""
-    out = {"float16": apps["main"]}
+    others = {}
     for dtype in ("float32", "bfloat16"):
         args = tiny_app_args(tiny_llava, max_batch_size=8, request_timeout_s=60)
         args["encoder"] = {"output_dtype": dtype}
-        out[dtype] = serve_cluster.deploy(f"out-{dtype}", f"/{dtype}", args)
-    return out
+        others[f"out-{dtype}"] = (f"/{dtype}", args)
+    urls = serve_cluster.deploy_many(others)
+    return {"float16": apps["main"], **{dtype: urls[f"out-{dtype}"] for dtype in ("float32", "bfloat16")}}
 
 
 @slow
@@ -807,19 +816,21 @@ def test_body_limit_413(strict):
 
 
 @slow
-def test_slow_request_times_out_504(strict):
-    def slow_body():
+def test_stalled_body_gets_408(strict):
+    """A body that stops arriving is answered 408 ``body_timeout`` after ``serve.body_timeout_s``."""
+
+    def stalled_body():
         data = IMAGES["a.png"]
         yield data[:100]
-        time.sleep(STRICT_TIMEOUT_S + 1.5)
+        time.sleep(STRICT_BODY_TIMEOUT_S + 1.5)
         yield data[100:]
 
     started = time.perf_counter()
     try:
-        r = strict.post("/v1/features", content=slow_body())
+        r = strict.post("/v1/features", content=stalled_body())
     except httpx.TransportError:  # the server answered and closed while we were still sending
-        pytest.fail("connection closed before the 504 could be read")
-    _assert_error(r, 504, "timeout")
+        pytest.fail("connection closed before the 408 could be read")
+    _assert_error(r, 408, "body_timeout")
     assert time.perf_counter() - started < 30
     _ok(strict)
 
@@ -926,17 +937,17 @@ def test_hostile_images_stay_within_the_decode_budget(serve_cluster, tiny_llava,
 
 @slow
 def test_bench_serve_runs(serve_cluster, tiny_llava):
-    from deployments.bench import bench_serve
+    from deployments.bench import ServeOptions, bench_serve
 
     config = load_config(None, {"model": {"checkpoint": str(tiny_llava)}, "serve": {"max_batch_size": 8}})
-    figures = bench_serve(
-        config,
+    options = ServeOptions(
         requests=20,
         concurrency=4,
         warmup=2,
         port=serve_cluster.port,
         ray_actor_options={"encoder": {"num_cpus": 0.1}},
     )
+    figures = bench_serve(config, options)
     for key in (
         "serve_p50_ms",
         "serve_p99_ms",
@@ -981,8 +992,8 @@ def test_killed_encoder_replica_is_replaced(main):
 @slow
 def test_features_equal_offline_job(main, tiny_llava, tmp_path):
     """The endpoint and the offline job serve the same numbers for the same image (float16)."""
-    from pipeline.job import run_job
-    from pipeline.reader import read_features
+    from pipeline.offline import run_job
+    from pipeline.table import read_features
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -992,9 +1003,116 @@ def test_features_equal_offline_job(main, tiny_llava, tmp_path):
     summary = run_job(config, str(folder), str(tmp_path / "out"))
     assert summary.ok == len(IMAGES)
     offline = read_features(str(tmp_path / "out"))
-    assert offline.features.dtype == np.float16
+    assert offline.features.dtype == np.float16 and offline.state == "complete"
+    assert offline.identity.fingerprint == summary.fingerprint and offline.num_rows == len(IMAGES)
     for row, name in enumerate(offline.image_ids):
         r = main.post("/v1/features", content=IMAGES[name])
         assert r.status_code == 200, r.text
         assert r.headers["x-model-fingerprint"] == summary.fingerprint
         assert_same_features(H.load_npy(r.content), offline.features[row])
+
+
+SLOW_UPLOADS = 300
+HOSTILE_BODY_TIMEOUT_S = 4.0
+
+
+def _slow_uploads(port: int, prefix: str, n: int) -> list:
+    """``n`` connections that each send the headers of a 100 kB upload and then nothing more yet."""
+    import socket
+
+    head = (
+        f"POST {prefix}/v1/features HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    ).encode()
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(head + b"\xff")
+        socks.append(sock)
+    return socks
+
+
+@slow
+def test_slow_uploads_cannot_starve_admission(serve_cluster, tiny_llava):
+    """Hundreds of uploads trickling in (1 byte every 2 s) hold no admission slot: a normal request
+    still gets 200 quickly; each slow upload gets 408 once ``serve.body_timeout_s`` has passed; and at
+    overload the refusals (503) come at once, before the bodies are read."""
+    url = serve_cluster.deploy(
+        "hostile",
+        "/hostile",
+        tiny_app_args(
+            tiny_llava,
+            max_batch_size=4,
+            max_ongoing_requests=4,
+            max_queued_requests=4,
+            body_timeout_s=HOSTILE_BODY_TIMEOUT_S,
+            request_timeout_s=60,
+        ),
+    )
+    with httpx.Client(base_url=url, timeout=60) as client:
+        _ok(client)
+        # Overload: 48 requests at once (kept-alive connections, opened before) on 4 in progress + 4
+        # waiting: those refused get their 503 at once.
+        import http.client
+
+        conns = [http.client.HTTPConnection("127.0.0.1", serve_cluster.port, timeout=60) for _ in range(48)]
+        for conn in conns:
+            conn.request("GET", "/hostile/v1/models")
+            conn.getresponse().read()
+        barrier = threading.Barrier(len(conns))
+
+        def one(conn: http.client.HTTPConnection) -> tuple[int, float]:
+            barrier.wait()
+            t = time.perf_counter()
+            conn.request(
+                "POST", "/hostile/v1/features", body=IMAGES["b.jpg"], headers={"content-type": "image/jpeg"}
+            )
+            response = conn.getresponse()
+            response.read()
+            return response.status, time.perf_counter() - t
+
+        with ThreadPoolExecutor(len(conns)) as pool:
+            answers = list(pool.map(one, conns))
+        for conn in conns:
+            conn.close()
+        refused = sorted(s for code, s in answers if code == 503)
+        assert {code for code, _ in answers} <= {200, 503} and refused, answers
+        p90 = refused[int(0.9 * (len(refused) - 1))]
+        print(f"{len(refused)} refusals of {len(answers)}: p90 {p90:.3f}s, max {refused[-1]:.3f}s")
+        assert p90 < 1.0, refused
+
+        refused_before = client.get("/debug/stats").json()["requests_refused"]
+        socks = _slow_uploads(serve_cluster.port, "/hostile", SLOW_UPLOADS)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(2.0):
+                for sock in socks:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"\x00")
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        try:
+            time.sleep(1.0)  # every slow upload has reached the replica
+            started = time.perf_counter()
+            _ok(client)
+            normal_s = time.perf_counter() - started
+            stats = client.get("/debug/stats").json()
+            # the slow uploads are past the proxy, yet none holds an admission slot
+            assert stats["requests_inside"] == 0 and stats["requests_refused"] == refused_before, stats
+            # each slow upload is answered 408 after body_timeout_s
+            socks[0].settimeout(HOSTILE_BODY_TIMEOUT_S + 30)
+            answer = ""
+            while '"body_timeout"' not in answer and (chunk := socks[0].recv(4096)):
+                answer += chunk.decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 408"), answer[:200]
+            assert '"body_timeout"' in answer, answer[-300:]
+        finally:
+            stop.set()
+            trickler.join()
+            for sock in socks:
+                sock.close()
+        print(f"a normal request beside {SLOW_UPLOADS} slow uploads: {normal_s:.3f}s")
+        assert normal_s < 10, normal_s
+        _ok(client)

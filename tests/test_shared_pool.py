@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from deployments.app import ENCODER_DEPLOYMENT, DeviceQueue, FeaturesEncoderImpl
+from deployments.app import ENCODER_DEPLOYMENT
+from deployments.replica import FeaturesEncoderImpl
+from deployments.scheduling import DeviceQueue
 from pipeline.config import load_config
-from pipeline.constants import COMMITS_DIR, SERVE_DESCRIBE_METHOD, SERVE_SHARD_METHOD, SUCCESS_FILE
+from pipeline.constants import SERVE_DESCRIBE_METHOD, SERVE_SHARD_METHOD
 from pipeline.model.errors import ConfigError, ErrorCode, LlavaFeaturesError
 from pipeline.records import ShardSummary
 from pipeline.shards import chunk_ranges
+from pipeline.table import SUCCESS_FILE, DataFile, inspect_table, read_features
+from pipeline.table.layout import DataFileName
 from tests.corpus import real_photos
 from tests.fixtures.serve import SMALL_ACTORS
 
@@ -75,7 +79,8 @@ def _write_inputs(folder: Path, copies: int) -> list[str]:
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    table = pq.read_table(out).to_pylist()
+    """The table's rows by image id (every column but the tensors)."""
+    table = read_features(out, status=None, column=None).table.to_pylist()
     return {row["image_id"]: row for row in table}
 
 
@@ -96,10 +101,32 @@ def test_chunks_summaries_and_the_replica_methods():
     assert chunk_ranges(np.array([5, 1, 3, 2]), 4) == [(0, 1), (1, 3), (3, 4)]  # a 5-tile image alone
     assert chunk_ranges(np.array([1, 1]), None) == [(0, 2)]
     assert chunk_ranges(np.zeros(0, np.int64), 4) == []
-    summary = ShardSummary(
-        shard=3, piece=1, last=True, rows=4, ok=3, file="part-000003-00001.parquet", errors={"x": 1}
+    name = DataFileName(1, 3, 1, "ab" * 10, "0123abcd").name()
+    file = DataFile(
+        name,
+        1234,
+        4,
+        {"error_code": 3, "status": 0},
+        text_bounds={"image_id": ("id-0", "id-3")},
+        modified_ms=1_700_000_000_000,
     )
-    assert ShardSummary.from_row(summary.to_row()) == summary
+    summary = ShardSummary(shard=3, piece=1, last=True, rows=4, ok=3, file=file, errors={"x": 1})
+    assert ShardSummary.from_row(summary.to_row()) == summary and summary.file.ok == 3
+    empty = ShardSummary(shard=0, piece=0, last=True, rows=0, ok=0)  # a piece without a file
+    assert ShardSummary.from_row(empty.to_row()) == empty
+    # a file its worker could not write travels as a typed fault, for the driver to stop the job
+    from pipeline.model.errors import OutputError
+    from pipeline.records import DecodedShard
+
+    fault = OutputError("disk full", code=ErrorCode.OUTPUT_WRITE_FAILED)
+    failed = ShardSummary.failed(DecodedShard(shard=2, piece=1, last=False), fault)
+    assert ShardSummary.from_row(failed.to_row()) == failed
+    assert (failed.fault_code, failed.fault, failed.file, failed.shard) == (
+        "output_write_failed",
+        "disk full",
+        None,
+        2,
+    )
     for key in ("offline_chunk_size", "max_offline_shards"):  # range-checked, the error names the key
         with pytest.raises(ConfigError, match=key):
             load_config(None, {"serve": {key: 0}})
@@ -147,8 +174,8 @@ def test_offline_work_waits_for_online_work():
 @slow
 def test_job_through_the_pool_equals_the_standalone_job(pool, tiny_llava, tmp_path):
     """Same inputs → the same rows and float32 features as the job's own actors, committed with the
-    same protocol (one commit record per unit, _SUCCESS), by the replica (its counters say so)."""
-    from pipeline.job import run_job
+    same protocol (every unit in the table's log, complete, _SUCCESS), by the replica (its counters say so)."""
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 1)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")  # an error row, through both
@@ -156,10 +183,11 @@ def test_job_through_the_pool_equals_the_standalone_job(pool, tiny_llava, tmp_pa
     standalone = run_job(_job_config(tiny_llava, None), str(tmp_path / "in"), str(tmp_path / "alone"))
     shared = run_job(_job_config(tiny_llava, APP), str(tmp_path / "in"), str(tmp_path / "shared"))
     assert shared.fingerprint == standalone.fingerprint
-    assert (shared.ok, shared.errors, shared.shards_written) == (
+    assert (shared.ok, shared.errors, shared.files_written, shared.state) == (
         standalone.ok,
         standalone.errors,
-        standalone.shards_written,
+        standalone.files_written,
+        "complete",
     )
     assert shared.ok == len(ids) and sum(shared.errors.values()) == 1
     alone, through = _rows(tmp_path / "alone"), _rows(tmp_path / "shared")
@@ -169,18 +197,21 @@ def test_job_through_the_pool_equals_the_standalone_job(pool, tiny_llava, tmp_pa
         assert {k: v for k, v in other.items() if k not in ("features", "pooled")} == {
             k: v for k, v in row.items() if k not in ("features", "pooled")
         }
-    from pipeline.reader import read_features
-
     a, b = read_features(str(tmp_path / "alone")), read_features(str(tmp_path / "shared"))
     assert a.features.dtype == b.features.dtype == np.float32
     order = {image_id: i for i, image_id in enumerate(b.image_ids)}
     for i, image_id in enumerate(a.image_ids):
         np.testing.assert_array_equal(b.features[order[image_id]], a.features[i], err_msg=image_id)
     for out in ("alone", "shared"):
-        commits = sorted(p.name for p in (tmp_path / out / COMMITS_DIR).iterdir())
-        assert len(commits) == standalone.units_total and (tmp_path / out / SUCCESS_FILE).exists()
+        report = inspect_table(tmp_path / out)
+        assert (report.state, report.units_committed, report.data_files) == (
+            "complete",
+            standalone.units_total,
+            standalone.files_total,
+        )
+        assert report.orphan_files == [] and (tmp_path / out / SUCCESS_FILE).exists()
     stats = _stats(pool)
-    assert stats["offline_shards"] - before == shared.shards_written
+    assert stats["offline_shards"] - before == shared.files_written
     assert stats["offline_chunks"] >= stats["offline_shards"] * (SHARD_SIZE // CHUNK) - 2  # in chunks
 
 
@@ -190,7 +221,8 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
     --dry-run plans without Ray and names the pool; an application that does not exist is a typed error."""
     from llava_features.cli import main as cli_main
     from pipeline.encoder import describe_encoder
-    from pipeline.job import describe_pool, dry_run
+    from pipeline.offline import dry_run
+    from pipeline.offline.pool import describe_pool
 
     _write_inputs(tmp_path / "in", 1)
     before = _stats(pool)["offline_shards"]
@@ -214,9 +246,12 @@ def test_another_fingerprint_is_refused_before_any_shard(pool, tiny_llava, tmp_p
     from ray import serve
 
     from pipeline.records import DecodedShard, ShardTarget
+    from pipeline.table import TableLocation, TableSpec, TensorSpec, WriteTarget
 
     handle = serve.get_deployment_handle(ENCODER_DEPLOYMENT, app_name=APP)
-    target = ShardTarget(str(tmp_path / "direct"), ours, {}, "projected", False, "binary", "none")
+    spec = TableSpec(tensors=(("features", TensorSpec("float16", (16, 64))),))
+    table = WriteTarget(TableLocation(str(tmp_path / "direct")), spec, segment=1, run="0123abcd")
+    target = ShardTarget(ours, "projected", False, table)
     with pytest.raises(ConfigError, match=ours[:16]):
         getattr(handle, SERVE_SHARD_METHOD).remote(target, DecodedShard(shard=0)).result()
     assert not (tmp_path / "direct").exists()
@@ -309,8 +344,6 @@ def test_llava_next_online_and_through_the_pool(serve_cluster, tiny_models, tmp_
     writes exactly the rows the replica serves."""
     from ray import serve
 
-    from pipeline.reader import read_features
-
     model = tiny_models["llava-next-hf"]
     photos = _photo_bytes()
     for anyres_output in ("tiles", "packed"):
@@ -331,7 +364,7 @@ def test_llava_next_online_and_through_the_pool(serve_cluster, tiny_models, tmp_
                     "job": {"serve_app": name},
                 },
             )
-            from pipeline.job import run_job
+            from pipeline.offline import run_job
 
             assert run_job(config, str(folder), str(tmp_path / "out")).ok == 2
             assert _stats(url)["offline_chunks"] >= 2
@@ -382,7 +415,7 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
       pass (the longest of each, + WAIT_SLACK_MS), never a whole shard (~5 chunks here);
     - over HTTP, their p99 stays within 2 x (idle p99 + the longest chunk) + ONLINE_SLACK_MS.
     """
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     _write_inputs(tmp_path / "in", 2)
     body = (tmp_path / "in" / "chelsea-0.jpg").read_bytes()
@@ -431,12 +464,57 @@ def test_online_requests_go_first_during_a_job(pool, tiny_llava, tmp_path):
 
 
 @slow
+def test_an_application_gone_mid_job_stops_it_in_one_line_and_resume_completes(
+    serve_cluster, pool, tiny_llava, tmp_path, capsys
+):
+    """A job sending its files to a second application (the same model) that is deleted mid-job: it stops
+    (exit 7) with its summary and one error line naming the application, no traceback; its committed units
+    are kept, and --resume through the pool (the same fingerprint) completes the table, every row once."""
+    import deltalake
+    from ray import serve
+
+    from llava_features.cli import EXIT_STOPPED
+    from llava_features.cli import main as cli_main
+
+    serve_cluster.deploy("gone", "/gone", _app_args(tiny_llava))
+    ids = _write_inputs(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    args = ["encode", "--model", str(tiny_llava), "--input", str(tmp_path / "in"), "--output", str(out)]
+    args += ["--output-dtype", "float32", "--shard-size", "1", "--commit-interval-s", "0.05"]
+    args += ["--num-cpus-per-actor", "0.5", "--stall-warn-s", "30", "--stall-fail-s", "120"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(code=cli_main([*args, "--serve-app", "gone"])))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if len(deltalake.DeltaTable(str(out)).file_uris()) >= 2:
+                break
+        time.sleep(0.1)
+    serve.delete("gone")  # the application stops answering mid-job
+    thread.join(timeout=300)
+    captured = capsys.readouterr()
+    assert result.get("code") == EXIT_STOPPED, captured.err[-3000:]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[unavailable] Serve application 'gone' stopped answering" in errors[0], (
+        errors
+    )
+    assert "--resume" in errors[0] and "Traceback" not in captured.err
+    assert "interrupted)" in captured.out and "images read:" in captured.out
+    kept = len(deltalake.DeltaTable(str(out)).file_uris())
+    assert 2 <= kept < len(ids)
+    assert cli_main([*args, "--serve-app", APP, "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    table = read_features(out, status=None, column=None)
+    assert sorted(table.image_ids) == sorted(ids) and table.state == "complete"  # every row exactly once
+
+
+@slow
 def test_killed_replica_mid_job_every_row_once(pool, tiny_llava, tmp_path):
     """Last (it kills the pool's replica): the job completes with every row exactly once (the lost
     shard is sent again and committed once), and online requests recover on the new replica."""
     import ray
 
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     ids = _write_inputs(tmp_path / "in", 2)
     done = threading.Event()
@@ -463,10 +541,15 @@ def test_killed_replica_mid_job_every_row_once(pool, tiny_llava, tmp_path):
     thread.join(timeout=300)
     assert done.is_set() and "error" not in result, result
     summary = result["summary"]
-    assert summary.ok == len(ids) and (tmp_path / "out" / SUCCESS_FILE).exists()
-    table = pq.read_table(tmp_path / "out", columns=["image_id"]).column("image_id").to_pylist()
-    assert sorted(table) == sorted(ids)  # every row exactly once
-    assert not list((tmp_path / "out").glob(".*.tmp"))
+    assert (summary.ok, summary.state) == (len(ids), "complete") and (
+        tmp_path / "out" / SUCCESS_FILE
+    ).exists()
+    assert sorted(read_features(tmp_path / "out").image_ids) == sorted(ids)  # every row exactly once
+    report = inspect_table(tmp_path / "out")
+    assert (report.rows, report.units_committed) == (len(ids), summary.units_total)
+    # the lost file's first try left nothing behind: no temporary file, no file outside the log
+    assert report.orphan_files == [] and not list((tmp_path / "out").glob(".*.tmp"))
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == report.data_files
     with httpx.Client(base_url=pool, timeout=60) as client:
         r = client.post("/v1/features", content=(tmp_path / "in" / "coffee-0.jpg").read_bytes())
         assert r.status_code == 200, r.text[:300]

@@ -13,7 +13,7 @@ synthetic uint8 pixels already on the device. Measured, per batch size:
   the layer, drop CLS, projector — in float16 with SDPA on a GPU (the compute dtype on a CPU), on
   pixels already normalised;
 - the matmul ceiling (bf16, 8192³ on a GPU, 2048³ on a CPU) and the fraction of it each path
-  reaches (FLOPs per image from :func:`~pipeline.bench.common.encoder_flops`);
+  reaches (FLOPs per image from :func:`~pipeline.bench.flops.encoder_flops`);
 - the relative error ‖ours − ref‖ / ‖ref‖ of the projected features against the seed path in
   float32 (TF32 off), on smooth photo-like images;
 - ``anyres``: LLaVA-NeXT on the same tower — a web mix of aspect ratios (:data:`ANYRES_MIX`) tiled
@@ -30,22 +30,23 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from .common import (
-    BenchArch,
-    bench_arch,
-    bench_resolved,
-    environment,
-    matmul_ceiling,
-    print_table,
-    random_modules,
-    smooth_noise_images,
-    time_callable,
-    time_wall,
-)
+from ..measure.environment import environment
+from ..measure.images import smooth_noise_images
+from ..measure.options import BenchOptions
+from ..measure.timing import time_callable, time_wall
+from ..model.config import setting
+from ..model.constants import CompileMode, ComputeDtype
+from .arch import BenchArch, bench_arch
+from .flops import matmul_ceiling
+from .models import bench_resolved, random_modules
+from .report import format_table
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,46 @@ ANYRES_MIX: tuple[tuple[int, int], ...] = (
 )
 """(width, height) of the anyres row's images: 4:3, 3:4, 16:9, 9:16, 1:1, 3:2, 2:3, 3:1."""
 
-VARIANTS = ("plain", "fast", "compiled")
+Variant = Literal["plain", "fast", "compiled"]
 """``plain``: eager, no transforms; ``fast``: eager + load-time transforms; ``compiled``: fast + torch.compile."""
+
+
+@dataclass(frozen=True)
+class EncoderOptions(BenchOptions):
+    """Options of ``bench encoder`` (None: the default of the device and architecture, as each field says)."""
+
+    SECTION: ClassVar[str] = "bench.encoder"
+
+    tiny: bool = False
+    """Benchmark the tiny test architecture (56 px, 3 layers) instead of the config's."""
+    batch_sizes: tuple[int, ...] | None = setting(None, ge=1)
+    """Batch sizes measured (default 32, 128, 256 on a GPU; 8, 32 for the tiny one on a CPU; else 2)."""
+    dtype: ComputeDtype | None = None
+    """Our compute dtype (default: the config's ``model.dtype``)."""
+    seed_dtype: ComputeDtype | None = None
+    """The seed path's dtype (null or auto: float16 on a GPU, our dtype on a CPU)."""
+    device: str | None = None
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (default: the config's ``model.device``)."""
+    compile: bool = False
+    """Ours is the ``compiled`` variant: ``torch.compile`` with static batch buckets."""
+    compile_mode: CompileMode | None = None
+    """``torch.compile`` mode of the compiled variant (null: torch's default)."""
+    fast: bool = True
+    """Ours has the load-time transforms (fused QKV, folded quick_gelu); False: ours is ``plain``."""
+    variants: tuple[Variant, ...] = ()
+    """Variants measured in the same run after ours: ``plain``, ``fast``, ``compiled``."""
+    warmup: int | None = setting(None, ge=0)
+    """Untimed calls before timing (default 3 on a GPU, 20 for the tiny one on a CPU, else 1)."""
+    repeats: int | None = setting(None, ge=1)
+    """Timed calls, of which the median is reported (default 8 on a GPU, 15 tiny on a CPU, else 3)."""
+    ceiling_n: int | None = setting(None, ge=1)
+    """N of the N³ bfloat16 matmul ceiling (default 8192 on a GPU, 2048 on a CPU)."""
+    error_images: int | None = setting(None, ge=0)
+    """Images of the relative error against the float32 seed path (default 8 on a GPU, 2 on a CPU; 0: none)."""
+    host_batches: int | None = setting(None, ge=0)
+    """Batches per host→host ``encode_pixels`` timing (default 3 on a GPU, 1 on a CPU; 0: none)."""
+    anyres_images: int | None = setting(None, ge=0)
+    """LLaVA-NeXT images of the anyres row (default 128 on a GPU, 8 tiny on a CPU, else 2; 0: none)."""
 
 
 def seed_forward(
@@ -101,12 +140,12 @@ def make_bench_encoder(
     config: Any,
     arch: BenchArch,
     master: tuple[Any, Any],
+    *,
     device: Any,
     dtype: Any,
     variant: str,
     batch_sizes: Sequence[int],
-    compile_mode: str | None,
-    *,
+    compile_mode: str | None = None,
     features: str = "projected",
     pooled: bool = False,
     resolved: Any = None,
@@ -154,7 +193,8 @@ def make_bench_encoder(
     )
 
 
-def _pixels(batch: int, arch: BenchArch, device: Any, seed: int) -> Any:
+def random_pixels(batch: int, arch: BenchArch, device: Any, *, seed: int) -> Any:
+    """``(batch, 3, S, S)`` random uint8 pixels of ``arch``'s image size on ``device``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -198,31 +238,29 @@ def _error_pixels(n: int, arch: BenchArch, device: Any) -> Any:
 
 
 def _measure_variant(
-    config: Any,
+    make_encoder: Callable[..., Any],
     arch: BenchArch,
-    master: tuple[Any, Any],
     dev: Any,
-    dtype: Any,
+    *,
     variant: str,
     sizes: Sequence[int],
-    compile_mode: str | None,
-    *,
     warmup: int,
     repeats: int,
     host_batches: int,
     err_pixels: Any,
     ref: Any,
 ) -> tuple[dict[int, dict[str, Any]], float | None]:
-    """One encoder variant at every batch size (+ host→host when ``host_batches``, + its error)."""
+    """One encoder variant (``make_encoder(variant=)`` builds it) at every batch size (+ host→host when
+    ``host_batches``, + its error)."""
     import numpy as np
     import torch
 
-    encoder = make_bench_encoder(config, arch, master, dev, dtype, variant, sizes, compile_mode)
+    encoder = make_encoder(variant=variant)
     warm_s = encoder.warmup(max(sizes))
     logger.info("variant %s: warm-up %.1fs", variant, warm_s)
     out: dict[int, dict[str, Any]] = {}
     for b in sizes:
-        pixels = _pixels(b, arch, dev, seed=b)
+        pixels = random_pixels(b, arch, dev, seed=b)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode():
@@ -332,10 +370,10 @@ def _measure_seed(
     arch: BenchArch,
     master: tuple[Any, Any],
     dev: Any,
+    *,
     dtype: Any,
     sizes: Sequence[int],
     spec: Any,
-    *,
     warmup: int,
     repeats: int,
     err_pixels: Any,
@@ -353,7 +391,7 @@ def _measure_seed(
 
     out: dict[int, dict[str, Any]] = {}
     for b in sizes:
-        values = normalize(_pixels(b, arch, dev, seed=b), spec, dtype=torch.float32).to(dtype)
+        values = normalize(random_pixels(b, arch, dev, seed=b), spec, dtype=torch.float32).to(dtype)
         with torch.inference_mode():
             timing = time_callable(lambda v=values: run(v), dev, warmup=warmup, repeats=repeats)
         out[b] = {"seed_images_per_s": b / timing.median_s, "seed_timing": timing.as_dict()}
@@ -367,31 +405,11 @@ def _measure_seed(
     return out, err
 
 
-def bench_encoder(
-    config: Any = None,
-    *,
-    tiny: bool = False,
-    batch_sizes: Sequence[int] | None = None,
-    dtype: str | None = None,
-    seed_dtype: str | None = None,
-    device: str | None = None,
-    compile: bool = False,
-    compile_mode: str | None = None,
-    fast: bool = True,
-    variants: Sequence[str] | None = None,
-    warmup: int | None = None,
-    repeats: int | None = None,
-    ceiling_n: int | None = None,
-    error_images: int | None = None,
-    host_batches: int | None = None,
-    anyres_images: int | None = None,
-) -> dict[str, Any]:
+def bench_encoder(config: Config | None, options: EncoderOptions) -> dict[str, Any]:
     """Measure our encoder, the seed path and the matmul ceiling on one device; returns a JSON-able dict.
 
-    ``variants`` (default: the one the flags select: ``compiled`` with ``compile``, ``plain``
-    without ``fast``, else ``fast``) are measured in order; the first is reported as ``ours``.
-    ``anyres_images`` LLaVA-NeXT images make the anyres row (default 128 on a GPU, 8 tiny on a
-    CPU, 2 otherwise; 0 skips it).
+    The variant the options select (``compiled`` with ``compile``, ``plain`` without ``fast``, else
+    ``fast``) is reported as ``ours``; ``variants`` are measured after it, in order.
     """
     import torch
 
@@ -400,29 +418,32 @@ def bench_encoder(
     from ..model import resolve_device, resolve_dtype
 
     config = config if config is not None else Config()
-    dev = resolve_device(device or config.model.device)
-    arch = bench_arch(None if tiny else config, tiny=tiny)
-    ours_dtype = resolve_dtype(dtype or config.model.dtype, dev)
+    dev = resolve_device(options.device or config.model.device)
+    arch = bench_arch(None if options.tiny else config, tiny=options.tiny)
+    ours_dtype = resolve_dtype(options.dtype or config.model.dtype, dev)
+    seed_dtype = options.seed_dtype
     ref_dtype = (
         resolve_dtype(seed_dtype, dev)
         if seed_dtype and seed_dtype != "auto"
         else (torch.float16 if dev.type == "cuda" else ours_dtype)
     )
-    sizes = tuple(int(b) for b in (batch_sizes or _default_batch_sizes(dev.type, arch)))
-    primary = "compiled" if compile else ("fast" if fast else "plain")
-    names = list(dict.fromkeys([primary, *(variants or ())]))
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"Unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    sizes = tuple(options.batch_sizes or _default_batch_sizes(dev.type, arch))
+    primary = "compiled" if options.compile else ("fast" if options.fast else "plain")
+    names = list(dict.fromkeys([primary, *options.variants]))
+    compile_mode, ceiling_n = options.compile_mode, options.ceiling_n
     cuda = dev.type == "cuda"
     small = (
         arch.source == "tiny"
     )  # cheap calls: many warm-ups (CPU kernels settle after ~15 calls), many repeats
-    warmup = warmup if warmup is not None else (3 if cuda else (20 if small else 1))
-    repeats = repeats if repeats is not None else (8 if cuda else (15 if small else 3))
-    host_batches = host_batches if host_batches is not None else (3 if cuda else 1)
-    error_images = error_images if error_images is not None else (8 if cuda else 2)
-    anyres_images = anyres_images if anyres_images is not None else (128 if cuda else (8 if small else 2))
+
+    def pick(value: int | None, gpu: int, tiny_cpu: int, cpu: int) -> int:
+        return value if value is not None else (gpu if cuda else (tiny_cpu if small else cpu))
+
+    warmup = pick(options.warmup, 3, 20, 1)
+    repeats = pick(options.repeats, 8, 15, 3)
+    host_batches = pick(options.host_batches, 3, 1, 1)
+    error_images = pick(options.error_images, 8, 2, 2)
+    anyres_images = pick(options.anyres_images, 128, 8, 2)
     flops = arch.flops()
     per_image = flops["total"]
     logger.info(
@@ -453,16 +474,24 @@ def bench_encoder(
     err_pixels = _error_pixels(error_images, arch, dev) if error_images > 0 else None
     ref = _reference_features(master, arch, err_pixels, spec, dev) if err_pixels is not None else None
 
+    # Every variant is built on copies of the same random modules, on the same device, in our dtype.
+    make = partial(
+        make_bench_encoder,
+        config,
+        arch,
+        master,
+        device=dev,
+        dtype=ours_dtype,
+        batch_sizes=sizes,
+        compile_mode=compile_mode,
+    )
     for index, variant in enumerate(names):
         measured, err = _measure_variant(
-            config,
+            make,
             arch,
-            master,
             dev,
-            ours_dtype,
-            variant,
-            sizes,
-            compile_mode,
+            variant=variant,
+            sizes=sizes,
             warmup=warmup,
             repeats=repeats,
             host_batches=host_batches if index == 0 else 0,
@@ -482,9 +511,9 @@ def bench_encoder(
         arch,
         master,
         dev,
-        ref_dtype,
-        sizes,
-        spec,
+        dtype=ref_dtype,
+        sizes=sizes,
+        spec=spec,
         warmup=warmup,
         repeats=repeats,
         err_pixels=err_pixels,
@@ -494,11 +523,14 @@ def bench_encoder(
         rows[b].update(seed_rows[b])
     anyres = None
     if anyres_images > 0:
-        make = partial(
-            make_bench_encoder, config, arch, master, dev, ours_dtype, names[0], sizes, compile_mode
-        )
         anyres = _measure_anyres(
-            make, arch, dev, images=anyres_images, batch_size=max(sizes), warmup=warmup, repeats=repeats
+            partial(make, variant=names[0]),
+            arch,
+            dev,
+            images=anyres_images,
+            batch_size=max(sizes),
+            warmup=warmup,
+            repeats=repeats,
         )
         anyres["variant"] = names[0]
 
@@ -570,8 +602,8 @@ def bench_encoder(
     }
 
 
-def print_encoder_report(result: dict[str, Any]) -> None:
-    """Short human-readable table of :func:`bench_encoder`'s result."""
+def format_encoder_report(result: dict[str, Any]) -> str:
+    """A short human-readable table of :func:`bench_encoder`'s result."""
     env = result["env"]
     ceiling = result["ceiling"]
     title = (
@@ -597,30 +629,30 @@ def print_encoder_report(result: dict[str, Any]) -> None:
     ]
     if len(result["variants"]) > 1:
         columns += [(f"v_{name}", f"{name} img/s", ",.1f") for name in result["variants"]]
-    print_table(rows, columns, title=title)
+    parts = [format_table(rows, columns, title=title)]
     anyres = result.get("anyres")
     if anyres:
-        print_table(
-            [{"output": name, **v} for name, v in anyres["outputs"].items()],
-            [
-                ("output", "anyres output", ""),
-                ("images_per_s", "img/s", ",.1f"),
-                ("tiles_per_s", "tiles/s", ",.1f"),
-                ("tokens_per_image", "tokens/img", ",.0f"),
-                ("tokens_per_s", "tokens/s", ",.0f"),
-                ("tiles_vs_host_images", "tiles/s ÷ 1.5 host img/s", ".2f"),
-            ],
-            title=(
-                f"anyres (LLaVA-NeXT): {anyres['images']} images of {len(anyres['mix'])} aspect ratios, "
-                f"{anyres['mean_tiles_per_image']:.2f} tiles/image, batch {anyres['batch_size']}"
-            ),
+        parts.append(
+            format_table(
+                [{"output": name, **v} for name, v in anyres["outputs"].items()],
+                [
+                    ("output", "anyres output", ""),
+                    ("images_per_s", "img/s", ",.1f"),
+                    ("tiles_per_s", "tiles/s", ",.1f"),
+                    ("tokens_per_image", "tokens/img", ",.0f"),
+                    ("tokens_per_s", "tokens/s", ",.0f"),
+                    ("tiles_vs_host_images", "tiles/s ÷ 1.5 host img/s", ".2f"),
+                ],
+                title=(
+                    f"anyres (LLaVA-NeXT): {anyres['images']} images of {len(anyres['mix'])} aspect ratios, "
+                    f"{anyres['mean_tiles_per_image']:.2f} tiles/image, batch {anyres['batch_size']}"
+                ),
+            )
         )
     err = result["rel_error"]
     if err["ours_vs_fp32_seed"] is not None:
-        parts = [f"{k} {v:.2e}" for k, v in err["variants_vs_fp32_seed"].items()]
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in err["variants_vs_fp32_seed"].items())
         seed_err = err["seed_vs_fp32_seed"]
-        print(
-            f"relative error vs the fp32 seed path ({err['images']} images): "
-            + ", ".join(parts)
-            + (f"; seed {result['seed_dtype']} {seed_err:.2e}" if seed_err is not None else "")
-        )
+        seed = f"; seed {result['seed_dtype']} {seed_err:.2e}" if seed_err is not None else ""
+        parts.append(f"relative error vs the fp32 seed path ({err['images']} images): {errors}{seed}")
+    return "\n".join(parts)

@@ -6,7 +6,7 @@ resized to e.g. 640×480; smooth noise without scikit-image), on one device:
 - ``encoder_only``: a :class:`FeatureEncoder` loaded from the same checkpoint encodes already
   preprocessed pixels shard by shard with :meth:`~FeatureEncoder.encode_pixels` (host uint8 →
   host features in the stored dtype), exactly the call an offline-job actor makes per shard;
-- the job (:func:`pipeline.job.run_job`: listing, decode + preprocess tasks, encoder actors,
+- the job (:func:`pipeline.offline.run_job`: listing, decode + preprocess tasks, encoder actors,
   Parquet shards) on a local Ray started beforehand (its start-up is not counted): first on one
   shard (discarded: it pays Ray Data's first-run costs), then on all images.
   ``job_images_per_s`` is the run's own figure (actor start-up and model loading included);
@@ -33,13 +33,60 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .common import environment, loadable_config, photo_images, print_table, synchronize, write_jpegs
+from ..measure.environment import environment
+from ..measure.images import iter_photos, write_jpegs
+from ..measure.options import BenchOptions
+from ..measure.session import ray_session
+from ..measure.timing import time_wall
+from ..model.config import setting
+from ..model.constants import ComputeDtype
+from .models import loadable_config
+from .report import format_table
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions(BenchOptions):
+    """Options of ``bench pipeline`` (on Ray, or ``in_process``)."""
+
+    SECTION: ClassVar[str] = "bench.pipeline"
+
+    tiny: bool = False
+    """The tiny test checkpoint instead of the config's model (a random-weight one when it is not on disk)."""
+    in_process: bool = False
+    """The job's decode → encode → data file stages in this process, without Ray."""
+    images: int | None = setting(None, ge=1)
+    """JPEGs generated (default 8 shards on Ray, 4 in process)."""
+    image_size: tuple[int, int] = setting((640, 480), ge=1)
+    """(width, height) of the generated JPEGs."""
+    quality: int = setting(90, ge=1, le=100)
+    """JPEG quality of the generated images."""
+    batch_size: int | None = setting(None, ge=1)
+    """Encoder batch size (default: 16 tiny, else the config's)."""
+    shard_size: int | None = setting(None, ge=1)
+    """Rows per output file (default: the batch size on a CPU, at least the config's on a GPU)."""
+    actors: tuple[int, int] | None = setting(None, ge=1)
+    """(min, max) encoder actors of the job on Ray (default: the config's)."""
+    decode_workers: int | None = setting(None, ge=1)
+    """In process: decode threads (default: the CPUs less one, 1 to 8)."""
+    device: str | None = None
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (default: the config's ``model.device``)."""
+    dtype: ComputeDtype | None = None
+    """Compute dtype (default: the config's ``model.dtype``)."""
+    compile: bool | None = None
+    """``torch.compile`` the encoder (default: the config's ``model.compile``)."""
+    repeats: int = setting(3, ge=1)
+    """Timed runs of encoder-only (the median is reported)."""
+    workdir: str | None = None
+    """Keep the generated images, checkpoint and outputs here (default: a temporary folder, removed)."""
 
 
 def _dir_bytes(path: Path, suffix: str = ".parquet") -> int:
@@ -70,13 +117,15 @@ def steady_rates(commits: list[tuple[float, int, int]]) -> tuple[float | None, f
     return rows / span, data / span / 1e6
 
 
-def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repeats: int) -> dict[str, Any]:
-    """Encoder-only throughput on ``n`` preprocessed images, one ``encode_pixels`` call per shard."""
+def _encoder_only(config: Any, files: list[Path], *, shard_size: int, repeats: int) -> dict[str, Any]:
+    """Encoder-only throughput on as many preprocessed images as ``files``, one ``encode_pixels`` call per
+    shard (the first shard's files preprocessed once, repeated)."""
     import numpy as np
     import torch
 
     from ..encoder import FeatureEncoder
 
+    n = len(files)
     encoder = FeatureEncoder(config)
     started = time.perf_counter()
     unique = [encoder.encode_pre(f.read_bytes(), str(f)).pixels for f in files[: min(n, shard_size)]]
@@ -90,16 +139,8 @@ def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repea
         for start in range(0, n, shard_size):
             encoder.encode_pixels(pixels[start : start + shard_size])
 
-    for _ in range(3):  # warm: first-call allocations (pinned host blocks, cuBLAS workspaces, CPU kernels)
-        run()
-    synchronize(encoder.device)
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        run()
-        synchronize(encoder.device)
-        times.append(time.perf_counter() - t0)
-    seconds = sorted(times)[len(times) // 2]
+    # three warm runs: first-call allocations (pinned host blocks, cuBLAS workspaces, CPU kernels)
+    seconds = time_wall(run, encoder.device, warmup=3, repeats=repeats).median_s
     result = {
         "images": n,
         "seconds": seconds,
@@ -117,7 +158,7 @@ def _encoder_only(config: Any, files: list[Path], n: int, shard_size: int, repea
 
 
 def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) -> dict[str, Any]:
-    from ..job import run_job
+    from ..offline import run_job
 
     cfg = replace(config, job=replace(config.job, limit=limit))
     started = time.perf_counter()
@@ -137,122 +178,117 @@ def _run_job(config: Any, images_dir: Path, out_dir: Path, limit: int | None) ->
     }
 
 
-def _run_header(
-    bench: str,
-    dev: Any,
-    cfg: Any,
-    images: int,
-    size: tuple[int, int],
-    jpeg_bytes: int,
-    batch: int,
-    shard: int,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Inputs:
+    """What both pipeline benchmarks run on: the loadable config with the options applied, the generated JPEGs."""
+
+    config: Config
+    device: Any
+    batch: int
+    shard: int
+    images_dir: Path
+    files: list[Path]
+    size: tuple[int, int]
+    """(width, height) of the JPEGs."""
+    jpeg_bytes: int
+
+
+def _prepare(config: Config | None, options: PipelineOptions, root: Path, *, default_shards: int) -> _Inputs:
+    """The loadable config (a random-weight checkpoint of its architecture when the model is not on disk,
+    the tiny one with ``tiny``) with the options applied, and the JPEGs generated under ``root``."""
+    from ..config import Config
+    from ..model import resolve_device
+
+    base = config if config is not None else Config()
+    dev = resolve_device(options.device or base.model.device)
+    cfg = loadable_config(base, tiny=options.tiny, workdir=root / "model")
+    batch = int(options.batch_size or (16 if options.tiny else cfg.encoder.batch_size))
+    shard = int(options.shard_size or (batch if dev.type != "cuda" else max(batch, cfg.job.shard_size)))
+    n = int(options.images or default_shards * shard)
+    model_over: dict[str, Any] = {"device": str(dev)}
+    if options.dtype:
+        model_over["dtype"] = options.dtype
+    if options.compile is not None:
+        model_over["compile"] = options.compile
+    job_over: dict[str, Any] = {"shard_size": shard}
+    if options.actors:
+        job_over["actors"] = options.actors
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, **model_over),
+        encoder=replace(cfg.encoder, batch_size=batch, features="projected"),
+        job=replace(cfg.job, **job_over),
+    )
+    width, height = options.image_size
+    images_dir = root / "images"
+    t0 = time.perf_counter()
+    files = write_jpegs(iter_photos(n, height, width), images_dir, quality=options.quality)
+    jpeg_bytes = sum(f.stat().st_size for f in files)
+    logger.info(
+        "bench pipeline: %d JPEGs %dx%d (%.0f KB avg) in %.1fs",
+        n,
+        width,
+        height,
+        jpeg_bytes / n / 1e3,
+        time.perf_counter() - t0,
+    )
+    return _Inputs(
+        config=cfg,
+        device=dev,
+        batch=batch,
+        shard=shard,
+        images_dir=images_dir,
+        files=files,
+        size=(width, height),
+        jpeg_bytes=jpeg_bytes,
+    )
+
+
+def _run_header(bench: str, inputs: _Inputs) -> dict[str, Any]:
     """The figures both pipeline benchmarks start their result with: what ran, on what, on which inputs."""
+    cfg, n = inputs.config, len(inputs.files)
     return {
         "bench": bench,
-        "env": environment(dev),
-        "device": str(dev),
+        "env": environment(inputs.device),
+        "device": str(inputs.device),
         "model": {
             "checkpoint": cfg.model.checkpoint,
             "vision_tower": cfg.model.vision_tower,
             "dtype": cfg.model.dtype,
             "compile": cfg.model.compile,
         },
-        "images": images,
-        "image_size": list(size),
-        "jpeg_kb_mean": jpeg_bytes / images / 1e3,
-        "batch_size": batch,
-        "shard_size": shard,
+        "images": n,
+        "image_size": list(inputs.size),
+        "jpeg_kb_mean": inputs.jpeg_bytes / n / 1e3,
+        "batch_size": inputs.batch,
+        "shard_size": inputs.shard,
     }
 
 
-def bench_pipeline(
-    config: Any = None,
-    *,
-    tiny: bool = False,
-    images: int | None = None,
-    width: int = 640,
-    height: int = 480,
-    batch_size: int | None = None,
-    shard_size: int | None = None,
-    actors: tuple[int, int] | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    compile: bool | None = None,
-    repeats: int | None = None,
-    workdir: str | None = None,
-    quality: int = 90,
-    keep: bool = False,
-) -> dict[str, Any]:
+def bench_pipeline(config: Config | None, options: PipelineOptions) -> dict[str, Any]:
     """Offline job end to end vs encoder-only on the same device, and the sink's MB/s."""
+    import ray  # first: without Ray this benchmark cannot run, and nothing is generated for it
     import torch
 
-    from ..config import Config
-    from ..model import resolve_device
-
-    base = config if config is not None else Config()
-    dev = resolve_device(device or base.model.device)
-    cuda = dev.type == "cuda"
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    root = Path(options.workdir) if options.workdir else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = loadable_config(base, tiny=tiny, workdir=root / "model")
-        if tiny and batch_size is None:
-            batch_size = 16
-        batch = int(batch_size or cfg.encoder.batch_size)
-        shard = int(shard_size or (batch if not cuda else max(batch, cfg.job.shard_size)))
-        n = int(images or 8 * shard)
-        model_over: dict[str, Any] = {"device": str(dev)}
-        if dtype:
-            model_over["dtype"] = dtype
-        if compile is not None:
-            model_over["compile"] = compile
-        job_over: dict[str, Any] = {"shard_size": shard}
-        if actors:
-            job_over["actors"] = tuple(actors)
-        cfg = replace(
-            cfg,
-            model=replace(cfg.model, **model_over),
-            encoder=replace(cfg.encoder, batch_size=batch, features="projected"),
-            job=replace(cfg.job, **job_over),
-        )
-        repeats = repeats if repeats is not None else 3
-
-        images_dir = root / "images"
-        t0 = time.perf_counter()
-        files = write_jpegs(photo_images(n, height, width), images_dir, quality=quality)
-        gen_s = time.perf_counter() - t0
-        jpeg_bytes = sum(f.stat().st_size for f in files)
-        logger.info(
-            "bench pipeline: %d JPEGs %dx%d (%.0f KB avg) in %.1fs",
-            n,
-            width,
-            height,
-            jpeg_bytes / n / 1e3,
-            gen_s,
-        )
-
-        enc = _encoder_only(cfg, files, n, shard, repeats)
+        inputs = _prepare(config, options, root, default_shards=8)
+        cfg, shard, images_dir = inputs.config, inputs.shard, inputs.images_dir
+        enc = _encoder_only(cfg, inputs.files, shard_size=shard, repeats=options.repeats)
         logger.info("encoder-only: %.1f images/s", enc["images_per_s"])
 
-        import ray
-
-        started_ray = False
-        t0 = time.perf_counter()
-        if not ray.is_initialized():  # started here so that its start-up is not in the job's figures
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
-            started_ray = True
-        ray_start_s = time.perf_counter() - t0
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-        try:
+        # Ray starts after encoder-only (its processes would share the CPU with it) and before the job (so
+        # that its start-up is not in the job's figures).
+        with ray_session(
+            address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING
+        ) as ray_:
+            cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
             # A first run pays one-off costs (Ray Data's workers and imports, compile caches):
             # run one shard first and discard it (and its output), then all images.
-            warm = _run_job(cfg, images_dir, root / "out-warm", shard)
+            warm = _run_job(cfg, images_dir, root / "out-warm", limit=shard)
             shutil.rmtree(root / "out-warm", ignore_errors=True)
-            full = _run_job(cfg, images_dir, root / "out-full", None)
-        finally:
-            if started_ray:
-                ray.shutdown()
+            full = _run_job(cfg, images_dir, root / "out-full", limit=None)
 
         steady, sink_steady = full["steady_images_per_s"], full["steady_mb_per_s"]
         # Decode tasks (1 CPU each) get the CPUs the encoder actors leave; at the single-core
@@ -262,10 +298,10 @@ def bench_pipeline(
         decode_capacity = per_core * decode_cpus if decode_cpus else None
         encoder_ips = enc["images_per_s"]
         result = {
-            **_run_header("pipeline", dev, cfg, n, (width, height), jpeg_bytes, batch, shard),
+            **_run_header("pipeline", inputs),
             "actors": list(cfg.job.actors),
             "encoder_only": enc,
-            "ray_start_s": ray_start_s,
+            "ray_start_s": ray_.start_s,
             "job_warm": warm,
             "job": full,
             "job_images_per_s": full["images_per_s"],
@@ -283,16 +319,16 @@ def bench_pipeline(
             "output_mb_per_image": full["bytes_written"] / max(1, full["ok"]) / 1e6,
             "target_ratio": 0.85,
         }
-        if cuda:
+        if inputs.device.type == "cuda":
             torch.cuda.empty_cache()
         return result
     finally:
-        if not keep and not workdir:
+        if not options.workdir:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def print_pipeline_report(result: dict[str, Any]) -> None:
-    """Short table of :func:`bench_pipeline`'s result."""
+def format_pipeline_report(result: dict[str, Any]) -> str:
+    """A short table of :func:`bench_pipeline`'s result."""
     enc = result["encoder_only"]
     rows = [
         {"what": "encoder only (encode_pixels per shard)", "images_per_s": enc["images_per_s"], "ratio": 1.0},
@@ -318,7 +354,7 @@ def print_pipeline_report(result: dict[str, Any]) -> None:
             "mb_s": result["sink_mb_per_s"],
         },
     ]
-    print_table(
+    return format_table(
         rows,
         [
             ("what", "pipeline", ""),
@@ -334,25 +370,9 @@ def print_pipeline_report(result: dict[str, Any]) -> None:
     )
 
 
-def bench_pipeline_inprocess(
-    config: Any = None,
-    *,
-    tiny: bool = False,
-    images: int | None = None,
-    width: int = 640,
-    height: int = 480,
-    batch_size: int | None = None,
-    shard_size: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    compile: bool | None = None,
-    repeats: int | None = None,
-    decode_workers: int | None = None,
-    workdir: str | None = None,
-    quality: int = 90,
-) -> dict[str, Any]:
-    """The job's per-file work in this process, no Ray: :func:`~pipeline.job.decode_unit` on
-    ``decode_workers`` threads feeding one :class:`~pipeline.job.EncodeShardActor` called from two
+def bench_pipeline_inprocess(config: Config | None, options: PipelineOptions) -> dict[str, Any]:
+    """The job's per-file work in this process, no Ray: :func:`~pipeline.offline.decode.decode_unit` on
+    ``decode_workers`` threads feeding one :class:`~pipeline.offline.actors.EncodeShardActor` called from two
     threads (as Ray Data calls it: ``max_concurrent_calls_per_actor=2``), vs encoder-only.
 
     Measured on the same generated JPEGs: ``encoder_only`` (as in :func:`bench_pipeline`),
@@ -367,64 +387,42 @@ def bench_pipeline_inprocess(
     import pyarrow.parquet as pq
     import torch
 
-    from ..config import Config, config_to_dict
-    from ..encoder import describe_encoder
-    from ..job import EncodeShardActor, decode_unit, make_plan, read_options, shard_target, unit_batch
-    from ..model import resolve_device, resolve_model
+    from ..model import resolve_model
+    from ..offline import make_plan, new_table_run, planned_units
+    from ..offline.actors import EncodeShardActor, shard_target
+    from ..offline.decode import decode_unit, read_options, unit_batch
 
-    base = config if config is not None else Config()
-    dev = resolve_device(device or base.model.device)
-    cuda = dev.type == "cuda"
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-inprocess-"))
+    root = Path(options.workdir) if options.workdir else Path(tempfile.mkdtemp(prefix="bench-inprocess-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = loadable_config(base, tiny=tiny, workdir=root / "model")
-        batch = int(batch_size or (16 if tiny else cfg.encoder.batch_size))
-        shard = int(shard_size or (batch if not cuda else max(batch, cfg.job.shard_size)))
-        n = int(images or 4 * shard)
-        model_over: dict[str, Any] = {"device": str(dev)}
-        if dtype:
-            model_over["dtype"] = dtype
-        if compile is not None:
-            model_over["compile"] = compile
-        cfg = replace(
-            cfg,
-            model=replace(cfg.model, **model_over),
-            encoder=replace(cfg.encoder, batch_size=batch, features="projected"),
-            job=replace(cfg.job, shard_size=shard),
-        )
-        repeats = repeats if repeats is not None else 3
-        workers = int(decode_workers or max(1, min(8, (os.cpu_count() or 2) - 1)))
-
-        images_dir = root / "images"
-        files = write_jpegs(photo_images(n, height, width), images_dir, quality=quality)
-        jpeg_bytes = sum(f.stat().st_size for f in files)
-        enc = _encoder_only(cfg, files, n, shard, repeats)
+        inputs = _prepare(config, options, root, default_shards=4)
+        cfg, shard, images_dir, n = inputs.config, inputs.shard, inputs.images_dir, len(inputs.files)
+        workers = int(options.decode_workers or max(1, min(8, (os.cpu_count() or 2) - 1)))
+        enc = _encoder_only(cfg, inputs.files, shard_size=shard, repeats=options.repeats)
         logger.info("encoder-only: %.1f images/s", enc["images_per_s"])
 
         resolved = resolve_model(cfg.model)
-        description = describe_encoder(cfg, resolved)
-        record = {
-            "fingerprint": description.fingerprint,
-            "config": config_to_dict(cfg),
-            "encoder": description.fields,
-        }
         plan = make_plan(cfg, str(images_dir))
-        batches = [unit_batch([u]) for u in plan.units]
+        keys = [u.key for u in planned_units(plan)]
+        batches = [unit_batch([u], [k]) for u, k in zip(plan.units, keys, strict=True)]
         read = read_options(cfg)
 
         def decode(b: dict[str, Any]) -> list[dict[str, Any]]:
             """One unit's output files, decoded (one batch each)."""
             return list(decode_unit(b, config=cfg, resolved=resolved, read=read, shard_size=shard))
 
+        # The actor writes the data files of a table's run (what the job's actors do); the commits to the
+        # table's log are the driver's, measured by `bench table`: the files are read back directly.
         out_dir = root / "out"
-        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, str(out_dir), record, dict(plan.carried)))
+        run = new_table_run(cfg, plan, str(out_dir), resolved=resolved)
+        actor = EncodeShardActor(cfg, resolved, shard_target(cfg, run, run.identity.fingerprint))
 
         def read_back() -> dict[str, Any]:
-            ids = pq.read_table(out_dir, columns=["image_id", "status"]).to_pydict()
-            data = _dir_bytes(out_dir)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
+            files = sorted(out_dir.glob("part-*.parquet"))
+            ids = pq.read_table(files, columns=["image_id", "status"]).to_pydict()
+            data = sum(f.stat().st_size for f in files)
+            for f in files:
+                f.unlink()
             return {
                 "rows": len(ids["image_id"]),
                 "unique_ids": len(set(ids["image_id"])),
@@ -432,7 +430,6 @@ def bench_pipeline_inprocess(
                 "bytes": data,
             }
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         # decode alone (kept: the actor-only run encodes these)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
@@ -477,7 +474,7 @@ def bench_pipeline_inprocess(
         encoder_ips = enc["images_per_s"]
         chain_ips = n / chain_s
         result = {
-            **_run_header("pipeline-inprocess", dev, cfg, n, (width, height), jpeg_bytes, batch, shard),
+            **_run_header("pipeline-inprocess", inputs),
             "shards": decoded_files,
             "decode_workers": workers,
             "encoder_only": enc,
@@ -496,16 +493,17 @@ def bench_pipeline_inprocess(
             "target_ratio": 0.85,
         }
         actor.writer.encoder.close()
-        if cuda:
+        run.close()
+        if inputs.device.type == "cuda":
             torch.cuda.empty_cache()
         return result
     finally:
-        if not workdir:
+        if not options.workdir:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def print_inprocess_report(result: dict[str, Any]) -> None:
-    """Short table of :func:`bench_pipeline_inprocess`'s result."""
+def format_inprocess_report(result: dict[str, Any]) -> str:
+    """A short table of :func:`bench_pipeline_inprocess`'s result."""
     enc = result["encoder_only_images_per_s"]
     rows = [
         {"what": "encoder only (encode_pixels per shard)", "images_per_s": enc},
@@ -525,7 +523,7 @@ def print_inprocess_report(result: dict[str, Any]) -> None:
     ]
     for row in rows:
         row["ratio"] = row["images_per_s"] / enc if row["images_per_s"] else None
-    print_table(
+    return format_table(
         rows,
         [
             ("what", "in-process job (no Ray)", ""),

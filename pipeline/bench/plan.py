@@ -5,7 +5,7 @@ files (one row group each; only the ``uri`` column, which is all a manifest need
 empty ``.tar`` files named like WebDataset shards (the planner lists tars, it never opens one:
 their size does not change the plan). Each case runs in a fresh process
 (``python -m pipeline.bench.plan --child``) doing what ``llava-features encode --dry-run`` does
-(:func:`pipeline.job.dry_run`), and reports
+(:func:`pipeline.offline.dry_run`), and reports
 
 - ``plan_s`` and ``plan_peak_rss_mb``: the planning itself (listing, footers, the row check of
   manifests, the unit list and its fingerprint), with the process's peak RSS when it ends —
@@ -14,7 +14,7 @@ their size does not change the plan). Each case runs in a fresh process
 - ``command_s`` and ``command_peak_rss_mb``: the whole dry run (interpreter start, the model's
   resolution with torch and transformers, the output check).
 
-Peak RSS is the process's ``VmHWM`` (:func:`pipeline.job.peak_rss_mb`): ``ru_maxrss`` of a child
+Peak RSS is the process's ``VmHWM`` (:func:`pipeline.memory.peak_rss_mb`): ``ru_maxrss`` of a child
 started with ``fork`` + ``exec`` counts the parent's memory too.
 
 Run it with ``llava-features bench plan --tiny`` (``--opt rows=1000000`` etc. for other sizes,
@@ -30,12 +30,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..measure.options import BenchOptions
+from ..model.config import setting
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TARGETS", "bench_plan", "write_manifests", "write_tars"]
+__all__ = ["TARGETS", "PlanOptions", "bench_plan", "write_manifests", "write_tars"]
+
+
+@dataclass(frozen=True)
+class PlanOptions(BenchOptions):
+    """Options of ``bench plan``: the sizes of the generated inputs."""
+
+    SECTION: ClassVar[str] = "bench.plan"
+
+    rows: int = setting(10_000_000, ge=1)
+    """Rows of the generated manifest."""
+    manifest_files: int = setting(100, ge=1)
+    """Parquet files the manifest is split into."""
+    tars: int = setting(10_000, ge=1)
+    """Empty WebDataset-named tar files generated."""
+    workdir: str | None = None
+    """Keep (and reuse) the generated inputs here (default: a temporary folder, removed)."""
+
 
 TARGETS = {
     "manifest": {"plan_s": 30.0, "plan_peak_rss_mb": 600.0},
@@ -88,17 +112,12 @@ def _run_child(config_file: Path, input_uri: str, output: Path) -> dict[str, Any
     return result
 
 
-def bench_plan(
-    config: Any,
-    rows: int = 10_000_000,
-    manifest_files: int = 100,
-    tars: int = 10_000,
-    workdir: str | None = None,
-) -> dict[str, Any]:
+def bench_plan(config: Config, options: PlanOptions) -> dict[str, Any]:
     """Plan a ``rows``-row manifest in ``manifest_files`` Parquet files and ``tars`` tar shards, each in
     a fresh process; returns ``{"cases": {case: figures}, "targets": {...}}`` (see the module docstring)."""
     from ..config import config_to_dict
 
+    rows, manifest_files, tars, workdir = options.rows, options.manifest_files, options.tars, options.workdir
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="llava-bench-plan-"))
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -131,13 +150,13 @@ def bench_plan(
 
 def _child(config_file: str, input_uri: str, output: str) -> None:
     from ..config import load_config
-    from ..job import dry_run, peak_rss_mb
+    from ..memory import peak_rss_mb
+    from ..offline import dry_run
 
     values = json.loads(Path(config_file).read_text())
     config = load_config(None, values)
     report = dry_run(config, input_uri, output)
     plan = report.plan
-    print(report.format(), file=sys.stderr)
     print(
         json.dumps(
             {

@@ -12,7 +12,8 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,11 +25,50 @@ from ..images.normalize import normalize
 from ..images.passes import expand2square
 from ..images.preprocess import Preprocessor
 from ..images.spec import PreprocessSpec
-from ..model.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..measure.images import bundled_photos, jpeg_bytes
+from ..measure.options import BenchOptions
+from ..model.config import setting
+from ..model.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AspectRatio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bench_preprocess", "benchmark_photos", "llava_reference", "reference_processor"]
+__all__ = [
+    "PreprocessOptions",
+    "bench_preprocess",
+    "benchmark_photos",
+    "llava_reference",
+    "reference_processor",
+]
+
+BENCHMARK_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+"""The scikit-image photographs the preprocessing benchmark measures on."""
+
+
+@dataclass(frozen=True)
+class PreprocessOptions(BenchOptions):
+    """Options of ``bench preprocess``."""
+
+    SECTION: ClassVar[str] = "bench.preprocess"
+
+    size: int = setting(336, ge=1)
+    """The tower's image size (shortest edge and crop): LLaVA-1.5's 336 by default."""
+    aspect_ratio: AspectRatio = "pad"
+    """LLaVA's ``image_aspect_ratio``: ``pad`` or ``crop`` (the paths ``CLIPImageProcessor`` takes)."""
+    seconds: float = setting(3.0, gt=0)
+    """CPU seconds for each of the two main paths, in alternating rounds of 0.5 s."""
+    image_size: tuple[int, int] = setting((640, 480), ge=1)
+    """(width, height) the photos are resized to before JPEG encoding."""
+    batch_size: int = setting(16, ge=1)
+    """Images per batch on both sides."""
 
 
 def reference_processor(size: int = 336, crop_size: int | None = None) -> Any:
@@ -67,30 +107,15 @@ def llava_reference(images: Sequence[Image.Image], processor: Any, aspect_ratio:
 
 
 def benchmark_photos(image_size: tuple[int, int] = (640, 480)) -> list[Image.Image]:
-    """scikit-image's bundled colour photos, resized (bicubic) to ``image_size`` (width, height)."""
-    try:
-        from skimage import data as skdata
-    except ImportError as exc:  # pragma: no cover - scikit-image is a test dependency
+    """scikit-image's bundled colour photos (:data:`BENCHMARK_PHOTOS`), resized (bicubic) to ``image_size``
+    (width, height)."""
+    photos = bundled_photos(BENCHMARK_PHOTOS)
+    if len(photos) != len(BENCHMARK_PHOTOS):  # pragma: no cover - scikit-image is a test dependency
         raise RuntimeError(
-            "the preprocessing benchmark needs scikit-image (pip install scikit-image)"
-        ) from exc
-    arrays = [
-        skdata.astronaut(),
-        skdata.chelsea(),
-        skdata.coffee(),
-        skdata.rocket(),
-        skdata.stereo_motorcycle()[0],
-        skdata.hubble_deep_field(),
-        skdata.immunohistochemistry(),
-        skdata.retina(),
-    ]
-    return [Image.fromarray(a).convert("RGB").resize(image_size, Image.Resampling.BICUBIC) for a in arrays]
-
-
-def _encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+            f"the preprocessing benchmark needs scikit-image with its photos {', '.join(BENCHMARK_PHOTOS)} "
+            f"(pip install scikit-image); {len(photos)} of them are here"
+        )
+    return [p.resize(image_size, Image.Resampling.BICUBIC) for p in photos]
 
 
 def _rate(fn: Callable[[int], int], seconds: float) -> float:
@@ -111,13 +136,7 @@ def _rate(fn: Callable[[int], int], seconds: float) -> float:
             return done / max(elapsed, 1e-9)
 
 
-def bench_preprocess(
-    size: int = 336,
-    aspect_ratio: str = "pad",
-    seconds: float = 3.0,
-    image_size: tuple[int, int] = (640, 480),
-    batch_size: int = 16,
-) -> dict[str, Any]:
+def bench_preprocess(options: PreprocessOptions) -> dict[str, Any]:
     """Images/s on one core: ours (decode guard + ``Preprocessor.pixels`` + ``normalize``) against
     PIL decode + ``CLIPImageProcessor`` as LLaVA calls it, on JPEGs (quality 90) of real photos.
 
@@ -130,19 +149,19 @@ def bench_preprocess(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _bench(size, aspect_ratio, seconds, image_size, batch_size)
+        return _bench(options)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _bench(
-    size: int, aspect_ratio: str, seconds: float, image_size: tuple[int, int], batch_size: int
-) -> dict[str, Any]:
+def _bench(options: PreprocessOptions) -> dict[str, Any]:
+    size, aspect_ratio, seconds = options.size, options.aspect_ratio, options.seconds
+    image_size, batch_size = options.image_size, options.batch_size
     processor = reference_processor(size)
     spec = PreprocessSpec.from_image_processor(processor, aspect_ratio=aspect_ratio)
     pre = Preprocessor(spec)
     photos = benchmark_photos(image_size)
-    datas = [_encode_jpeg(p) for p in photos]
+    datas = [jpeg_bytes(p) for p in photos]
     n = len(datas)
     batches = [[datas[(b * batch_size + j) % n] for j in range(batch_size)] for b in range(n)]
 

@@ -19,10 +19,21 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .common import bench_arch, environment, random_modules, synchronize
+from ..measure.environment import environment
+from ..measure.options import BenchOptions
+from ..measure.timing import synchronize
+from ..model.config import setting
+from ..model.constants import CompileMode, ComputeDtype
+from .arch import bench_arch
+from .encoder import Variant, make_bench_encoder, random_pixels
+from .models import random_modules
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +81,39 @@ def _self_time_us(event: Any, cuda: bool) -> float:
     return 0.0
 
 
-def bench_profile(
-    config: Any = None,
-    *,
-    tiny: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    batches: int = 3,
-    warmup: int = 2,
-    variant: str = "fast",
-    compile_mode: str | None = None,
-    table: str | Path | None = None,
-    trace: str | Path | None = None,
-    row_limit: int = 40,
-    max_trace_mb: float = 12.0,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ProfileOptions(BenchOptions):
+    """Options of ``bench profile``."""
+
+    SECTION: ClassVar[str] = "bench.profile"
+
+    tiny: bool = False
+    """Profile the tiny test architecture (56 px, 3 layers) instead of the config's."""
+    device: str | None = None
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (default: the config's ``model.device``)."""
+    dtype: ComputeDtype | None = None
+    """Compute dtype (default: the config's ``model.dtype``)."""
+    batch_size: int | None = setting(None, ge=1)
+    """Images per call (default 256 on a GPU, 8 for the tiny one on a CPU, else 2)."""
+    batches: int = setting(3, ge=1)
+    """Calls recorded by the profiler."""
+    warmup: int = setting(2, ge=0)
+    """Calls before the profiler starts (at least one runs)."""
+    variant: Variant = "fast"
+    """The encoder variant profiled: ``plain``, ``fast`` or ``compiled``."""
+    compile_mode: CompileMode | None = None
+    """``torch.compile`` mode of the compiled variant (null: torch's default)."""
+    table: str | None = None
+    """Write the operator table here (text)."""
+    trace: str | None = None
+    """Write the Chrome trace here (``.json``, or gzip-compressed when it ends in ``.gz``)."""
+    row_limit: int = setting(40, ge=1)
+    """Rows of the operator table and of the top operators."""
+    max_trace_mb: float = setting(12.0, gt=0)
+    """A trace larger than this (MB, as written) is not kept."""
+
+
+def bench_profile(config: Config | None, options: ProfileOptions) -> dict[str, Any]:
     """Profile ``batches`` :meth:`~pipeline.encoder.FeatureEncoder.encode_core` calls on uint8 pixels
     already on the device; returns the table, the top operators and the time by kernel kind."""
     import torch
@@ -93,26 +121,33 @@ def bench_profile(
 
     from ..config import Config
     from ..model import resolve_device, resolve_dtype
-    from .encoder import _pixels, make_bench_encoder
 
     config = config if config is not None else Config()
-    dev = resolve_device(device or config.model.device)
+    dev = resolve_device(options.device or config.model.device)
     cuda = dev.type == "cuda"
-    arch = bench_arch(None if tiny else config, tiny=tiny)
-    compute = resolve_dtype(dtype or config.model.dtype, dev)
-    batch = int(batch_size or (256 if cuda else (8 if arch.source == "tiny" else 2)))
+    arch = bench_arch(None if options.tiny else config, tiny=options.tiny)
+    compute = resolve_dtype(options.dtype or config.model.dtype, dev)
+    batch = int(options.batch_size or (256 if cuda else (8 if arch.source == "tiny" else 2)))
+    batches, variant, row_limit = options.batches, options.variant, options.row_limit
     encoder = make_bench_encoder(
-        config, arch, random_modules(arch), dev, compute, variant, (batch,), compile_mode
+        config,
+        arch,
+        random_modules(arch),
+        device=dev,
+        dtype=compute,
+        variant=variant,
+        batch_sizes=(batch,),
+        compile_mode=options.compile_mode,
     )
-    pixels = _pixels(batch, arch, dev, seed=0)
+    pixels = random_pixels(batch, arch, dev, seed=0)
     with torch.inference_mode():
-        for _ in range(max(1, warmup)):
+        for _ in range(max(1, options.warmup)):
             encoder.encode_core(pixels)
         synchronize(dev)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         started = time.perf_counter()
         with profile(activities=activities) as prof:
-            for i in range(max(1, batches)):
+            for i in range(batches):
                 with record_function(f"encode_core#{i}"):
                     encoder.encode_core(pixels)
             synchronize(dev)
@@ -139,21 +174,20 @@ def bench_profile(
         "arch": arch.describe(),
         "dtype": str(compute).removeprefix("torch."),
         "variant": variant,
-        "compile_mode": compile_mode,
+        "compile_mode": options.compile_mode,
         "batch_size": batch,
-        "batches": max(1, batches),
+        "batches": batches,
         "sorted_by": sort_by,
-        "wall_ms_per_batch": 1e3 * wall / max(1, batches),
-        "profiled_ms_per_batch": total_us / 1e3 / max(1, batches),
+        "wall_ms_per_batch": 1e3 * wall / batches,
+        "profiled_ms_per_batch": total_us / 1e3 / batches,
         "kinds": {
-            kind: {"ms_per_batch": us / 1e3 / max(1, batches), "share": us / total_us}
-            for kind, us in by_kind.items()
+            kind: {"ms_per_batch": us / 1e3 / batches, "share": us / total_us} for kind, us in by_kind.items()
         },
         "top": [
             {
                 "name": e.key,
                 "calls": int(e.count),
-                "self_ms_per_batch": _self_time_us(e, cuda) / 1e3 / max(1, batches),
+                "self_ms_per_batch": _self_time_us(e, cuda) / 1e3 / batches,
                 "share": _self_time_us(e, cuda) / total_us,
                 "kind": kernel_kind(e.key),
             }
@@ -162,12 +196,12 @@ def bench_profile(
         "table": text,
         "trace": None,
     }
-    if table:
-        Path(table).parent.mkdir(parents=True, exist_ok=True)
-        Path(table).write_text(text + "\n")
-        result["table_path"] = str(table)
-    if trace:
-        result["trace"] = _export_trace(prof, Path(trace), max_trace_mb)
+    if options.table:
+        Path(options.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.table).write_text(text + "\n")
+        result["table_path"] = options.table
+    if options.trace:
+        result["trace"] = _export_trace(prof, Path(options.trace), options.max_trace_mb)
     encoder.close()
     return result
 
@@ -195,15 +229,17 @@ def _export_trace(prof: Any, path: Path, max_mb: float) -> dict[str, Any]:
     return {"path": str(path), "mb": size_mb, "raw_mb": raw_mb, "dropped": False}
 
 
-def print_profile_report(result: dict[str, Any]) -> None:
+def format_profile_report(result: dict[str, Any]) -> str:
     """The profile table and the time by kernel kind."""
-    print(
-        f"profile: encode_core of {result['arch']['name']} ({result['variant']}, {result['dtype']}), "
-        f"batch {result['batch_size']} × {result['batches']} on {result['env'].get('device_name')} "
-        f"({result['device']}), sorted by {result['sorted_by']}"
-    )
-    print(result["table"])
     kinds = ", ".join(
         f"{kind} {v['ms_per_batch']:.2f} ms ({v['share']:.0%})" for kind, v in result["kinds"].items()
     )
-    print(f"per batch: {result['profiled_ms_per_batch']:.2f} ms profiled ({kinds})")
+    return "\n".join(
+        [
+            f"profile: encode_core of {result['arch']['name']} ({result['variant']}, {result['dtype']}), "
+            f"batch {result['batch_size']} × {result['batches']} on {result['env'].get('device_name')} "
+            f"({result['device']}), sorted by {result['sorted_by']}",
+            result["table"],
+            f"per batch: {result['profiled_ms_per_batch']:.2f} ms profiled ({kinds})",
+        ]
+    )

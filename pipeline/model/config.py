@@ -10,7 +10,7 @@ Every section of the product's configuration is a frozen dataclass whose fields 
   tuples, an ``int`` is accepted for a ``float``, a ``bool`` is never an ``int``;
 - an optional range in the field's metadata (:func:`setting`);
 - a one-line docstring right below it (read by :func:`field_docs`: the CLI's help and the
-  README's tables come from there).
+  configuration reference, docs/configuration.md, come from there).
 
 Errors are :class:`~pipeline.model.errors.ConfigError` s that name the YAML key
 (``serve.port: expected an integer, got 'eighty'``).
@@ -40,7 +40,7 @@ from .constants import (
 )
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "check_section", "field_docs", "literal_choices", "setting"]
+__all__ = ["ModelConfig", "check_section", "describe_type", "field_docs", "literal_choices", "setting"]
 
 
 def setting(
@@ -103,7 +103,9 @@ def _is_union(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType)
 
 
-def _describe(annotation: Any) -> str:
+def describe_type(annotation: Any) -> str:
+    """An annotation in words (``one of 'binary', 'list'``; ``an integer or null``): for error messages
+    and the configuration reference."""
     if annotation is int:
         return "an integer"
     if annotation is float:
@@ -117,12 +119,12 @@ def _describe(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
     if _is_union(annotation):
-        return " or ".join(_describe(a) for a in get_args(annotation))
+        return " or ".join(describe_type(a) for a in get_args(annotation))
     if get_origin(annotation) is tuple:
         args = get_args(annotation)
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_plural(args[0])}"
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
     if get_origin(annotation) is dict or annotation is dict:
         return "a mapping"
     return getattr(annotation, "__name__", str(annotation))
@@ -130,7 +132,7 @@ def _describe(annotation: Any) -> str:
 
 def _plural(annotation: Any) -> str:
     return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(
-        annotation, _describe(annotation)
+        annotation, describe_type(annotation)
     )
 
 
@@ -226,7 +228,7 @@ def check_section(section: Any) -> None:
                 raise ConfigError(
                     f"{prefix}: {value!r} ({where}); valid values are {', '.join(map(repr, allowed))}"
                 ) from None
-            raise ConfigError(f"{where}: expected {_describe(annotation)}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {describe_type(annotation)}, got {value!r}") from None
         problem = _range_error(clean, dict(f.metadata))
         if problem:
             raise ConfigError(f"{where} {problem}, got {value!r}")

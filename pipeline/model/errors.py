@@ -11,6 +11,7 @@ they never change meaning once released. Only ``deployments/`` maps codes to HTT
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -43,10 +44,24 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
+    BODY_TIMEOUT = "body_timeout"
+    """The request's body did not arrive in time (a stalled or trickled upload)."""
     # Offline job outputs.
     OUTPUT_EXISTS = "output_exists"
+    OUTPUT_IN_USE = "output_in_use"
+    UNSUPPORTED_OUTPUT = "unsupported_output"
+    SCHEMA_MISMATCH = "schema_mismatch"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     ERROR_BUDGET_EXCEEDED = "error_budget_exceeded"
+    OUTPUT_WRITE_FAILED = "output_write_failed"
+    """The table's files or log could not be written (disk full, read-only, a store refusing writes)."""
+    # Running the offline job.
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
+    """The cluster cannot hold the job's minimum encoder actors and a decode task at once."""
+    STALLED = "stalled"
+    """No file was written and no unit committed for longer than the job's watchdog allows."""
+    INTERRUPTED = "interrupted"
+    """The job was stopped by SIGINT or SIGTERM."""
     # Anything not anticipated (a bug): still reported per item, never fatal to a job.
     INTERNAL = "internal"
 
@@ -140,7 +155,35 @@ class OutputError(LlavaFeaturesError):
     default_code = ErrorCode.OUTPUT_EXISTS
 
 
+class JobStoppedError(LlavaFeaturesError):
+    """The offline job stopped before its table was complete (stalled, a storage fault, the shared pool
+    gone, interrupted). What it committed is kept, and ``--resume`` continues; ``summary`` is what the
+    run did until then (a ``pipeline.offline.JobSummary``)."""
+
+    default_code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, summary: object = None) -> None:
+        super().__init__(message, code=code)
+        self.summary = summary
+
+
+class IncompleteTableWarning(UserWarning):
+    """A feature table was read while it is not complete (in progress, interrupted, or over its budget)."""
+
+
 class ErrorBudgetExceededError(LlavaFeaturesError):
     """More inputs failed than ``max_error_fraction`` allows (the output is still written)."""
 
     default_code = ErrorCode.ERROR_BUDGET_EXCEEDED
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line for a message of ours: its type and text, without the line breaks, tree
+    arrows and colours some libraries put in theirs (delta-rs: ``Generic LocalFileSystem error /
+    ↳ Read-only file system (os error 30)``)."""
+    text = _ANSI.sub("", str(exc))
+    parts = [part.strip(" ↳\t") for part in text.splitlines()]
+    return f"{type(exc).__name__}: " + ": ".join(part for part in parts if part)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,62 @@ def _image_processor(size: int) -> Any:
     )
 
 
-def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module, Any]:
+def random_clip(
+    vision: Mapping[str, Any],
+    *,
+    projector_type: str,
+    mm_hidden_size: int,
+    hidden_size: int | None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[CLIPVisionModel, torch.nn.Module]:
+    """A CLIP vision model of ``vision`` (CLIPVisionConfig settings) and a LLaVA projector with random
+    weights, float32 on the CPU, in eval mode without gradients. The same ``seed`` gives the same
+    weights (the tower is drawn first, then the projector): the tiny checkpoints' and the benchmarks'."""
     torch.manual_seed(seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).eval()
+    config = CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"})
+    tower = CLIPVisionModel._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    tower.eval().requires_grad_(False)
     projector = build_vision_projector(
-        {
-            "mm_projector_type": TINY_SETTINGS["mm_projector_type"],
-            "mm_hidden_size": TINY_VISION["hidden_size"],
-            "hidden_size": TINY_TEXT["hidden_size"],
-        }
+        {"mm_projector_type": projector_type, "mm_hidden_size": mm_hidden_size, "hidden_size": hidden_size}
     )
-    return tower, projector, _image_processor(TINY_VISION["image_size"])
+    projector.eval().requires_grad_(False)
+    return tower, projector
+
+
+def write_clip_checkpoint(
+    directory: str | Path, tower: CLIPVisionModel, projector: torch.nn.Module, *, weights: str = "safetensors"
+) -> Path:
+    """Write ``tower`` and ``projector`` (e.g. :func:`random_clip`'s) as a bare-CLIP checkpoint into
+    ``directory``: the vision model with its image processor (shortest edge and crop at the tower's size,
+    OpenAI's mean and std) and, unless the projector has no weights (``identity``), ``mm_projector.bin``
+    with LLaVA's key names. Returns ``directory``; a config's ``model`` section names the projector's
+    settings (see the ``clip`` layout of :func:`make_tiny_model`)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tower(out, tower, weights)
+    state = projector.state_dict()
+    if state:
+        torch.save({f"model.mm_projector.{k}": v for k, v in state.items()}, out / "mm_projector.bin")
+    return out
+
+
+def _save_tower(directory: Path, tower: CLIPVisionModel, weights: str) -> None:
+    """The vision model and its image processor, as a CLIP checkpoint's ``save_pretrained`` lays them out."""
+    tower.save_pretrained(directory)
+    _image_processor(int(tower.config.image_size)).save_pretrained(directory)
+    if weights == "bin":
+        _to_bin_shards(directory)
+
+
+def _tiny_parts(seed: int) -> tuple[CLIPVisionModel, torch.nn.Module]:
+    return random_clip(
+        TINY_VISION,
+        projector_type=str(TINY_SETTINGS["mm_projector_type"]),
+        mm_hidden_size=TINY_VISION["hidden_size"],
+        hidden_size=TINY_TEXT["hidden_size"],
+        seed=seed,
+    )
 
 
 def _hf_config_settings() -> dict[str, Any]:
@@ -139,17 +185,13 @@ def make_tiny_model(
         raise ConfigError(f"Unknown weights format {weights!r}; valid formats are {WEIGHT_FORMATS}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tower, projector, processor = _tiny_parts(seed)
+    tower, projector = _tiny_parts(seed)
 
     if fmt == "llava-next-hf":
         return _llava_next_hf(out, tower, projector, seed, weights, max_shard_size)
 
     if fmt in ("llava", "llava-next"):
-        tower_dir = out / "vision_tower"
-        tower.save_pretrained(tower_dir)
-        processor.save_pretrained(tower_dir)
-        if weights == "bin":
-            _to_bin_shards(tower_dir)
+        _save_tower(out / "vision_tower", tower, weights)
         torch.manual_seed(seed + 1)
         lm = LlamaForCausalLM(LlamaConfig(**TINY_TEXT))
         lm.model.mm_projector = projector
@@ -198,18 +240,12 @@ def make_tiny_model(
         inner.multi_modal_projector.linear_1.load_state_dict(projector[0].state_dict())
         inner.multi_modal_projector.linear_2.load_state_dict(projector[2].state_dict())
         model.save_pretrained(out, max_shard_size=max_shard_size)
-        processor.save_pretrained(out)
+        _image_processor(TINY_VISION["image_size"]).save_pretrained(out)
         if weights == "bin":
             _to_bin_shards(out)
         return out
 
-    tower.save_pretrained(out)
-    processor.save_pretrained(out)
-    if weights == "bin":
-        _to_bin_shards(out)
-    torch.save(
-        {f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, out / "mm_projector.bin"
-    )
+    write_clip_checkpoint(out, tower, projector, weights=weights)
     settings: dict[str, Any] = {
         "model": {
             "vision_tower": ".",

@@ -14,7 +14,8 @@
   column (relative ``uri``s are resolved against the manifest's folder);
 * Parquet files holding the images (``input.image_column``).
 
-Modules: :mod:`~pipeline.storage.fs` (URIs, filesystems, output helpers), :mod:`~.listing`
+Modules: :mod:`~pipeline.storage.fs` (URIs, filesystems, output helpers), :mod:`~.delta` (the same
+locations as delta-rs takes them: URI and storage options), :mod:`~.listing`
 (folders, globs, braces; a symlink-safe local walk), :mod:`~.read` (timed reads that never open
 special files), :mod:`~.units` (the plan's vocabulary), :mod:`~.plan` (planning and expanding
 units), and one module per container kind: :mod:`~.manifest`, :mod:`~.webdataset`,
@@ -27,18 +28,22 @@ process); filesystem objects never cross the Ray hop.
 
 from __future__ import annotations
 
+from .delta import delta_location, delta_storage_options
 from .fs import (
     SUPPORTED_SCHEMES,
+    S3Connection,
     _effective_s3_endpoint,
     _effective_s3_region,
     absolute_uri,
     ensure_output_dir,
     format_uri,
+    gcs_emulator,
     join_path,
     output_is_empty,
     read_json,
     relative_path,
     resolve_filesystem,
+    s3_connection,
     split_uri,
     write_json,
 )
@@ -76,16 +81,20 @@ __all__ = [
     "InputOptions",
     "InputPlan",
     "ReadOptions",
+    "S3Connection",
     "Sample",
     "Shard",
     "Unit",
     "_effective_s3_endpoint",
     "_effective_s3_region",
     "absolute_uri",
+    "delta_location",
+    "delta_storage_options",
     "ensure_output_dir",
     "expand_braces",
     "expand_unit",
     "format_uri",
+    "gcs_emulator",
     "glob_to_regex",
     "is_image_path",
     "is_tar_path",
@@ -100,6 +109,7 @@ __all__ = [
     "read_json",
     "relative_path",
     "resolve_filesystem",
+    "s3_connection",
     "special_file_reason",
     "split_uri",
     "walk_local",

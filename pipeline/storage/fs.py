@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -121,17 +122,41 @@ def _bucket_region(bucket: str) -> str | None:
     return region
 
 
-def _s3_filesystem(bucket: str, s3_endpoint: str | None, s3_region: str | None) -> pafs.FileSystem:
+@dataclass(frozen=True)
+class S3Connection:
+    """Where the S3 requests for one bucket go: the settings resolved once, for every S3 client we build."""
+
+    scheme: str | None  # "http" or "https" of an S3-compatible endpoint; None: AWS itself
+    host: str | None  # host[:port] of that endpoint; None: AWS itself
+    region: str | None  # None: it could not be resolved (the client's own default applies)
+
+
+def s3_connection(bucket: str, s3_endpoint: str | None, s3_region: str | None) -> S3Connection:
+    """The endpoint and region of ``bucket`` for the ``s3_endpoint``/``s3_region`` settings.
+
+    ``s3_endpoint`` beats AWS_ENDPOINT_URL_S3, which beats AWS_ENDPOINT_URL (a bare ``host[:port]``
+    means https); ``s3_region`` beats AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1 when an
+    endpoint is set; with neither an endpoint nor a region, the bucket's region is looked up (one
+    anonymous request to AWS, cached). Raises ConfigError for a malformed endpoint.
+    """
     endpoint = _effective_s3_endpoint(s3_endpoint)
     region = _effective_s3_region(s3_region, endpoint)
-    kwargs: dict[str, Any] = {}
+    scheme = host = None
     if endpoint:
-        kwargs["scheme"], kwargs["endpoint_override"] = parse_endpoint(endpoint, "S3 endpoint")
+        scheme, host = parse_endpoint(endpoint, "S3 endpoint")
     if region is None:
         # Neither an endpoint nor a region: ask AWS where the bucket lives (like FileSystem.from_uri).
         region = _bucket_region(bucket)
-    if region:
-        kwargs["region"] = region
+    return S3Connection(scheme=scheme, host=host, region=region)
+
+
+def _s3_filesystem(bucket: str, s3_endpoint: str | None, s3_region: str | None) -> pafs.FileSystem:
+    connection = s3_connection(bucket, s3_endpoint, s3_region)
+    kwargs: dict[str, Any] = {}
+    if connection.host:
+        kwargs["scheme"], kwargs["endpoint_override"] = connection.scheme, connection.host
+    if connection.region:
+        kwargs["region"] = connection.region
     return _cached(("s3", tuple(sorted(kwargs.items())), _credentials_key()), pafs.S3FileSystem, kwargs)
 
 
@@ -145,12 +170,21 @@ def _cached(key: tuple[Any, ...], factory: Any, kwargs: dict[str, Any]) -> pafs.
     return fs
 
 
-def _gcs_filesystem() -> pafs.FileSystem:
+def gcs_emulator() -> tuple[str, str] | None:
+    """``(scheme, host:port)`` of the GCS emulator STORAGE_EMULATOR_HOST names (``http`` when it has no
+    scheme); None when it is unset, i.e. Google Cloud Storage itself with Google's default credentials."""
     emulator = _env("STORAGE_EMULATOR_HOST")
+    if not emulator:
+        return None
+    parsed = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+    return parsed.scheme or "http", parsed.netloc
+
+
+def _gcs_filesystem() -> pafs.FileSystem:
+    emulator = gcs_emulator()
     kwargs: dict[str, Any] = {}
     if emulator:
-        parsed = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
-        kwargs = {"anonymous": True, "endpoint_override": parsed.netloc, "scheme": parsed.scheme or "http"}
+        kwargs = {"anonymous": True, "scheme": emulator[0], "endpoint_override": emulator[1]}
     return _cached(("gs", tuple(sorted(kwargs.items()))), pafs.GcsFileSystem, kwargs)
 
 
@@ -172,10 +206,10 @@ def resolve_filesystem(
 
     Local paths (relative, absolute, ``~``, ``file://``) give a LocalFileSystem and an absolute
     path; ``s3://bucket/prefix`` an S3FileSystem and ``bucket/prefix``; ``gs://``/``gcs://`` a
-    GcsFileSystem and ``bucket/prefix``. ``s3_endpoint`` beats AWS_ENDPOINT_URL_S3, which beats
-    AWS_ENDPOINT_URL; ``s3_region`` beats AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1
-    when an endpoint is set (with neither, the bucket's region is looked up). Filesystems are
-    cached per process and settings. Raises ConfigError for an unsupported scheme.
+    GcsFileSystem and ``bucket/prefix``. The S3 endpoint and region are what :func:`s3_connection`
+    resolves from ``s3_endpoint``/``s3_region`` and the environment; STORAGE_EMULATOR_HOST selects
+    a GCS emulator (:func:`gcs_emulator`). Filesystems are cached per process and settings.
+    Raises ConfigError for an unsupported scheme.
     """
     scheme, path = split_uri(uri)
     return filesystem_for(scheme, path, s3_endpoint, s3_region), path

@@ -3,7 +3,8 @@
 ``input.image_column`` names the column: ``binary`` (the encoded image), or the ``datasets``
 Image struct ``{bytes: binary, path: string}``. ``input.id_column`` names the column of image
 ids, taken as they are; without it ``image_id`` is ``<file path>#<row>`` (the row in the file,
-from 0, always unique), and ``uri`` is always ``<file uri>#<row>``.
+from 0, always unique), and ``uri`` is always ``<file uri>#<row>``. A row whose id is null or empty
+gets a ``read_failed`` error row with ``<file path>#<row>`` as its ``image_id`` (never a null key).
 
 Planning reads footers only, whatever the size of the files: no row, not even of the id column
 (so ids are not checked for uniqueness, as a manifest's are). Units are runs of whole row groups
@@ -163,10 +164,17 @@ def image_samples(
             ids = _text(batch.column(id_column), unit.source, id_column).to_pylist() if id_column else None
             carried = {c: batch.column(c).to_pylist() for c in keep}
             for i, data in enumerate(values):
-                image_id = ids[i] if ids is not None else f"{unit.name}#{row}"
                 uri = f"{unit.source}#{row}"
+                missing_id = ids is not None and not (ids[i] or "").strip()
+                # A row without an id gets its place as id (never a null key), and an error row.
+                image_id = ids[i] if ids is not None and not missing_id else f"{unit.name}#{row}"
                 sample = Sample(image_id, uri, carried={c: v[i] for c, v in carried.items()})
-                if data is None:
+                if missing_id:
+                    sample.error = InputReadError(
+                        f"{uri}: the id column {id_column!r} (input.id_column) is "
+                        f"{'null' if ids[i] is None else 'empty'} in this row"
+                    )
+                elif data is None:
                     where = f" (path {paths[i]!r})" if paths is not None and paths[i] else ""
                     sample.error = InputReadError(
                         f"{uri}: the {image_column!r} column holds no image bytes{where}"

@@ -17,8 +17,8 @@ import hashlib
 import json
 import logging
 import posixpath
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -50,6 +50,7 @@ from .webdataset import tar_samples
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = "llava-features/plan/v2"
+UNIT_KEY_VERSION = "llava-features/unit/v1"
 _LEGACY_PLAN_VERSION = "llava-features/plan/v1"
 
 
@@ -97,6 +98,75 @@ class InputPlan:
     """The input options the plan was made with (recorded in ``_job.json``)."""
     fingerprint: str = ""
     """sha256 over the unit list: kinds, paths, sizes and mtimes, row ranges, ids (see :func:`fingerprint_units`)."""
+    header: dict[str, Any] = field(default_factory=dict)
+    """What the fingerprint covers besides the units (kind, shard size, limit, input options)."""
+    _keys: list[str] | None = field(default=None, repr=False, compare=False)
+
+    def unit_key(self, unit: Unit) -> str:
+        """Hex sha256 of what ``unit`` reads and how: its source, stamp, rows and inline inputs, and the
+        input options. The same unit in another plan of the same files has the same key (an append
+        recognises what a table holds already); a changed file, row range or option gives another."""
+        return _unit_key(self.options, unit)
+
+    def unit_keys(self) -> list[str]:
+        """:meth:`unit_key` of every unit, in order (computed once)."""
+        if self._keys is None or len(self._keys) != len(self.units):
+            prefix = json.dumps([UNIT_KEY_VERSION, self.options], sort_keys=True)
+            self._keys = [_unit_key(self.options, u, prefix) for u in self.units]
+        return self._keys
+
+    def without(self, exclude: Callable[[Sequence[str]], Any], done: Collection[str]) -> InputPlan:
+        """This plan less what a table holds already (``--append``): units whose key is in ``done`` are
+        left out, and so are listed inputs (files of a folder, CSV manifest rows: their ids are known
+        before reading) whose id ``exclude`` flags (``exclude(ids)`` gives one bool per id); the inputs
+        left are cut into units again. Other units' inputs are only known once read: the decode stage
+        leaves out theirs."""
+        units: list[Unit] = []
+        groups: dict[tuple[str, str, str], list[tuple[InputItem, tuple[Any, ...]]]] = {}
+        order: list[tuple[str, str, str]] = []
+
+        def flush() -> None:
+            for group in order:
+                entries = groups.pop(group)
+                names = [name for name, _ in source_columns.get(group, ())]
+                for start in range(0, len(entries), self.shard_size):
+                    chunk = entries[start : start + self.shard_size]
+                    units.append(
+                        Unit(
+                            index=len(units),
+                            kind="items",
+                            source=group[0],
+                            name=group[1],
+                            stamp=group[2],
+                            items=tuple(item for item, _ in chunk),
+                            columns=tuple(
+                                (name, tuple(v[j] for _, v in chunk)) for j, name in enumerate(names)
+                            ),
+                        )
+                    )
+            order.clear()
+
+        source_columns: dict[tuple[str, str, str], tuple[tuple[str, tuple[Any, ...]], ...]] = {}
+        for unit in self.units:
+            if unit.kind != "items":
+                flush()
+                if self.unit_key(unit) not in done:
+                    units.append(replace(unit, index=len(units)))
+                continue
+            group = (unit.source, unit.name, unit.stamp)
+            if group not in groups:
+                groups[group] = []
+                order.append(group)
+                source_columns[group] = unit.columns
+            flags = exclude([item.image_id for item in unit.items])
+            for j, item in enumerate(unit.items):
+                if not flags[j]:
+                    groups[group].append((item, tuple(values[j] for _, values in unit.columns)))
+        flush()
+        header = {**self.header, "without": True}
+        return replace(
+            self, units=units, fingerprint=fingerprint_units(units, header), header=header, _keys=None
+        )
 
     @property
     def rows(self) -> int | None:
@@ -133,18 +203,28 @@ def _check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
 
 
+def _unit_key(options: dict[str, Any], unit: Unit, prefix: str | None = None) -> str:
+    prefix = prefix if prefix is not None else json.dumps([UNIT_KEY_VERSION, options], sort_keys=True)
+    return hashlib.sha256((prefix + json.dumps(_unit_line(unit), sort_keys=True)).encode()).hexdigest()
+
+
+def _unit_line(u: Unit) -> list[Any]:
+    line: list[Any] = [u.kind, u.source, u.stamp, u.start, u.stop, list(u.row_groups)]
+    if u.items:
+        line.append([[i.image_id, i.uri, i.stamp, i.error] for i in u.items])
+    return line
+
+
 def fingerprint_units(units: Sequence[Unit], header: dict[str, Any]) -> str:
     """Hex sha256 of ``header`` and every unit: kind, source, its size:mtime stamp, row range, row
     groups, and the ids, uris and stamps of inline inputs. Equal fingerprints mean the same units
     over the same (unchanged) files, so a resumed job can check it continues the plan it started."""
     digest = hashlib.sha256()
+    # surrogateescape: a file name that is not UTF-8 is its own bytes (see pipeline.storage.names)
     digest.update(json.dumps({"version": PLAN_VERSION, **header}, sort_keys=True).encode())
     digest.update(b"\n")
     for u in units:
-        line = [u.kind, u.source, u.stamp, u.start, u.stop, list(u.row_groups)]
-        if u.items:
-            line.append([[i.image_id, i.uri, i.stamp, i.error] for i in u.items])
-        digest.update(json.dumps(line, ensure_ascii=False).encode())
+        digest.update(json.dumps(_unit_line(u), ensure_ascii=False).encode("utf-8", "surrogateescape"))
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -397,6 +477,7 @@ def plan_inputs(
         carried=carried,
         options=recorded,
         fingerprint=fingerprint_units(units, header),
+        header=header,
     )
     logger.info(
         "planned %s: %d %s file(s), %d unit(s), %s row(s)",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ..model.errors import ConfigError, InputReadError
+from .names import from_hop, to_hop
 
 UnitKind = Literal["items", "manifest", "webdataset", "parquet"]
 """``items``: inputs listed one by one (files of a folder/glob, rows of a CSV manifest), carried in
@@ -73,14 +74,15 @@ class Unit:
         row: dict[str, Any] = {
             "unit": self.index,
             "kind": self.kind,
-            "source": self.source,
-            "name": self.name,
+            # Names that are not UTF-8 (POSIX file names are bytes) cross the hop losslessly.
+            "source": to_hop(self.source),
+            "name": to_hop(self.name),
             "start": self.start,
             "stop": -1 if self.stop is None else self.stop,
             "row_groups": list(self.row_groups),
-            "image_id": [i.image_id for i in self.items],
-            "uri": [i.uri for i in self.items],
-            "error": [i.error or "" for i in self.items],
+            "image_id": [to_hop(i.image_id) for i in self.items],
+            "uri": [to_hop(i.uri) for i in self.items],
+            "error": [to_hop(i.error or "") for i in self.items],
         }
         for name, values in self.columns:
             row[CARRIED_PREFIX + name] = list(values)
@@ -90,7 +92,7 @@ class Unit:
     def from_row(cls, row: Mapping[str, Any]) -> Unit:
         """The unit of a row written by :meth:`to_row` (as Ray Data hands it back)."""
         items = tuple(
-            InputItem(str(i), str(u), str(e) or None)
+            InputItem(from_hop(str(i)), from_hop(str(u)), from_hop(str(e)) or None)
             for i, u, e in zip(row["image_id"], row["uri"], row["error"], strict=True)
         )
         columns = tuple(
@@ -102,8 +104,8 @@ class Unit:
         return cls(
             index=int(row["unit"]),
             kind=str(row["kind"]),  # type: ignore[arg-type]
-            source=str(row["source"]),
-            name=str(row["name"]),
+            source=from_hop(str(row["source"])),
+            name=from_hop(str(row["name"])),
             start=int(row["start"]),
             stop=None if stop < 0 else stop,
             row_groups=tuple(int(g) for g in row["row_groups"]),

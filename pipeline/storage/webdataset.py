@@ -10,6 +10,9 @@ Carried columns (``input.keep_columns``) come from the sample's members: a membe
 is the column's name (``txt``, ``cls``, ...), ``caption`` from ``txt``, else a top-level field of
 the ``.json`` member (text as it is; other JSON values as JSON text). They are text columns.
 
+A sample whose image member is a link (symbolic or hard: the tar holds no data for it) gets a
+``read_failed`` row; links are never followed, and linked sidecars are left out.
+
 A tar never fails the job: an unreadable tar gives one error row (``image_id`` = the tar's path
 relative to the input); a tar that ends inside a member gives that sample an error row
 (``truncated``); a corrupt header or a tar cut short between members gives an error row
@@ -157,7 +160,8 @@ def tar_samples(
             for member in tf:
                 tf.members = []  # a streamed tar keeps every header otherwise
                 last_member = member.name
-                if not member.isfile():
+                linked = member.issym() or member.islnk()
+                if not (member.isfile() or linked):
                     continue
                 parts = split_member(member.name)
                 if parts is None:
@@ -169,6 +173,16 @@ def tar_samples(
                     group = _Group(key)
                 group.members.append(member.name)
                 reading = member.name
+                if linked:  # no data in the tar: never followed (a link may point anywhere, or nowhere)
+                    if _is_image_ext(ext) and group.image_name is None:
+                        kind = "symbolic link" if member.issym() else "hard link"
+                        group.image_name = member.name
+                        group.image_error = InputReadError(
+                            f"Could not read {unit.source}#{member.name}: a {kind} to {member.linkname!r} "
+                            "(tar links are not followed)"
+                        )
+                    reading = None
+                    continue
                 if _is_image_ext(ext) and group.image_name is None:
                     group.image_name = member.name
                     if max_bytes is not None and member.size > max_bytes:

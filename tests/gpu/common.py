@@ -1,7 +1,7 @@
 """Helpers of the GPU tests: the architectures, random-weight encoders on a device, comparisons.
 
 The encoders are the benchmarks' (:func:`pipeline.bench.encoder.make_bench_encoder` on
-:func:`pipeline.bench.common.random_modules` of :func:`~pipeline.bench.common.bench_arch`), so the
+:func:`pipeline.bench.models.random_modules` of :func:`~pipeline.bench.arch.bench_arch`), so the
 tests and ``bench encoder`` build exactly the same thing.
 """
 
@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bench.common import BenchArch, bench_arch, smooth_noise_images
+from pipeline.bench.arch import BenchArch, bench_arch
 from pipeline.bench.encoder import make_bench_encoder
 from pipeline.config import Config, load_config
 from pipeline.encoder import FeatureEncoder
+from pipeline.measure.images import smooth_noise_images
 
 REPO = Path(__file__).resolve().parents[2]
 VIT_CONFIG = REPO / "configs" / "llava-v1.5-7b.yaml"
@@ -61,11 +62,11 @@ def encoder_on(
         config or Config(),
         arch,
         master,
-        torch.device(device),
-        dtype,
-        variant,
-        batch_sizes,
-        compile_mode,
+        device=torch.device(device),
+        dtype=dtype,
+        variant=variant,
+        batch_sizes=batch_sizes,
+        compile_mode=compile_mode,
         **options,
     )
 

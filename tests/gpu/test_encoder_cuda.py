@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench.common import random_modules, tiny_arch
+from pipeline.bench.arch import tiny_arch
+from pipeline.bench.models import random_modules
 from pipeline.model.constants import CUDAGRAPH_COMPILE_MODES
 from pipeline.model.fast import overlapped_map
 from tests.gpu.common import (

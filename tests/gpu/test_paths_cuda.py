@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench.common import bench_resolved, random_modules
+from pipeline.bench.models import bench_resolved, random_modules
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder, preprocess_spec
 from pipeline.images.gpu_decode import NVJPEG_TOLERANCE, BatchedJpegDecoder
@@ -103,7 +103,7 @@ def test_encoder_with_decode_nvjpeg_on_cuda(cuda):
     _nvjpeg_or_skip()
     from dataclasses import replace
 
-    from pipeline.bench.common import tiny_arch
+    from pipeline.bench.arch import tiny_arch
     from pipeline.config import Config
 
     arch = tiny_arch()
@@ -151,19 +151,13 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     and ok rows equal to the CPU float32 encoder (float32: ≤ 1e-4; bfloat16: relative ≤ 2e-2)."""
     if nvjpeg:
         _nvjpeg_or_skip()
-    from pipeline.config import config_to_dict
-    from pipeline.constants import FINGERPRINT_KEY
     from pipeline.encoder import describe_encoder
-    from pipeline.job import (
-        EncodeShardActor,
-        decode_unit,
-        make_plan,
-        read_options,
-        shard_target,
-        unit_batch,
-    )
     from pipeline.model import resolve_model
-    from pipeline.reader import read_features
+    from pipeline.offline import make_plan, new_table_run, planned_units
+    from pipeline.offline.actors import EncodeShardActor, shard_target
+    from pipeline.offline.decode import decode_unit, read_options, unit_batch
+    from pipeline.records import ShardSummary, rows_of_batch
+    from pipeline.table import read_features
 
     manifest, expected = corpus
     checkpoint = str(tiny_models["llava"])
@@ -179,19 +173,25 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     resolved = resolve_model(config.model)
     description = describe_encoder(config, resolved)
     out = tmp_path / "out"
-    record = {
-        "fingerprint": description.fingerprint,
-        "config": config_to_dict(config),
-        "encoder": description.fields,
-    }
-    actor = EncodeShardActor(config, resolved, shard_target(config, str(out), record))
-    assert actor.writer.encoder.device.type == "cuda"
     plan = make_plan(config, str(manifest))
+    run = new_table_run(config, plan, str(out), resolved=resolved)
+    actor = EncodeShardActor(config, resolved, shard_target(config, run, description.fingerprint))
+    assert actor.writer.encoder.device.type == "cuda"
     read = read_options(config)
-    for unit in plan.units:
-        pieces = decode_unit(unit_batch([unit]), config=config, resolved=resolved, read=read, shard_size=4)
-        rows = sum(int(actor(piece)["rows"][0]) for piece in pieces)
+    units = planned_units(plan)
+    committer = run.committer({u.index: u for u in units})
+    for unit, planned in zip(plan.units, units, strict=True):
+        batch = unit_batch([unit], [planned.key])
+        pieces = decode_unit(batch, config=config, resolved=resolved, read=read, shard_size=4)
+        rows = 0
+        for piece in pieces:
+            (done,) = [ShardSummary.from_row(r) for r in rows_of_batch(actor(piece))]
+            done.commit_to(committer)
+            rows += done.rows
         assert rows == unit.rows
+    committer.close()
+    run.finish(units, max_error_fraction=1.0)
+    run.close()
     actor.writer.encoder.close()
 
     table = read_features(str(out), status=None).table
@@ -199,7 +199,7 @@ def test_job_actor_path_in_process_on_cuda(tiny_models, corpus, tmp_path, dtype,
     assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)
     codes = dict(zip(ids, table.column("error_code").to_pylist(), strict=True))
     ok = read_features(str(out))
-    assert ok.metadata[FINGERPRINT_KEY] == description.fingerprint
+    assert ok.identity.fingerprint == description.fingerprint
     cpu = FeatureEncoder(
         load_config(None, {"model": {"checkpoint": checkpoint, "device": "cpu", "dtype": "float32"}})
     )

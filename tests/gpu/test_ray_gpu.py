@@ -6,7 +6,6 @@ fixture's), which sees the machine's GPUs.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ def _settings(checkpoint: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def job_output(serve_cluster, tiny_models, tmp_path_factory) -> dict[str, Any]:
     """The job on the tiny checkpoint, one GPU per encoder actor, over photos and bad inputs."""
-    from pipeline.job import run_job
+    from pipeline.offline import run_job
 
     folder = tmp_path_factory.mktemp("ray-gpu-corpus")
     expected: dict[str, str | None] = {p.name: None for p in write_real_photos(folder, n=6)}
@@ -58,15 +57,15 @@ def job_output(serve_cluster, tiny_models, tmp_path_factory) -> dict[str, Any]:
 
 
 def test_job_on_a_gpu_actor_writes_every_row_once(job_output):
-    from pipeline.constants import JOB_FILE, SUCCESS_FILE
     from pipeline.encoder import FeatureEncoder
-    from pipeline.reader import read_features
+    from pipeline.table import SUCCESS_FILE, read_features
 
     summary, out, expected = job_output["summary"], job_output["out"], job_output["expected"]
     assert summary.inputs == len(expected) and summary.read == len(expected)
     assert (out / SUCCESS_FILE).exists()
-    assert json.loads((out / JOB_FILE).read_text())["encoder"]["compute_dtype"] == "float32"
-    table = read_features(str(out), status=None).table
+    everything = read_features(str(out), status=None)
+    assert everything.identity.encoder["compute_dtype"] == "float32" and everything.state == "complete"
+    table = everything.table
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)
     codes = dict(zip(ids, table.column("error_code").to_pylist(), strict=True))
@@ -85,7 +84,7 @@ def test_endpoint_on_a_gpu_replica_matches_the_job(serve_cluster, tiny_models, j
     import httpx
 
     from deployments import http as H
-    from pipeline.reader import read_features
+    from pipeline.table import read_features
     from tests.fixtures.serve import tiny_app_args
 
     args = tiny_app_args(tiny_models["llava"], num_gpus_per_replica=1, max_batch_size=16)
