@@ -43,13 +43,14 @@ from ray import serve
 from pipeline.config import Config, config_to_dict
 from pipeline.memory import release_free_memory, rss_bytes
 from pipeline.model.errors import ConfigError, DecodeError
+from pipeline.shards import chunk_ranges
 
 from .autoscaling import replica_load
 from .build import API_KEY_ENV, decode_budget
 from .metrics import ReplicaMetrics
 from .offline import OfflineShards
 from .result import EncodeResult
-from .scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size, pass_groups
+from .scheduling import Admission, DeviceQueue, Inflow, PixelBudget, forming_batch_size
 
 if TYPE_CHECKING:
     from pipeline.encoder import EncodedBatch
@@ -377,7 +378,8 @@ class FeaturesEncoderImpl:
         decoded = await asyncio.gather(*(self._decode(data, image_id) for data, image_id in items))
         ready = [(i, p) for i, p in enumerate(decoded) if not isinstance(p, EncodeResult)]
         inputs = [self._device_input(p) for _, p in ready]
-        groups = pass_groups(inputs, self.device.size, self.limits.max_batch_size)
+        sizes = np.fromiter(map(self.device.size, inputs), np.int64, len(inputs))
+        groups = [inputs[a:b] for a, b in chunk_ranges(sizes, self.limits.max_batch_size)]
         outputs = [row for rows in await asyncio.gather(*map(self.device.encode, groups)) for row in rows]
         results = [r if isinstance(r, EncodeResult) else None for r in decoded]
         for (i, prepared), row in zip(ready, outputs, strict=True):

@@ -7,8 +7,6 @@
 - :class:`DeviceQueue`: the device's forward passes, one at a time on one thread; the groups
   ``@serve.batch`` cut that wait while a pass runs are merged into the next one, and offline work
   runs only when no online image waits;
-- :func:`pass_groups`: the images of one multi-image request cut into the device's passes (they
-  skip ``@serve.batch``: they are a batch already).
 
 Two batchers, measured (docs/benchmarks.md): the device queue alone, forming the batches with the
 same window, made smaller batches (3.4 against 4.4 images per pass at concurrency 32 on the tiny
@@ -144,24 +142,6 @@ def forming_batch_size(items: list[tuple[Any, Inflow]]) -> int:
     ``batch_wait_timeout_s`` for images that are not coming."""
     inflow = items[0][1]
     return len(items) if inflow.decoding else max(len(items), inflow.max_batch_size)
-
-
-def pass_groups(items: list[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
-    """``items`` cut, in order, into groups of at most ``limit`` in ``size`` units (images; anyres:
-    tiles), each one pass of the device; an item larger than ``limit`` is a group alone."""
-    groups: list[list[T]] = []
-    current: list[T] = []
-    used = 0
-    for item in items:
-        n = size(item)
-        if current and used + n > limit:
-            groups.append(current)
-            current, used = [], 0
-        current.append(item)
-        used += n
-    if current:
-        groups.append(current)
-    return groups
 
 
 class DeviceQueue:

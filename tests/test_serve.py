@@ -43,12 +43,12 @@ from deployments.scheduling import (
     Inflow,
     PixelBudget,
     forming_batch_size,
-    pass_groups,
 )
 from pipeline.config import load_config
 from pipeline.encoder import FeatureEncoder
 from pipeline.memory import release_free_memory
 from pipeline.model.errors import ConfigError, DecodeError, ErrorCode, RequestError
+from pipeline.shards import chunk_ranges
 from tests.fixtures.serve import assert_same_features, free_port, tiny_app_args
 
 slow = pytest.mark.slow  # the tests that start Ray (the helpers' tests run in quick mode too)
@@ -315,9 +315,10 @@ def test_pixel_budget_admission_and_device_queue():
     assert forming_batch_size(items) == 8
     assert forming_batch_size(items * 3) == 9  # more than fits: still refused by the batcher
     # A request's images go to the device in passes of at most max_batch_size (anyres: tiles), in order.
-    assert pass_groups(list(range(7)), lambda _: 1, 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert pass_groups([2, 3, 1, 9, 1], lambda tiles: tiles, 5) == [[2, 3], [1], [9], [1]]
-    assert pass_groups([], lambda _: 1, 4) == []
+    # (pipeline.shards.chunk_ranges, which also cuts the offline files' device work into chunks)
+    assert chunk_ranges(np.ones(7, np.int64), 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_ranges(np.array([2, 3, 1, 9, 1]), 5) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert chunk_ranges(np.zeros(0, np.int64), 4) == []
     png = io.BytesIO()
     Image.new("RGB", (300, 200)).save(png, "PNG")
     assert declared_pixels(png.getvalue()) == 60_000
