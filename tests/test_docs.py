@@ -24,74 +24,29 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from llava_features.cli import build_parser
 from llava_features.reference import config_reference
+from tests.corpus import encode, real_photos
+from tests.fixtures.markdown import Block, blocks_of, logical_lines
 from tests.fixtures.ray_cluster import ADDRESS_ENV_VARS, AUTH_ENV_VARS
 from tests.test_architecture import FRONT_DOORS, LAYERS
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
-SHELLS = ("bash", "sh", "shell", "console")
 RUN_ORDER = ("README.md", "docs/offline.md", "docs/fidelity.md")
 """The pages with runnable blocks, in the order they run (later pages go on from the README's)."""
 PHOTOS = {"images": ("astronaut", "coffee", "chelsea"), "new-images": ("rocket", "camera")}
 """What the folder holds before the first block: scikit-image's sample photos, by folder."""
 
-_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
-_FOR_LOOP = re.compile(r"^\s*for (\w+) in ([^;]+); do\s*(?:#.*)?$")
-
-
-@dataclass(frozen=True)
-class Block:
-    page: str
-    line: int
-    info: tuple[str, ...]
-    text: str
-
-    @property
-    def shell(self) -> bool:
-        return bool(self.info) and self.info[0] in SHELLS
-
-    @property
-    def runnable(self) -> bool:
-        return self.shell and "runnable" in self.info[1:]
-
-
-def blocks_of(text: str, page: str) -> list[Block]:
-    """The fenced code blocks of a Markdown text, with their info strings and first lines."""
-    return [
-        Block(page, text.count("\n", 0, m.start()) + 1, tuple(m.group(1).split()), m.group(2))
-        for m in _FENCE.finditer(text)
-    ]
 
 
 def _page_blocks() -> list[Block]:
     return [b for page in PAGES for b in blocks_of(page.read_text(), str(page.relative_to(REPO)))]
-
-
-def _logical_lines(script: str) -> list[str]:
-    """Lines with backslash continuations joined, and the body of a ``for VAR in A B; do ... done``
-    loop repeated once per value with ``$VAR`` substituted (benchmarks.md loops over compile modes)."""
-    lines = re.sub(r"\\\n\s*", " ", script).splitlines()
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        loop = _FOR_LOOP.match(lines[i])
-        if not loop:
-            out.append(lines[i])
-            i += 1
-            continue
-        end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("done"))
-        for value in loop.group(2).split():
-            out += [re.sub(rf"\$\{{?{loop.group(1)}\}}?", value, body) for body in lines[i + 1 : end]]
-        i = end + 1
-    return out
 
 
 def _words(line: str) -> list[str]:
@@ -114,7 +69,7 @@ def llava_features_commands(script: str) -> list[list[str]]:
     optional ``$ `` prompt, ``VAR=value`` assignments and ``time`` (with its options), or the one
     ``ray job submit ... --`` runs."""
     found = []
-    for line in _logical_lines(script):
+    for line in logical_lines(script):
         text = line.strip()
         words = _words(text[2:] if text.startswith("$ ") else text)
         while words and _ASSIGNMENT.match(words[0]):
@@ -233,14 +188,13 @@ def test_runnable_blocks_are_on_the_pages_that_run():
 
 
 def _write_photos(folder: Path) -> None:
-    import numpy as np
     from PIL import Image
-    from skimage import data
 
+    photos = real_photos()
     for sub, names in PHOTOS.items():
         (folder / sub).mkdir()
         for name in names:
-            Image.fromarray(np.asarray(getattr(data, name)())).save(folder / sub / f"{name}.jpg", quality=90)
+            (folder / sub / f"{name}.jpg").write_bytes(encode(Image.fromarray(photos[name]), "JPEG"))
 
 
 def _run(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from deployments.launch import job_command
+from tests.fixtures.markdown import blocks_of, logical_lines
 from tests.fixtures.ray_cluster import AUTH_ENV_VARS, free_port
 
 slow = pytest.mark.slow
@@ -49,11 +50,10 @@ def test_job_command_names_the_pool_and_the_auth_variables():
 def documented_one_pool_commands() -> tuple[str, str]:
     """The two commands of docs/serving.md's "One GPU pool" (the shell-1 serve and the shell-2 job)."""
     text = (REPO / "docs" / "serving.md").read_text()
-    block = text.split("<!-- one-pool-example -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    marker = text.count("\n", 0, text.index("<!-- one-pool-example -->")) + 1
+    block = next(b for b in blocks_of(text, "docs/serving.md") if b.line > marker and b.shell)
     commands = [
-        line
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
+        line for line in logical_lines(block.text) if line.strip() and not line.lstrip().startswith("#")
     ]
     serve_line, job_line = (" ".join(c.split("#", 1)[0].split()) for c in commands)
     return serve_line, job_line
