@@ -391,6 +391,7 @@ def bench_pipeline_inprocess(config: Config | None, options: PipelineOptions) ->
     from ..offline import make_plan, new_table_run, planned_units
     from ..offline.actors import EncodeShardActor, shard_target
     from ..offline.decode import decode_unit, read_options, unit_batch
+    from ..table.layout import DataFileName
 
     root = Path(options.workdir) if options.workdir else Path(tempfile.mkdtemp(prefix="bench-inprocess-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -418,7 +419,7 @@ def bench_pipeline_inprocess(config: Config | None, options: PipelineOptions) ->
         actor = EncodeShardActor(cfg, resolved, shard_target(cfg, run, run.identity.fingerprint))
 
         def read_back() -> dict[str, Any]:
-            files = sorted(out_dir.glob("part-*.parquet"))
+            files = sorted(p for p in out_dir.iterdir() if DataFileName.parse(p.name) is not None)
             ids = pq.read_table(files, columns=["image_id", "status"]).to_pydict()
             data = sum(f.stat().st_size for f in files)
             for f in files:
