@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
 from pipeline.config import SECTIONS, Config, load_config
+from pipeline.memory import human_bytes
 from pipeline.model.config import field_docs, literal_choices
 from pipeline.model.errors import ErrorCode, LlavaFeaturesError
 
 from .arguments import int_tuple, layers, pair, str_tuple
-from .render import human_bytes
 
 logger = logging.getLogger(__name__)
 

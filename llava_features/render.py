@@ -10,19 +10,11 @@ from __future__ import annotations
 import time
 from typing import IO, Any
 
-__all__ = ["ProgressPrinter", "dry_run_text", "human_bytes", "progress_line", "summary_text"]
+from pipeline.memory import human_bytes
+
+__all__ = ["ProgressPrinter", "dry_run_text", "progress_line", "summary_text"]
 
 BAR_WIDTH = 24
-
-
-def human_bytes(n: int | float | None) -> str:
-    """Bytes in decimal units: ``4.7 MB`` (whole bytes below 1 kB)."""
-    value = float(n or 0)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def _duration(seconds: float) -> str:

@@ -1,5 +1,6 @@
 """The process's memory, for both front doors: hand the allocator's free memory back to the system,
-and read the resident set size and its peak. Pure Python (ctypes, ``/proc``); no import of ours."""
+and read the resident set size and its peak; how an amount of bytes reads in a message
+(:func:`human_bytes`). Pure Python (ctypes, ``/proc``); no import of ours."""
 
 from __future__ import annotations
 
@@ -63,3 +64,13 @@ def peak_rss_mb() -> float | None:
     except ImportError:  # pragma: no cover - not a Unix
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def human_bytes(n: int | float | None) -> str:
+    """Bytes in decimal units: ``4.7 MB`` (whole bytes below 1 kB)."""
+    value = float(n or 0)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

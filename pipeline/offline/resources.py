@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..memory import human_bytes
 from ..model.errors import ErrorCode, LlavaFeaturesError
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ _WAIT_POLL_S = 2.0
 _RESOURCES = ("CPU", "GPU", "memory")
 
 
-def _human_bytes(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
-
-
 def _number(x: float) -> str:
     return f"{x:g}" if x == int(x) else f"{x:.2f}".rstrip("0")
 
@@ -67,7 +64,7 @@ def describe_bundle(bundle: dict[str, float]) -> str:
         if not value or name.startswith("node:") or name == "object_store_memory":
             continue
         if name == "memory":
-            parts.append(f"{_human_bytes(value)} memory")
+            parts.append(f"{human_bytes(value)} memory")
         else:
             parts.append(f"{_number(value)} {name}")
     return ", ".join(parts) or "no resources"
@@ -212,7 +209,7 @@ def _shortfall(
             fixes.append("free CPUs on a node (each decode task takes 1 CPU)")
         if not any(decode.count_in({**n.free, "CPU": decode.cpus}) for n in nodes):
             fixes.append(
-                f"a smaller --shard-size (job.shard_size: a decode task reserves {_human_bytes(decode.memory)} "
+                f"a smaller --shard-size (job.shard_size: a decode task reserves {human_bytes(decode.memory)} "
                 f"for files of {shard_size} images)"
             )
     else:
